@@ -1,0 +1,6 @@
+"""Quantizers and their specs: what a quantized number is, with no distribution."""
+
+from .quantizer import QuantizedTensor, Quantizer
+from .spec import DEFAULT_TARGETS, QuantConfig, QuantSpec
+
+__all__ = ["DEFAULT_TARGETS", "QuantConfig", "QuantSpec", "QuantizedTensor", "Quantizer"]
