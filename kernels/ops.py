@@ -1,17 +1,32 @@
-"""Public ops, dispatched per device (see dispatch.py). Shapes are in each docstring."""
+"""Public ops, dispatched per device (see dispatch.py). Shapes are in each docstring.
+
+Each op runs its Triton kernel for CUDA tensors (and CPU tensors under
+CAGE_TRITON_INTERPRET=1), else its torch twin. Triton modules are imported on first use,
+so the torch path works where triton is not installed.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from .cage_adamw_ref import cage_adamw_shard_ref
+from .dispatch import use_triton, use_triton_float
+from .grid import check_bits, grid_values
 from .hadamard import fwht_ref
 from .pack import pack_ref, unpack_ref
 from .quest import QuestOut, quest_quantize_ref
+from .quest_fake import QuestFake
+from .quest_packed import QuestPacked, quest_quantize_packed_ref
 from .rtn import RtnOut, rtn_quantize_ref
+from .segments import SegmentTable
 
 
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """x [..., n] -> x (I ⊗ H_block), orthonormal block Hadamard along the last dim."""
+    if use_triton_float(x):
+        from .hadamard_triton import fwht_triton
+
+        return fwht_triton(x, block)
     return fwht_ref(x, block)
 
 
@@ -23,8 +38,41 @@ def quest_quantize(
     mask_rule: str = "trust",
     rotated: bool = False,
 ) -> QuestOut:
-    """x [rows, n] -> QuestOut(values, codes, step [rows, 1], mask), rotated domain."""
+    """x [rows, n] -> QuestOut(values, codes, step [rows, 1], mask), rotated domain.
+
+    Without sumsq the Triton path takes tree-order row statistics (ulps from torch.sum).
+    """
+    if use_triton_float(x):
+        from .quest_triton import quest_quantize_triton
+
+        return quest_quantize_triton(x, bits, block, sumsq, mask_rule, rotated)
     return quest_quantize_ref(x, bits, block, sumsq, mask_rule, rotated)
+
+
+def quest_quantize_packed(
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    sumsq: torch.Tensor | None = None,
+    mask_rule: str = "trust",
+    rotated: bool = False,
+) -> QuestPacked:
+    """x [rows, n] -> QuestPacked(values [rows, n], codes uint8 [rows, n b/8],
+    step [rows, 1], mask bits uint8 [rows, n/8]); one pass on Triton (n % 8 == 0)."""
+    if use_triton_float(x):
+        from .quest_triton import quest_quantize_packed_triton
+
+        return quest_quantize_packed_triton(x, bits, block, sumsq, mask_rule, rotated)
+    return quest_quantize_packed_ref(x, bits, block, sumsq, mask_rule, rotated)
+
+
+def quest_fake(x: torch.Tensor, bits: int, block: int, mask_rule: str = "trust") -> torch.Tensor:
+    """x [..., n] -> q(x H) [..., n] (x.dtype), differentiable: dL/dx = (M ⊙ dL/dq) H^T.
+
+    Example: ``a = ops.quest_fake(x, 4, 128)`` then ``a @ w_rotated.T`` in QuantLinear.
+    """
+    check_bits(bits)
+    return QuestFake.apply(x, bits, block, mask_rule)
 
 
 def rtn_quantize(x: torch.Tensor, bits: int, group: int) -> RtnOut:
@@ -34,9 +82,59 @@ def rtn_quantize(x: torch.Tensor, bits: int, group: int) -> RtnOut:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., n] -> uint8 [..., n * bits / 8]."""
+    if use_triton(codes):
+        from .pack_triton import pack_triton
+
+        return pack_triton(codes, bits)
     return pack_ref(codes, bits)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 [..., m] -> uint8 codes [..., m * 8 / bits]."""
+    if use_triton(packed):
+        from .pack_triton import unpack_triton
+
+        return unpack_triton(packed, bits)
     return unpack_ref(packed, bits)
+
+
+def dequantize(
+    codes: torch.Tensor, step: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """codes uint8 [rows, n], step fp32 [rows, 1] -> (codes - (2^b-1)/2) step [rows, n] in dtype."""
+    if use_triton(codes):
+        from .dequant_triton import dequantize_triton
+
+        return dequantize_triton(codes, step, bits, dtype)
+    return grid_values(codes, step, check_bits(bits)).to(dtype)
+
+
+def cage_adamw_shard_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    table: SegmentTable,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    lam: float,
+    variant: str,
+    qout: torch.Tensor | None = None,
+) -> None:
+    """One CAGE-AdamW step over the whole rows a flat fp32 shard holds (segments.py), in place.
+
+    param, grad, exp_avg, exp_avg_sq: fp32 [L]; qout: [L] in the compute dtype or None,
+    receives q(W H) (quantized segments, rotated domain) or W; uncovered elements untouched.
+    """
+    kw = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              lam=lam, variant=variant, qout=qout)  # fmt: skip
+    if use_triton(param):
+        from .cage_adamw_triton import cage_adamw_shard_triton
+
+        return cage_adamw_shard_triton(param, grad, exp_avg, exp_avg_sq, table, **kw)
+    return cage_adamw_shard_ref(param, grad, exp_avg, exp_avg_sq, table, **kw)

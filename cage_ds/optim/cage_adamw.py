@@ -1,0 +1,192 @@
+"""CageAdamW: torch.optim.AdamW plus the CAGE correction (cage-method.md section 2).
+
+Per parameter with gradient g at its own step k (1-based):
+    g <- ops.ste_grad(W, g)                    (quantized params only)
+    cage_adamw_update(..., lam = lambda_at(k, ...), error_fn = ops.error)
+where ops = self.quant_ops(group, W) is None for params whose group has "quant": None, so
+they get plain AdamW. Group keys: lr, betas, eps, weight_decay, cage_lambda, cage_silence,
+cage_schedule, cage_variant, total_steps, quant (QuantSpec fields as a plain dict, or None).
+Per-param state: step (scalar fp32 tensor), exp_avg, exp_avg_sq, as torch.optim.AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .quant_ops import TensorQuantOps, dense_quant_ops, quant_spec_from_group
+from .schedule import check_schedule, lambda_at
+from .update import VARIANTS, cage_adamw_update
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_adamw_group(group: Mapping[str, Any], where: str) -> None:
+    """Raise naming ``where`` and the value if a CageAdamW group setting is invalid."""
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if not _is_number(lr) or lr < 0:
+        raise ValueError(f"{where}: lr must be a finite number >= 0, got {lr!r}")
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
+    if not _is_number(eps) or eps < 0:
+        raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
+    if not _is_number(wd) or wd < 0:
+        raise ValueError(f"{where}: weight_decay must be a finite number >= 0, got {wd!r}")
+    check_cage_group(group, where)
+    if group["cage_variant"] not in VARIANTS:
+        raise ValueError(
+            f"{where}: cage_variant must be one of {VARIANTS}, got {group['cage_variant']!r}"
+        )
+
+
+def check_cage_group(group: Mapping[str, Any], where: str) -> None:
+    """Validate a group's lambda schedule and "quant" entry, naming ``where``."""
+    try:
+        check_schedule(
+            group["cage_lambda"],
+            group["cage_silence"],
+            group["cage_schedule"],
+            group["total_steps"],
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    quant_spec_from_group(group.get("quant"), where)
+
+
+def group_lambda(group: Mapping[str, Any], k: int) -> float:
+    """lambda_k of the group's schedule at the 1-based step k."""
+    return lambda_at(
+        k, group["cage_lambda"], group["cage_silence"], group["cage_schedule"], group["total_steps"]
+    )
+
+
+def describe_params(param_groups: Iterable[Mapping[str, Any]]) -> dict[int, str]:
+    """id(p) -> 'param group i, param j' (plus its name when the group has param_names)."""
+    out: dict[int, str] = {}
+    for gi, group in enumerate(param_groups):
+        names = group.get("param_names")
+        for pi, p in enumerate(group["params"]):
+            label = f"param group {gi}, param {pi}"
+            out[id(p)] = f"{label} ({names[pi]!r})" if names else label
+    return out
+
+
+class CageAdamW(torch.optim.Optimizer):
+    """AdamW with the CAGE correction on parameters whose group carries a "quant" spec.
+
+    With cage_lambda = 0 this is torch.optim.AdamW (single-tensor path), op for op.
+    ``last_lambda``: the largest lambda_k applied to a quantized parameter in the last step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        cage_lambda: float = 10.0,
+        cage_silence: float = 0.8,
+        cage_schedule: str = "linear_ramp",
+        cage_variant: str = "decoupled",
+        total_steps: int | None = None,
+    ):
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "cage_lambda": cage_lambda,
+            "cage_silence": cage_silence,
+            "cage_schedule": cage_schedule,
+            "cage_variant": cage_variant,
+            "total_steps": total_steps,
+            "quant": None,
+        }
+        check_adamw_group(defaults, "CageAdamW")
+        self._labels: dict[int, str] = {}
+        super().__init__(params, defaults)
+        self.last_lambda = 0.0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, after validating the group's settings (defaults filled in)."""
+        merged = {**self.defaults, **param_group}
+        check_adamw_group(merged, f"CageAdamW param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        self._labels = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict (group keys restored as saved), then re-validated."""
+        super().load_state_dict(state_dict)
+        for gi, group in enumerate(self.param_groups):
+            check_adamw_group(group, f"CageAdamW param group {gi} (loaded)")
+        self._labels = {}
+
+    def describe_param(self, p: torch.Tensor) -> str:
+        """'CageAdamW param group i, param j (name)' for error messages."""
+        if id(p) not in self._labels:
+            self._labels = describe_params(self.param_groups)
+        return f"CageAdamW {self._labels.get(id(p), 'unregistered param')}"
+
+    def quant_ops(self, group: dict[str, Any], p: torch.Tensor) -> TensorQuantOps | None:
+        """Quantization ops of p, or None when its group has no "quant" (override for shards)."""
+        if group.get("quant") is None:
+            return None
+        return dense_quant_ops(group, p, self.describe_param(p))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One CAGE-AdamW update of every parameter with a gradient; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        applied: list[float] = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{self.describe_param(p)}: CageAdamW does not support sparse gradients"
+                    )
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                k = int(state["step"].item())
+                ops = self.quant_ops(group, p)
+                grad, lam = p.grad, 0.0
+                if ops is not None:
+                    grad = ops.ste_grad(p, grad)
+                    lam = group_lambda(group, k)
+                    applied.append(lam)
+                cage_adamw_update(
+                    p,
+                    grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step=k,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    lam=lam,
+                    variant=group["cage_variant"],
+                    error_fn=None if ops is None else ops.error,
+                )
+        self.last_lambda = max(applied, default=0.0)
+        return loss

@@ -1,0 +1,87 @@
+"""What the CAGE optimizers need to know about a quantized parameter.
+
+A param group's ``"quant"`` entry is plain data (the fields of a QuantSpec, or None). For
+each quantized tensor the optimizer asks for a ``TensorQuantOps``:
+  error(w)       e = w - Q(w), Q(w) = q(w H) H^T (fresh row scales), same shape as w
+  ste_grad(w, g) the gradient w.r.t. the latent w, given the gradient g it received
+``DenseQuantOps`` serves an unsharded 2-D weight [out, in]; a sharded caller (the ZeRO
+adapter) supplies its own ops for a flat partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from cage_ds.quant import Quantizer, QuantSpec
+
+
+@runtime_checkable
+class TensorQuantOps(Protocol):
+    """Quantization error and STE gradient of one tensor (see module docstring)."""
+
+    def error(self, w: torch.Tensor) -> torch.Tensor: ...
+
+    def ste_grad(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseQuantOps:
+    """Ops of a whole (unsharded) weight [out, in]: e = Quantizer.error(w); ste_grad = g.
+
+    ste_grad is the identity because QuantLinear's fake-quant forward already applied the
+    STE (mask and inverse rotation) when autograd produced g.
+    """
+
+    def __init__(self, quantizer: Quantizer):
+        self.quantizer = quantizer
+
+    def __repr__(self) -> str:
+        return f"DenseQuantOps({self.quantizer.spec})"
+
+    def error(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.error(w)
+
+    def ste_grad(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+def quant_spec_from_group(quant: Any, where: str) -> QuantSpec | None:
+    """QuantSpec(**quant) for a group's "quant" entry (None stays None); errors name ``where``."""
+    if quant is None:
+        return None
+    if not isinstance(quant, Mapping):
+        raise TypeError(
+            f"{where}: 'quant' must be a dict of QuantSpec fields or None, got {quant!r}"
+        )
+    try:
+        return QuantSpec(**quant)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: invalid 'quant' {dict(quant)!r}: {err}") from err
+
+
+def quantizer_from_group(quant: Mapping[str, Any], where: str = "param group") -> Quantizer:
+    """A Quantizer built from a group's "quant" dict (QuantSpec fields)."""
+    spec = quant_spec_from_group(quant, where)
+    if spec is None:
+        raise ValueError(f"{where}: 'quant' is None, so there is no quantizer to build")
+    return Quantizer(spec)
+
+
+def dense_quant_ops(group: Mapping[str, Any], p: torch.Tensor, where: str) -> DenseQuantOps | None:
+    """DenseQuantOps for p if its group carries a "quant" spec, else None.
+
+    p must be a 2-D weight [out, in] whose in-dim the spec can quantize.
+    """
+    quant = group.get("quant")
+    if quant is None:
+        return None
+    quantizer = quantizer_from_group(quant, where)
+    if p.dim() != 2:
+        raise ValueError(
+            f"{where}: a quantized parameter must be a 2-D weight [out, in], got shape "
+            f"{tuple(p.shape)} (a sharded caller must override quant_ops)"
+        )
+    quantizer.spec.check_row_len(p.shape[1], where)
+    return DenseQuantOps(quantizer)

@@ -1,0 +1,40 @@
+"""The CAGE lambda schedule.
+
+r = k / T (k = 1-based CAGE step, T = total steps), silence fraction s:
+lambda_k = 0 for r <= s; else lambda * min(1, (r - s) / (1 - s)) ("linear_ramp") or lambda
+("constant"). Official defaults: lambda = 10, s = 0.8, linear_ramp.
+"""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("linear_ramp", "constant")
+
+
+def check_schedule(lam: float, silence: float, kind: str, total_steps: int | None) -> None:
+    """Raise naming the offending value if the schedule settings are invalid."""
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"cage_lambda must be a finite number >= 0, got {lam!r}")
+    if not isinstance(silence, (int, float)) or not 0.0 <= silence <= 1.0:
+        raise ValueError(f"cage_silence must lie in [0, 1], got {silence!r}")
+    if kind not in SCHEDULES:
+        raise ValueError(f"cage_schedule must be one of {SCHEDULES}, got {kind!r}")
+    if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    if lam > 0 and total_steps is None and silence > 0:
+        raise ValueError("total_steps is required when cage_lambda > 0 and cage_silence > 0")
+
+
+def lambda_at(k: int, lam: float, silence: float, kind: str, total_steps: int | None) -> float:
+    """lambda_k for the 1-based step k (see module docstring)."""
+    if lam == 0:
+        return 0.0
+    if total_steps is None:  # silence == 0: active from the first step
+        return float(lam)
+    r = k / total_steps
+    if r <= silence:
+        return 0.0
+    if kind == "constant" or silence >= 1.0:
+        return float(lam)
+    return float(lam) * min(1.0, (r - silence) / (1.0 - silence))

@@ -1,0 +1,424 @@
+"""The cage-train loop on a DeepSpeed engine: setup -> (resume) -> train/evaluate/save -> result.
+
+One optimizer step = the rank's micro-batches of TrainBatches.next_step() through
+engine.forward/backward/step (DeepSpeed accumulates over gradient_accumulation_steps and
+clips at the boundary). The learning rate follows linear warmup then cosine decay:
+lr_t = lr * t / W for t <= W, else lr * (m + (1 - m) (1 + cos(pi (t - W) / (T - W))) / 2),
+t = 1-based step, W = ceil(warmup_fraction T), m = min_lr_ratio.
+
+Engines: quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE hooks);
+no ZeRO (stage 0) or no weight quantizer uses deepspeed.initialize (the client CageAdamW
+sees whole parameters, QuantLinear fake-quantizes in the forward).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError, validate
+from .data import TextData, build_data, steps_for_tokens
+from .evaluate import evaluate
+from .model import build_model, parameter_counts, preset_parameter_counts, zero_stage
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """deepspeed.init_distributed with single-process defaults (RANK 0 of WORLD_SIZE 1 on a
+    free loopback port) when no launcher set the environment; returns (rank, world)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def warmup_cosine(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
+    """lr multiplier of the 1-based step (module docstring)."""
+    warmup = math.ceil(warmup_fraction * total)
+    if step <= warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: Config, world: int, on_cuda: bool) -> dict[str, Any]:
+    """The JSON of cfg.deepspeed with batch, accumulation and clipping filled from cfg; a
+    conflicting value already in the file is an error naming both."""
+    path = cfg.deepspeed.resolved_path(on_cuda)
+    ds = json.loads(path.read_text())
+    filled = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation(world),
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in filled.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise ConfigError(
+                f"{path}: {key}={ds[key]!r} conflicts with the value {value!r} derived from "
+                "train/optim; remove it from the DeepSpeed JSON"
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"{path}: remove the '{key}' section (cage-train builds CageAdamW "
+                "and the warmup-cosine schedule itself)"
+            )
+    return {**ds, **filled}
+
+
+def total_steps(cfg: Config) -> int:
+    """train.steps, or the steps that give tokens_per_param tokens per non-embedding parameter."""
+    if cfg.train.tokens_per_param is None:
+        return cfg.train.steps
+    params = preset_parameter_counts(cfg.model)["non_embedding"]
+    return steps_for_tokens(
+        cfg.train.tokens_per_param * params, cfg.train.global_batch_size, cfg.data.seq_len
+    )
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
+    """CageAdamW over cage_param_groups (decay on linear weights, CAGE on quantized ones)."""
+    from cage_ds.nn import cage_param_groups
+    from cage_ds.optim import CageAdamW
+
+    o = cfg.optim
+    cage = {
+        "cage_lambda": o.cage_lambda,
+        "cage_silence": o.cage_silence,
+        "cage_schedule": o.cage_schedule,
+        "cage_variant": o.cage_variant,
+        "total_steps": steps,
+    }
+    groups = cage_param_groups(model, weight_decay=o.weight_decay, **cage)
+    return CageAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **cage)
+
+
+def initialize_engine(cfg: Config, model, optimizer, scheduler, ds_config: dict[str, Any]):
+    """(engine, which initialize was used): cage_ds.zero for quantized weights under ZeRO."""
+    weight_quant = cfg.quant.enabled and cfg.quant.to_quant_config().weight is not None
+    if weight_quant and zero_stage(ds_config) > 0:
+        from cage_ds.zero import initialize
+
+        name = "cage_ds.zero.initialize"
+    else:
+        from deepspeed import initialize
+
+        name = "deepspeed.initialize"
+    engine, *_ = initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, name
+
+
+def quant_metrics(engine, stage: int) -> dict[str, float]:
+    """cage_ds.nn.quant_stats of the model (masked fractions; weight error of fake-quant
+    layers), plus, for layers in weight_prequantized mode under ZeRO, the same relative error
+    sqrt(sum ||W - Q(W)||^2 / sum ||W||^2) of the latent fp32 weights gathered from the
+    optimizer partitions (collective: every rank calls this at the same steps)."""
+    from cage_ds.nn import quant_stats, quantized_modules
+
+    stats = quant_stats(engine.module)
+    if stage == 0:
+        return stats
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    sums: dict[str, list[float]] = {}
+    for name, layer in quantized_modules(engine.module):
+        if layer.weight_quantizer is None or not layer.weight_prequantized:
+            continue
+        w = safe_get_full_fp32_param(layer.weight)
+        if w is None:
+            continue
+        w = w.reshape(layer.out_features, layer.in_features).float()
+        e2 = float(layer.weight_quantizer.error(w).square().sum())
+        w2 = float(w.square().sum())
+        for key in ("quant/rel_error", "quant/rel_error/" + name.rsplit(".", 1)[-1]):
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += e2
+            acc[1] += w2
+    stats.update({k: (e / n) ** 0.5 if n > 0 else 0.0 for k, (e, n) in sums.items()})
+    return stats
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (rank 0 writes it to <run_dir>/result.json)."""
+
+    run: str
+    quant: str
+    method: str
+    steps: int
+    val_loss: float
+    val_ppl: float
+    train_loss: float
+    quant_rel_error: float | None
+    tokens: int
+    time_s: float
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The validation-table row."""
+        err = self.quant_rel_error
+        return {
+            "run": self.run,
+            "quant": self.quant,
+            "method": self.method,
+            "steps": self.steps,
+            "train_loss": round(self.train_loss, 4),
+            "val_loss": round(self.val_loss, 4),
+            "val_ppl": round(self.val_ppl, 2),
+            "quant_rel_error": "-" if err is None else round(err, 4),
+        }
+
+
+class Trainer:
+    """Everything one run holds; ``run()`` trains to the end and returns the RunResult."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        validate(cfg, self.world)
+        self.on_cuda = torch.cuda.is_available()
+        if self.on_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.steps = total_steps(cfg)
+        torch.manual_seed(cfg.train.seed)
+        self.data = self._load_data()
+        self.ds_config = deepspeed_config(cfg, self.world, self.on_cuda)
+        model, self._hf_ds_keep_alive = build_model(
+            cfg, self.ds_config, self.data.tokenizer.eos_token_id
+        )
+        self.params = parameter_counts(model)
+        optimizer = build_optimizer(cfg, model, self.steps)
+        o = cfg.optim
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: warmup_cosine(k + 1, self.steps, o.warmup_fraction, o.min_lr_ratio)
+        )
+        self.optimizer = optimizer
+        self.engine, self.initializer = initialize_engine(
+            cfg, model, optimizer, scheduler, self.ds_config
+        )
+        self.stage = zero_stage(self.ds_config)
+        self.batches = self.data.train_batches(
+            cfg.train.global_batch_size, cfg.train.micro_batch_size, self.rank, self.world
+        )
+        self.val = self.data.val_batches(cfg.train.micro_batch_size, self.rank, self.world)
+        self.checkpoints = self._checkpoint_manager()
+        self.tracker = self._tracker()
+
+    def _barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def _load_data(self) -> TextData:
+        """Rank 0 first (trains/caches the tokenizer and tokenized corpus), then the others."""
+        if self.rank != 0:
+            self._barrier()
+        data = build_data(self.cfg.data, self.cfg.train.seed)
+        if self.rank == 0:
+            self._barrier()
+        return data
+
+    def _checkpoint_manager(self):
+        c = self.cfg.checkpoint
+        if not (c.every or c.save_final or c.resume not in ("auto", "never")):
+            return None
+        from .checkpoint import CheckpointManager
+
+        root = (
+            c.resume
+            if c.resume not in ("auto", "never")
+            else c.dir or self.cfg.run_dir / "checkpoints"
+        )
+        return CheckpointManager(root, keep_last=c.keep_last, save_every=c.every)
+
+    def _tracker(self):
+        from .tracking import make_tracker
+
+        t = self.cfg.tracking
+        return make_tracker(
+            t.enabled,
+            self.rank,
+            t.experiment,
+            self.cfg.run_name,
+            tracking_uri=t.tracking_uri,
+            system_metrics=t.system_metrics,
+            fallback_dir=self.cfg.run_dir / "mlflow-fallback",
+        )
+
+    def _mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def _train_step(self) -> float:
+        """One optimizer step over this rank's micro-batches; the loss averaged over ranks."""
+        losses = []
+        for batch in self.batches.next_step():
+            batch = batch.to(self.engine.device)
+            loss = self.engine(input_ids=batch, labels=batch).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        return self._mean(sum(losses) / len(losses))
+
+    def _log_step(self, step: int, loss: float, lr: float, step_time: float) -> dict[str, float]:
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        metrics = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/lambda": float(self.optimizer.last_lambda),
+            "train/step_time_s": step_time,
+            "train/tokens_per_s": tokens / step_time,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        metrics.update(quant_metrics(self.engine, self.stage))
+        self.tracker.log_metrics(metrics, step=step)
+        return metrics
+
+    def _evaluate(self, step: int) -> tuple[float, float]:
+        loss = evaluate(self.engine, self.val)
+        ppl = math.exp(min(loss, 50.0))
+        self.tracker.log_metrics({"val/loss": loss, "val/ppl": ppl}, step=step)
+        return loss, ppl
+
+    def _save(self, step: int) -> None:
+        self.checkpoints.save(self.engine, step, {"data": self.batches.state_dict()})
+
+    def _resume(self) -> int:
+        if self.checkpoints is None or self.cfg.checkpoint.resume == "never":
+            return 0
+        resumed = self.checkpoints.resume(self.engine)
+        if resumed is None:
+            return 0
+        self.batches.load_state_dict(resumed.client_state["data"])
+        return resumed.step
+
+    def run(self) -> RunResult:
+        cfg, rank0 = self.cfg, self.rank == 0
+        start = self._resume()
+        if rank0:
+            self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_files()
+        bar = None
+        if rank0 and cfg.train.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.steps, initial=start, desc=cfg.run_name, unit="step", dynamic_ncols=True
+            )
+        history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        t0 = time.perf_counter()
+        loss = float("nan")
+        val_loss = val_ppl = float("nan")
+        quant_err = None
+        self.engine.train()
+        for step in range(start + 1, self.steps + 1):
+            lr = float(self.engine.get_lr()[0])  # the lr this step uses
+            ts = time.perf_counter()
+            loss = self._train_step()
+            step_time = time.perf_counter() - ts
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {step} ({cfg.run_name})")
+            last = step == self.steps
+            if step % cfg.train.log_every == 0 or last or step == start + 1:
+                metrics = self._log_step(step, loss, lr, step_time)
+                quant_err = metrics.get("quant/rel_error", quant_err)
+                history["train/loss"].append((step, loss))
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}",
+                        lr=f"{metrics['train/lr']:.2e}",
+                        tok_s=f"{tokens_per_step / step_time:.0f}",
+                        refresh=False,
+                    )
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                val_loss, val_ppl = self._evaluate(step)
+                history["val/loss"].append((step, val_loss))
+                if bar is not None:
+                    bar.write(f"step {step}: val loss {val_loss:.4f}, ppl {val_ppl:.2f}")
+            if self.checkpoints is not None and self.checkpoints.should_save(
+                step, final=last and cfg.checkpoint.save_final
+            ):
+                self._save(step)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        method = (
+            "cage"
+            if cfg.optim.cage_lambda > 0
+            else (cfg.quant.method if cfg.quant.enabled else "fp")
+        )
+        result = RunResult(
+            run=cfg.run_name,
+            quant=cfg.quant.preset,
+            method=method,
+            steps=self.steps,
+            val_loss=val_loss,
+            val_ppl=val_ppl,
+            train_loss=loss,
+            quant_rel_error=quant_err,
+            tokens=(self.steps - start) * tokens_per_step,
+            time_s=time.perf_counter() - t0,
+            history=history,
+        )
+        if rank0:
+            self._write_result(result)
+        self.tracker.close()
+        return result
+
+    def _write_run_files(self) -> None:
+        import yaml
+
+        d = self.cfg.run_dir
+        (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        (d / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        self.tracker.log_params(self.cfg.to_dict())
+        self.tracker.set_tags(
+            {
+                "world_size": self.world,
+                "initializer": self.initializer,
+                "params_total": self.params["total"],
+                "params_non_embedding": self.params["non_embedding"],
+            }
+        )
+        self.tracker.log_artifact(d / "config.yaml")
+        self.tracker.log_artifact(d / "deepspeed.json")
+
+    def _write_result(self, result: RunResult) -> None:
+        from .tracking import save_eval_table, save_loss_curve
+
+        d = self.cfg.run_dir
+        data = {
+            **result.__dict__,
+            "history": {k: list(map(list, v)) for k, v in result.history.items()},
+        }
+        (d / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+        self.tracker.log_artifact(save_eval_table([result.row()], d / "eval_table.md"))
+        self.tracker.log_artifact(save_loss_curve(result.history, d / "loss_curve.png"))
+        self.tracker.log_artifact(d / "result.json")
+
+
+def train(cfg: Config) -> RunResult:
+    """Run ``cfg`` to the end on this process's rank (see Trainer)."""
+    return Trainer(cfg).run()

@@ -1,0 +1,589 @@
+"""MLflow experiment tracking for cage-train: a rank-0 ``Tracker``, its ``NullTracker`` twin,
+an outage-proof delivery buffer, a local fallback store with replay, and plot/table helpers.
+
+Notable choices:
+- Every public call only appends to an in-memory buffer (metrics keep their step and
+  wall-clock timestamp); a daemon thread delivers batches to MLflow every
+  ``flush_interval_s``. Training never waits on the network.
+- Outage: a failed delivery warns once per outage (``logging``), keeps everything buffered and
+  retries with exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``). HTTP calls
+  fail fast: ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` default to
+  ``http_timeout_s`` / 0 here unless the user set them (our own backoff does the retrying).
+  Re-sent batches are idempotent: params are immutable and MLflow keeps one row per
+  (key, step, timestamp, value) metric.
+- ``close()`` flushes for up to ``close_timeout_s``; whatever is still undelivered is written to
+  a JSON-lines fallback file (``fallback_dir``, default ``./mlflow-fallback``), named in the
+  log, and ``replay(path)`` / ``python -m cage_ds.train.tracking replay PATH`` brings it into
+  the server later.
+- System metrics use MLflow's own ``SystemMetricsMonitor`` (psutil; offline is fine). They are
+  best effort: samples taken during an outage are dropped by MLflow's monitor, not buffered.
+- Artifacts are logged by path: the file must still exist when it is delivered (or at close).
+- A tracker not closed by the caller is closed as FAILED at interpreter exit (atexit), so an
+  exception in training still flushes or falls back; only a hard kill loses the buffer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# MLflow limits (mlflow.utils.validation): values, keys, entities per log_batch request.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_KEY_LENGTH = 250
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+_KEY_FORBIDDEN = re.compile(r"[^\w\-./ :]")
+_TRUNCATION_MARK = "...[truncated]"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` (artifacts: ./mlruns)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def sanitize_key(key: str) -> str:
+    """An MLflow-valid key: forbidden characters become ``_``; a key over 250 characters keeps
+    its first 241 characters plus ``~`` and an 8-hex digest of the whole key (still unique)."""
+    key = _KEY_FORBIDDEN.sub("_", str(key))
+    if len(key) > MAX_KEY_LENGTH:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        key = f"{key[: MAX_KEY_LENGTH - 9]}~{digest}"
+    return key
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b.c": str(value)}``; lists/tuples become JSON text.
+
+    Values longer than MLflow's 6000-character limit are cut and end in ``...[truncated]``
+    (log the full config as an artifact). Keys are passed through ``sanitize_key``.
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, name))
+            continue
+        text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        if len(text) > MAX_PARAM_VALUE_LENGTH:
+            text = text[: MAX_PARAM_VALUE_LENGTH - len(_TRUNCATION_MARK)] + _TRUNCATION_MARK
+        flat[sanitize_key(name)] = text
+    return flat
+
+
+@dataclass
+class _Buffer:
+    """Everything not yet delivered. Callers append at the tail; only the delivery side
+    removes from the head (under the tracker's lock)."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    # (key, value, timestamp_ms, step)
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)
+    # (local path, artifact dir in the run)
+    artifacts: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.params or self.tags or self.metrics or self.artifacts)
+
+
+class NullTracker:
+    """The no-op twin of ``Tracker`` for ranks != 0 and for tracking disabled."""
+
+    run_id: str | None = None
+    fallback_path: Path | None = None
+
+    def log_params(self, config: Mapping[str, Any]) -> None:
+        """No-op."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """No-op."""
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """No-op."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """No-op."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """No-op."""
+
+
+class Tracker:
+    """Rank-0 MLflow tracker that never stops training and loses nothing.
+
+    Example::
+
+        tracker = Tracker("cage-w4a4", run_name="tiny-zero3")
+        tracker.log_params(resolved_config)          # nested dict, flattened to "a.b.c"
+        tracker.log_metrics({"train/loss": 3.2, "train/lr": 1e-3}, step=10)
+        tracker.log_artifact("out/loss_curve.png")
+        tracker.close("FINISHED")                     # flush, else write the fallback file
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str | None = None,
+        *,
+        tracking_uri: str | None = None,
+        fallback_dir: str | os.PathLike | None = None,
+        system_metrics: bool = True,
+        system_metrics_interval_s: float = 10.0,
+        flush_interval_s: float = 2.0,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        close_timeout_s: float = 15.0,
+        http_timeout_s: int = 10,
+    ) -> None:
+        if not experiment:
+            raise ValueError("Tracker: experiment name must be a non-empty string")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(http_timeout_s))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow import MlflowClient
+
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.fallback_dir = Path(fallback_dir) if fallback_dir else Path.cwd() / "mlflow-fallback"
+        self.run_id: str | None = None
+        self.fallback_path: Path | None = None
+        self._client = MlflowClient(self.tracking_uri)
+        self._system_metrics = system_metrics
+        self._system_metrics_interval_s = system_metrics_interval_s
+        self._monitor: Any = None
+        self._flush_interval_s = flush_interval_s
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._close_timeout_s = close_timeout_s
+        self._buffer = _Buffer()
+        self._logged_params: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._deliver_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._failures = 0
+        self._next_try = 0.0
+        self._closed = False
+        self._thread = threading.Thread(target=self._deliver_loop, name="cage-mlflow", daemon=True)
+        self._thread.start()
+        atexit.register(self._close_at_exit)
+
+    # ---- public API (cheap: buffer and return) ----
+    def log_params(self, config: Mapping[str, Any]) -> None:
+        """Log a (nested) config as flattened params. Re-logging a key with another value is
+        an error, since MLflow params are immutable."""
+        self._check_open()
+        flat = flatten_params(config)
+        truncated = [k for k, v in flat.items() if v.endswith(_TRUNCATION_MARK)]
+        if truncated:
+            logger.warning("MLflow params cut to %d characters: %s", MAX_PARAM_VALUE_LENGTH,
+                           ", ".join(truncated))
+        with self._lock:
+            for key, value in flat.items():
+                old = self._logged_params.get(key)
+                if old is not None and old != value:
+                    raise ValueError(f"MLflow param {key!r} already logged as {old!r}; "
+                                     f"params are immutable, cannot change it to {value!r}")
+            self._logged_params.update(flat)
+            self._buffer.params.update(flat)
+        self._wake.set()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer ``metrics`` at ``step`` with the current wall-clock time (ms)."""
+        if int(step) != step or step < 0:
+            raise ValueError(f"log_metrics: step must be a non-negative integer, got {step!r}")
+        ts = int(time.time() * 1000)
+        rows = [(sanitize_key(k), float(v), ts, int(step)) for k, v in metrics.items()]
+        self._check_open()
+        with self._lock:
+            self._buffer.metrics.extend(rows)
+            big = len(self._buffer.metrics) >= MAX_METRICS_PER_BATCH
+        if big:
+            self._wake.set()
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload a file or directory (it must still exist when delivered)."""
+        self._check_open()
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"log_artifact: no such file or directory: {path}")
+        with self._lock:
+            self._buffer.artifacts.append((str(path.resolve()), artifact_path))
+        self._wake.set()
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values become strings)."""
+        self._check_open()
+        with self._lock:
+            self._buffer.tags.update({sanitize_key(k): str(v) for k, v in tags.items()})
+        self._wake.set()
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Stop the delivery thread, flush for up to ``close_timeout_s``, then terminate the run
+        with ``status``; if anything is undelivered, write it to the fallback file."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._close_at_exit)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        deadline = time.monotonic() + self._close_timeout_s
+        delivered = self._deliver()
+        while not delivered and time.monotonic() < deadline:
+            time.sleep(min(self._current_backoff(), max(0.0, deadline - time.monotonic())))
+            delivered = self._deliver()
+        self._stop_system_metrics()
+        if delivered:
+            try:
+                self._client.set_terminated(self.run_id, status=status)
+                return
+            except Exception as err:
+                logger.warning("MLflow: could not set run %s to %s: %s", self.run_id, status, err)
+        self.fallback_path = self._write_fallback(status)
+        logger.warning(
+            "MLflow at %s unreachable at close: undelivered tracking data written to %s; "
+            "replay it with: python -m cage_ds.train.tracking replay %s [--tracking-uri URI]",
+            self.tracking_uri, self.fallback_path, self.fallback_path)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"Tracker for run {self.run_name!r} is closed")
+
+    def _close_at_exit(self) -> None:
+        """Interpreter exit without close() (e.g. training raised): flush or fall back."""
+        logger.warning("Tracker for run %r not closed before exit: closing it as FAILED",
+                       self.run_name)
+        self.close("FAILED")
+
+    # ---- delivery ----
+    def _deliver_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._flush_interval_s)
+            self._wake.clear()
+            if not self._stop.is_set() and time.monotonic() >= self._next_try:
+                self._deliver()
+
+    def _current_backoff(self) -> float:
+        return min(self._max_backoff_s, self._backoff_s * 2 ** max(0, self._failures - 1))
+
+    def _deliver(self) -> bool:
+        """One delivery attempt of everything buffered; True when the buffer is empty after it."""
+        with self._deliver_lock:
+            try:
+                self._ensure_run()
+                self._send_params_and_tags()
+                self._send_metrics()
+                self._send_artifacts()
+            except Exception as err:
+                self._failures += 1
+                self._next_try = time.monotonic() + self._current_backoff()
+                if self._failures == 1:
+                    with self._lock:
+                        n = len(self._buffer.metrics)
+                    logger.warning(
+                        "MLflow at %s unreachable (%s: %s); training continues, %d metric points "
+                        "buffered, retrying with backoff", self.tracking_uri,
+                        type(err).__name__, str(err).splitlines()[0][:200], n)
+                return False
+            if self._failures:
+                logger.warning("MLflow at %s reachable again after %d failed deliveries; "
+                               "buffered data delivered", self.tracking_uri, self._failures)
+            self._failures = 0
+            with self._lock:
+                return self._buffer.empty()
+
+    def _ensure_run(self) -> None:
+        if self.run_id is not None:
+            return
+        experiment_id = _get_or_create_experiment(self._client, self.experiment)
+        run = self._client.create_run(experiment_id, run_name=self.run_name)
+        self.run_id = run.info.run_id
+        logger.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, run.info.run_name,
+                    self.experiment, self.tracking_uri)
+        if self._system_metrics:
+            self._start_system_metrics()
+
+    def _send_params_and_tags(self) -> None:
+        from mlflow.entities import Param, RunTag
+
+        with self._lock:
+            params = dict(self._buffer.params)
+            tags = dict(self._buffer.tags)
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+        tag_items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(tag_items), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=tag_items[i : i + MAX_PARAMS_PER_BATCH])
+        with self._lock:
+            for k in params:
+                self._buffer.params.pop(k, None)
+            for k, v in tags.items():
+                if self._buffer.tags.get(k) == v:
+                    del self._buffer.tags[k]
+
+    def _send_metrics(self) -> None:
+        from mlflow.entities import Metric
+
+        while True:
+            with self._lock:
+                chunk = self._buffer.metrics[:MAX_METRICS_PER_BATCH]
+            if not chunk:
+                return
+            self._client.log_batch(self.run_id, metrics=[Metric(*row) for row in chunk])
+            with self._lock:
+                del self._buffer.metrics[: len(chunk)]
+
+    def _send_artifacts(self) -> None:
+        while True:
+            with self._lock:
+                if not self._buffer.artifacts:
+                    return
+                path, artifact_path = self._buffer.artifacts[0]
+            if not Path(path).exists():
+                logger.error("MLflow artifact %s vanished before delivery; skipped", path)
+            elif Path(path).is_dir():
+                self._client.log_artifacts(self.run_id, path, artifact_path)
+            else:
+                self._client.log_artifact(self.run_id, path, artifact_path)
+            with self._lock:
+                self._buffer.artifacts.pop(0)
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=self._system_metrics_interval_s,
+                tracking_uri=self.tracking_uri)
+            self._monitor.start()
+        except Exception as err:  # psutil missing, platform without support, ...
+            self._monitor = None
+            logger.warning("MLflow system metrics skipped: %s", err)
+
+    def _stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    # ---- fallback store ----
+    def _write_fallback(self, status: str) -> Path:
+        """Write the undelivered buffer as JSON lines (a ``run`` header, then one record per
+        param/tag/metric/artifact); artifacts are copied next to it. Atomic via rename."""
+        self.fallback_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stem = f"{sanitize_key(self.run_name or 'run').replace('/', '_')}-{stamp}"
+        path = self.fallback_dir / f"{stem}.jsonl"
+        artifact_dir = self.fallback_dir / f"{stem}-artifacts"
+        with self._lock:
+            buf, self._buffer = self._buffer, _Buffer()
+        records: list[dict[str, Any]] = [{
+            "kind": "run", "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+            "run_name": self.run_name, "run_id": self.run_id, "status": status}]
+        records += [{"kind": "param", "key": k, "value": v} for k, v in buf.params.items()]
+        records += [{"kind": "tag", "key": k, "value": v} for k, v in buf.tags.items()]
+        records += [{"kind": "metric", "key": k, "value": v, "timestamp": ts, "step": s}
+                    for k, v, ts, s in buf.metrics]
+        for i, (src, artifact_path) in enumerate(buf.artifacts):
+            src_path = Path(src)
+            if not src_path.exists():
+                logger.error("MLflow artifact %s vanished before close; not saved", src)
+                continue
+            dest = artifact_dir / str(i) / src_path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if src_path.is_dir():
+                shutil.copytree(src_path, dest)
+            else:
+                shutil.copy2(src_path, dest)
+            records.append({"kind": "artifact", "path": str(dest.relative_to(self.fallback_dir)),
+                            "artifact_path": artifact_path})
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as fh:
+            for record in records:
+                fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def _get_or_create_experiment(client: Any, name: str) -> str:
+    """Experiment id for ``name``, creating it (tolerates a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise err
+        return experiment.experiment_id
+
+
+def make_tracker(
+    enabled: bool, rank: int, experiment: str, run_name: str | None = None, **kwargs: Any
+) -> Tracker | NullTracker:
+    """``Tracker(experiment, run_name, **kwargs)`` on rank 0 when enabled, else ``NullTracker``."""
+    if enabled and rank == 0:
+        return Tracker(experiment, run_name, **kwargs)
+    return NullTracker()
+
+
+def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
+    """Deliver a fallback file written by ``Tracker.close`` and return the run id.
+
+    Uses the recorded run when it exists on the target server, else creates a run with the
+    recorded experiment and run name (tagged ``cage_ds.replayed_from``). Params already
+    present with the same value are skipped; metrics re-sent are idempotent.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    path = Path(path)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records or records[0].get("kind") != "run":
+        raise ValueError(f"{path}: not a cage_ds tracking fallback file (no 'run' header line)")
+    header = records[0]
+    uri = tracking_uri or header["tracking_uri"]
+    client = MlflowClient(uri)
+    run_id = header.get("run_id")
+    existing_params: dict[str, str] = {}
+    try:
+        existing_params = client.get_run(run_id).data.params if run_id else {}
+    except MlflowException:
+        run_id = None
+    if run_id is None:
+        experiment_id = _get_or_create_experiment(client, header["experiment"])
+        run_id = client.create_run(experiment_id, run_name=header.get("run_name"),
+                                   tags={"cage_ds.replayed_from": str(path)}).info.run_id
+    params = [Param(r["key"], r["value"]) for r in records
+              if r["kind"] == "param" and existing_params.get(r["key"]) != r["value"]]
+    tags = [RunTag(r["key"], r["value"]) for r in records if r["kind"] == "tag"]
+    metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"])
+               for r in records if r["kind"] == "metric"]
+    for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
+    for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=tags[i : i + MAX_PARAMS_PER_BATCH])
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+    for r in records:
+        if r["kind"] == "artifact":
+            local = path.parent / r["path"]
+            if local.is_dir():
+                client.log_artifacts(run_id, str(local), r["artifact_path"])
+            else:
+                client.log_artifact(run_id, str(local), r["artifact_path"])
+    client.set_terminated(run_id, status=header.get("status") or "FINISHED")
+    logger.info("Replayed %s into run %s at %s (%d metric points)", path, run_id, uri,
+                len(metrics))
+    return run_id
+
+
+# ---- artifacts: loss curve and eval table ----
+def save_loss_curve(
+    series: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike,
+    title: str = "loss",
+) -> Path:
+    """Plot each named series of (step, value) points on one log-y axis into a PNG (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        for name, points in series.items():
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=name, marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(title)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The shared column names of ``rows``; an error names the first row that differs."""
+    if not rows:
+        raise ValueError("eval table: no rows")
+    columns = list(rows[0])
+    for i, row in enumerate(rows):
+        if list(row) != columns:
+            raise ValueError(f"eval table: row {i} has keys {list(row)}, expected {columns}")
+    return columns
+
+
+def format_eval_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of equal keys -> a Markdown table (floats with 4 significant digits)."""
+    columns = _table_columns(rows)
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_eval_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Write rows as CSV (``.csv``) or a Markdown table (any other suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=_table_columns(rows))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text(format_eval_table(rows) + "\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m cage_ds.train.tracking replay FILE [--tracking-uri URI]``."""
+    parser = argparse.ArgumentParser(prog="python -m cage_ds.train.tracking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("replay", help="deliver a fallback .jsonl file to an MLflow server")
+    rp.add_argument("path", type=Path)
+    rp.add_argument("--tracking-uri", default=None,
+                    help="target server (default: the URI recorded in the file)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    run_id = replay(args.path, args.tracking_uri)
+    print(run_id)
+
+
+if __name__ == "__main__":
+    main()

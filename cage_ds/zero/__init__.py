@@ -1,0 +1,19 @@
+"""CAGE on DeepSpeed ZeRO-1/2/3: shard maps, exact sharded QuEST, engine hooks.
+
+The only package touching DeepSpeed internals (pinned deepspeed==0.19.8, see engine.py).
+"""
+
+from .engine import attach, check_config, initialize
+from .optimizer import ShardedQuantOps
+from .shardmap import PartitionMap, Piece, zero3_maps, zero12_maps
+
+__all__ = [
+    "PartitionMap",
+    "Piece",
+    "ShardedQuantOps",
+    "attach",
+    "check_config",
+    "initialize",
+    "zero3_maps",
+    "zero12_maps",
+]

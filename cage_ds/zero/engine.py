@@ -1,0 +1,336 @@
+"""CAGE hooks on a DeepSpeed engine: sharded quantize-and-correct, quantize before all-gather.
+
+The hooks touch private names of deepspeed==0.19.8 (the pinned version; the layouts and
+call order below were read from its source and are re-checked by tests/dist):
+  ZeRO-3 (DeepSpeedZeroOptimizer_Stage3): per instance, ``_reassign_or_swap_out_partitioned_
+    parameters(sid)`` (runs right after sub-group sid's client step) also writes
+    cast_lp(q(W H)) into ``fp16_partitioned_groups_flat[sid]``, the buffer all ds_tensors
+    view and the next forward all-gathers.
+  ZeRO-1/2 (DeepSpeedZeroOptimizer) and BF16_Optimizer: the module-level
+    ``all_gather_dp_groups`` of stage_1_and_2 / bf16_optimizer (called after the fp32 ->
+    lp copy in step() and update_lp_params()) is wrapped; for a registered optimizer it
+    first writes cast_lp(q(W H)) into this rank's lp partition.
+  Checkpoint loads: ``checkpoint_event_epilogue`` (every engine.load_checkpoint ends with
+    it) rewrites the lp partitions from the loaded masters before the original runs.
+QuantLinear layers are switched to ``weight_prequantized``: the gathered weight is the
+ROTATED q(W H) and the gradient DeepSpeed reduces is dL/dq, turned into the latent
+gradient (M ⊙ dL/dq) H by ShardedQuantOps.ste_grad inside the client step.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from cage_ds.nn import set_weight_prequantized
+from cage_ds.optim.quant_ops import quant_spec_from_group
+
+from .optimizer import ShardedQuantOps, install_quant_ops
+from .sharded_quest import ShardQuantizer
+from .shardmap import PartitionMap, zero3_maps, zero12_maps
+
+_FLAT_WRITERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+class _Writer:
+    """Holds the callable that quantizes one optimizer's lp partitions (weakref-able)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+
+def _zero_section(config: Any) -> dict:
+    if isinstance(config, str):
+        with open(config) as f:
+            config = json.load(f)
+    if not isinstance(config, dict):
+        return {}
+    return dict(config.get("zero_optimization") or {})
+
+
+def check_config(config: Any) -> None:
+    """Refuse DeepSpeed settings CAGE's hooks do not support, naming the setting."""
+    z = _zero_section(config)
+    stage = int(z.get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ValueError(
+            f"cage_ds.zero supports ZeRO stages 1, 2 and 3, got zero_optimization.stage={stage}; "
+            "without ZeRO use CageAdamW and the fake-quant QuantLinear directly"
+        )
+    if z.get("zero_quantized_weights"):
+        raise ValueError(
+            "cage_ds.zero: zero_optimization.zero_quantized_weights (ZeRO++ qwZ) would "
+            "re-quantize the CAGE-quantized weights onto its own int8 grid; turn it off"
+        )
+    for key, bad in (
+        ("zero_quantized_gradients", lambda v: bool(v)),
+        ("zero_hpz_partition_size", lambda v: int(v) > 1),
+        ("mics_shard_size", lambda v: int(v) > 0),
+    ):
+        if key in z and bad(z[key]):
+            raise ValueError(f"cage_ds.zero: zero_optimization.{key}={z[key]!r} is not supported")
+    for key in ("offload_param", "offload_optimizer"):
+        dev = (z.get(key) or {}).get("device", "none")
+        if str(dev).lower() not in ("none", "null"):
+            raise ValueError(
+                f"cage_ds.zero: zero_optimization.{key}.device={dev!r} is not supported "
+                "(the hooks write the lp partitions in place; offload paths are not verified)"
+            )
+    if z.get("cpu_offload") or z.get("cpu_offload_param"):
+        raise ValueError("cage_ds.zero: cpu_offload / cpu_offload_param are not supported")
+
+
+def _check_alias(lp: torch.Tensor, hp: torch.Tensor, where: str) -> None:
+    if lp.data_ptr() == hp.data_ptr():
+        raise RuntimeError(
+            f"cage_ds.zero: {where}: the low-precision buffer IS the fp32 master (torch autocast "
+            "without a bf16/fp16 section?); writing q(W H) there would destroy the latent "
+            "weights. Add a bf16 or fp16 section, or train in fp32 without autocast."
+        )
+
+
+def _quant_spec(group: dict, where: str):
+    return quant_spec_from_group(group.get("quant"), where)
+
+
+def _check_2d(shapes: list[tuple[int, ...]], where: str) -> None:
+    bad = [s for s in shapes if len(s) != 2]
+    if bad:
+        raise ValueError(f"{where}: a quantized param group holds non-matrix parameters {bad}")
+
+
+def _ops(
+    maps: list[PartitionMap], rank: int, group: dict, where: str, pg: Any
+) -> ShardedQuantOps | None:
+    spec = _quant_spec(group, where)
+    if spec is None:
+        return None
+    quantized = frozenset(p.param for m in maps for p in m.pieces)
+    return ShardedQuantOps(ShardQuantizer(maps, rank, spec, quantized), pg, where)
+
+
+# ---------------- ZeRO-3 ----------------
+def _attach_zero3(opt: Any, client: torch.optim.Optimizer) -> dict[int, ShardedQuantOps]:
+    if any(f is None for f in opt.fp16_partitioned_groups_flat):
+        raise RuntimeError(
+            "cage_ds.zero: ZeRO-3 without lp flat buffers (NVMe param offload?) is not supported"
+        )
+    pg = opt.dp_process_group
+    world, rank = tdist.get_world_size(pg), tdist.get_rank(pg)
+    registry, by_sid = {}, {}
+    for sid, params in enumerate(opt.fp16_groups):
+        gid = opt.sub_group_to_group_id[sid]
+        where = f"ZeRO-3 sub-group {sid} (param group {gid})"
+        hp, lp = opt.fp32_partitioned_groups_flat[sid], opt.fp16_partitioned_groups_flat[sid]
+        _check_alias(lp, hp, where)
+        if _quant_spec(client.param_groups[gid], where) is None:
+            continue
+        shapes = [tuple(p.ds_shape) for p in params]
+        _check_2d(shapes, where)
+        maps = zero3_maps(shapes, world)
+        slot = 0
+        for p in params:
+            pos = opt.grad_position[opt.get_param_id(p)]
+            if p.ds_tensor.ds_numel != -(-p.ds_numel // world) or pos[1] != slot:
+                raise RuntimeError(
+                    f"{where}: DeepSpeed's partition layout differs from the shard map"
+                )
+            slot += p.ds_tensor.ds_numel
+        if maps[rank].numel != hp.numel():
+            raise RuntimeError(
+                f"{where}: flat partition has {hp.numel()} elements, map {maps[rank].numel}"
+            )
+        ops = _ops(maps, rank, client.param_groups[gid], where, pg)
+        registry[id(hp)] = by_sid[sid] = ops
+    original = opt._reassign_or_swap_out_partitioned_parameters
+
+    def reassign(self, sub_group_id):
+        original(sub_group_id)
+        ops = by_sid.get(sub_group_id)
+        if ops is not None:
+            ops.write_lp(
+                self.fp32_partitioned_groups_flat[sub_group_id],
+                self.fp16_partitioned_groups_flat[sub_group_id],
+            )
+
+    def write_all(self):
+        self._partition_all_parameters()
+        for sid, ops in by_sid.items():
+            ops.invalidate()
+            ops.write_lp(
+                self.fp32_partitioned_groups_flat[sid], self.fp16_partitioned_groups_flat[sid]
+            )
+
+    opt._reassign_or_swap_out_partitioned_parameters = types.MethodType(reassign, opt)
+    _wrap_epilogue(opt, lambda: write_all(opt))
+    write_all(opt)
+    if opt.persistent_parameters:
+        opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+    return registry
+
+
+# ---------------- ZeRO-1/2 and BF16_Optimizer ----------------
+def _flat_layout(opt: Any, i: int, bf16: bool) -> tuple[list, list[int], int, torch.Tensor, list]:
+    """(shapes, offsets, flat numel, fp32 partition, lp partitions) of flat group i."""
+    if bf16:
+        params = opt.bf16_groups[i]
+        shapes = [tuple(p.shape) for p in params]
+        offsets = [0]
+        for p in params[:-1]:
+            offsets.append(offsets[-1] + p.numel())
+        return (
+            shapes,
+            offsets,
+            opt.bf16_groups_flat[i].numel(),
+            opt.fp32_groups_flat_partition[i],
+            opt.bf16_partitioned_groups[i],
+        )
+    shapes = [tuple(m.shape) for m in opt.round_robin_bit16_meta[i]]
+    return (
+        shapes,
+        list(opt.round_robin_bit16_offsets[i]),
+        opt.bit16_groups_flat[i].numel(),
+        opt.single_partition_of_fp32_groups[i],
+        opt.parallel_partitioned_bit16_groups[i],
+    )
+
+
+def _attach_flat(opt: Any, client: torch.optim.Optimizer, bf16: bool) -> dict[int, ShardedQuantOps]:
+    if not bf16 and getattr(opt, "cpu_offload", False):
+        raise RuntimeError("cage_ds.zero: ZeRO-1/2 cpu_offload is not supported")
+    registry, writers = {}, []
+    n_groups = len(opt.bf16_groups if bf16 else opt.bit16_groups)
+    for i in range(n_groups):
+        pg = opt.real_dp_process_group[i]
+        world, rank = tdist.get_world_size(pg), tdist.get_rank(pg)
+        where = f"{'BF16_Optimizer' if bf16 else 'ZeRO-1/2'} param group {i}"
+        shapes, offsets, numel, hp, lps = _flat_layout(opt, i, bf16)
+        _check_alias(lps[rank], hp, where)
+        if _quant_spec(client.param_groups[i], where) is None:
+            continue
+        _check_2d(shapes, where)
+        maps = zero12_maps(shapes, offsets, numel, world)
+        if maps[rank].numel != hp.numel():
+            raise RuntimeError(
+                f"{where}: flat partition has {hp.numel()} elements, map {maps[rank].numel}"
+            )
+        if not bf16:
+            first = min(maps[rank].pieces, key=lambda q: q.flat_start, default=None)
+            if first is not None and first.elem_start != opt.first_offset[i]:
+                raise RuntimeError(f"{where}: DeepSpeed's first_offset differs from the shard map")
+        ops = _ops(maps, rank, client.param_groups[i], where, pg)
+        registry[id(hp)] = ops
+        writers.append((ops, hp, lps[rank]))
+
+    def write_all():
+        for ops, hp, lp in writers:
+            ops.write_lp(hp, lp)
+
+    lp_groups = opt.bf16_partitioned_groups if bf16 else opt.parallel_partitioned_bit16_groups
+    writer = _Writer(write_all)
+    opt._cage_lp_writer = writer  # keeps the weak registry entry alive with the optimizer
+    _FLAT_WRITERS[id(lp_groups)] = writer
+    _install_gather_patch()
+
+    def invalidate_all():
+        for ops, _, _ in writers:
+            ops.invalidate()
+
+    def reload():  # fp32 masters were rewritten: plain copy, then quantized write + gather
+        invalidate_all()
+        opt.update_lp_params()
+
+    _wrap_epilogue(opt, reload)
+    opt.update_lp_params()
+    return registry
+
+
+def _install_gather_patch() -> None:
+    """Wrap all_gather_dp_groups in stage_1_and_2 and bf16_optimizer once (idempotent)."""
+    from deepspeed.runtime import bf16_optimizer, utils
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    original = utils.all_gather_dp_groups
+    if getattr(stage_1_and_2.all_gather_dp_groups, "_cage", False):
+        return
+
+    def all_gather_dp_groups(groups_flat, partitioned_param_groups, *args, **kwargs):
+        writer = _FLAT_WRITERS.get(id(partitioned_param_groups))
+        if writer is not None:
+            writer.fn()
+        return original(groups_flat, partitioned_param_groups, *args, **kwargs)
+
+    all_gather_dp_groups._cage = True
+    stage_1_and_2.all_gather_dp_groups = all_gather_dp_groups
+    bf16_optimizer.all_gather_dp_groups = all_gather_dp_groups
+
+
+def _wrap_epilogue(opt: Any, rewrite: Callable[[], None]) -> None:
+    original = getattr(opt, "checkpoint_event_epilogue", None)
+
+    def checkpoint_event_epilogue(self):
+        rewrite()
+        if original is not None:
+            original()
+
+    opt.checkpoint_event_epilogue = types.MethodType(checkpoint_event_epilogue, opt)
+
+
+# ---------------- public ----------------
+def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, ShardedQuantOps]:
+    """Attach the CAGE hooks to an initialized engine; returns {id(flat partition): ops}."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if getattr(opt, "cage_zero_attached", False):
+        raise RuntimeError("cage_ds.zero: hooks are already attached to this engine")
+    if engine.fp16_enabled():
+        raise ValueError("cage_ds.zero: fp16 (loss scaling) is not supported; use bf16 or fp32")
+    if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        registry = _attach_zero3(opt, client_optimizer)
+    elif isinstance(opt, DeepSpeedZeroOptimizer):
+        registry = _attach_flat(opt, client_optimizer, bf16=False)
+    elif isinstance(opt, BF16_Optimizer):
+        registry = _attach_flat(opt, client_optimizer, bf16=True)
+    else:
+        raise TypeError(
+            f"cage_ds.zero: unsupported DeepSpeed optimizer wrapper {type(opt).__name__}"
+        )
+    install_quant_ops(client_optimizer, registry)
+    opt.cage_zero_attached = True
+    return registry
+
+
+def initialize(**kwargs: Any):
+    """deepspeed.initialize(**kwargs) with CAGE attached; same return tuple.
+
+    Needs ``optimizer=`` a CageAdamW instance (with cage_param_groups) and ``model=`` a
+    prepare_model'ed model; sets the model's QuantLinear layers to weight_prequantized.
+    """
+    import deepspeed
+
+    client = kwargs.get("optimizer")
+    if not isinstance(client, torch.optim.Optimizer) or not callable(
+        getattr(client, "quant_ops", None)
+    ):
+        raise TypeError(
+            "cage_ds.zero.initialize needs optimizer=<CageAdamW instance> (a client optimizer "
+            f"with the quant_ops hook), got {type(client).__name__}"
+        )
+    check_config(kwargs.get("config", kwargs.get("config_params")))
+    out = deepspeed.initialize(**kwargs)
+    engine = out[0]
+    attach(engine, client)
+    if set_weight_prequantized(engine.module, True) == 0:
+        raise ValueError(
+            "cage_ds.zero.initialize: the model has no QuantLinear with a weight quantizer"
+        )
+    return out

@@ -1,0 +1,108 @@
+"""Torch twin of the fused CAGE-AdamW shard step (the reference of cage_adamw_triton).
+
+Per segment of the SegmentTable, on its rows W [n_rows, row_len] (views into the flat shard):
+    if ste:      g <- fwht((M(W) ⊙ g)),   M the trust / clip mask of q(W H) (old W)
+    Q(W) = fwht(q(fwht(W))),  q with row statistics row_sumsq_tree_ref(W)  (bits > 0 only)
+    then ``cage_adamw_math_ref`` (the update of cage_ds.optim.update.cage_adamw_update, op
+    for op: lerp_, addcmul_, addcdiv_, add_ with alpha; a test holds them bit-equal)
+    qout <- q(W H) values (bits > 0) or W, cast to qout.dtype    (the gathered low-precision copy)
+kernels/ cannot import cage_ds (layering), hence this twin of the update math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .hadamard import fwht_ref
+from .quest import quest_quantize_ref
+from .segments import SegmentTable
+from .sumsq import row_sumsq_tree_ref
+
+VARIANTS = ("decoupled", "coupled")
+
+
+def cage_adamw_math_ref(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    lam: float,
+    variant: str,
+    error_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> None:
+    """In place: coupled g += lam e(W); W *= 1 - lr wd; Adam moments and step; decoupled
+    W -= lr lam e(W) on the updated W (e = W - Q(W) from error_fn)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"cage_variant must be one of {VARIANTS}, got {variant!r}")
+    correct = lam > 0 and error_fn is not None
+    if correct and variant == "coupled":
+        grad = grad.add(error_fn(param), alpha=lam)
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1 = 1 - beta1**step
+    bias2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias1)
+    if correct and variant == "decoupled":
+        param.add_(error_fn(param), alpha=-lr * lam)
+
+
+def quest_rows_ref(w: torch.Tensor, bits: int, block: int, mask_rule: str):
+    """QuEST of rows w with the tree row statistics (what the kernel computes in registers)."""
+    return quest_quantize_ref(w, bits, block, row_sumsq_tree_ref(w), mask_rule)
+
+
+def cage_adamw_shard_ref(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    table: SegmentTable,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    lam: float,
+    variant: str,
+    qout: torch.Tensor | None = None,
+) -> None:
+    """One step over every segment of a flat fp32 shard, in place (module docstring)."""
+    shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    for name, t in shard.items():
+        table.check_shard(t.numel(), name)
+    block, rule = table.block, table.mask_rule
+    for seg in table.segments:
+        span = slice(seg.shard_start, seg.shard_start + seg.numel)
+
+        def rows(t: torch.Tensor, seg=seg, span=span) -> torch.Tensor:
+            return t[span].view(seg.n_rows, seg.row_len)
+
+        w, g = rows(param), rows(grad)
+        error_fn = None
+        if seg.bits:
+            if seg.ste:
+                g = fwht_ref(g * quest_rows_ref(w, seg.bits, block, rule).mask, block)
+
+            def error_fn(x: torch.Tensor, bits=seg.bits) -> torch.Tensor:
+                return x - fwht_ref(quest_rows_ref(x, bits, block, rule).values, block)
+
+        cage_adamw_math_ref(
+            w, g, rows(exp_avg), rows(exp_avg_sq), step=step, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, lam=lam, variant=variant, error_fn=error_fn,
+        )  # fmt: skip
+        if qout is not None:
+            low = quest_rows_ref(w, seg.bits, block, rule).values if seg.bits else w
+            rows(qout).copy_(low)

@@ -1,0 +1,189 @@
+"""Fused CAGE-AdamW step over a flat fp32 shard: one launch per ZeRO partition.
+
+Program = one tile of R whole rows of one segment (tile list from SegmentTable.tiles), held
+in registers [R, N] (N = the table's width, zero-padded; padding is never loaded). From one
+read of param, grad, exp_avg, exp_avg_sq it computes, for quantized segments, in order:
+    ste:        g <- fwht(M(W) ⊙ g)                 (mask of q(W H) of the old W)
+    coupled:    g <- fma(lam, W - Q(W), g)
+    W <- W (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- fma((1-b2) g, g, v b2)
+    W <- W + (-lr / bias1) m / (sqrt(v) / sqrt(bias2) + eps)
+    decoupled:  W <- fma(-lr lam, W - Q(W), W)      (fresh statistics of the updated W)
+    qout <- q(W H) in qout.dtype (rotated domain), or W for unquantized segments
+and writes param, exp_avg, exp_avg_sq, qout once. Q(W) = fwht(q(fwht(W))) with the tree row
+sum of squares, all in registers. The fma / rounding placement mirrors what torch's CPU
+kernels do for the twin's ops (lerp_, add(alpha), addcmul_ are fused multiply-adds there),
+so the interpreter matches cage_adamw_ref bit-for-bit on such CPUs; tests still allow the
+derived ulp tolerance (see tests/kernels/test_cage_adamw.py).
+Twin: ``cage_adamw_ref.cage_adamw_shard_ref``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .cage_adamw_ref import VARIANTS
+from .grid import ALPHA
+from .quest_triton import interpreting
+from .segments import COLUMNS, FLAG_STE, SegmentTable
+from .triton_lib import (
+    CLIP,
+    TRUST,
+    cast_rne,
+    fwht_tile,
+    launch_opts,
+    log2_exact,
+    quest_grid,
+    quest_step,
+    tree_row_sum,
+)
+
+N_COLS = len(COLUMNS)
+
+
+@triton.jit
+def _quest_values(
+    w, cols, row_len_f, alpha, levels_m1, R: tl.constexpr, N: tl.constexpr,
+    LOG_N: tl.constexpr, LOG_B: tl.constexpr, hscale, MASK_RULE: tl.constexpr,
+):  # fmt: skip
+    """Rows w [R, N] (cols: real columns) -> (q(w H) values, STE mask), zero past the row."""
+    w = tl.where(cols, w, 0.0)
+    y = fwht_tile(w, R, N, LOG_B, hscale)
+    step = quest_step(tree_row_sum(w * w, R, N, LOG_N), row_len_f, alpha, levels_m1)
+    _, v, m = quest_grid(y, step[:, None], levels_m1, MASK_RULE)
+    return tl.where(cols, v, 0.0), m
+
+
+@triton.jit
+def _cage_adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, table_ptr, tiles_ptr, alpha_ptr,
+    decay, w1, c2, beta2, bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
+    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_B: tl.constexpr,
+    NCOL: tl.constexpr, STE_FLAG: tl.constexpr, MASK_RULE: tl.constexpr, COUPLED: tl.constexpr,
+    DECOUPLED: tl.constexpr, HAS_Q: tl.constexpr,
+):  # fmt: skip
+    """One tile of whole rows of one segment (module docstring)."""
+    pid = tl.program_id(0)
+    seg = tl.load(tiles_ptr + 2 * pid)
+    row0 = tl.load(tiles_ptr + 2 * pid + 1)
+    entry = table_ptr + seg * NCOL
+    start = tl.load(entry + 1)
+    n_rows = tl.load(entry + 3)
+    row_len = tl.load(entry + 4)
+    bits = tl.load(entry + 5)
+    flags = tl.load(entry + 6)
+    r = (row0 + tl.arange(0, R))[:, None]
+    cols = tl.arange(0, N)[None, :] < row_len
+    inb = (r < n_rows) & cols
+    offs = start + r * row_len + tl.arange(0, N)[None, :]
+    p = tl.load(p_ptr + offs, mask=inb, other=0.0)
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+    m = tl.load(m_ptr + offs, mask=inb, other=0.0)
+    v = tl.load(v_ptr + offs, mask=inb, other=0.0)
+    quant = bits > 0
+    row_len_f = row_len.to(tl.float32)
+    alpha = tl.load(alpha_ptr + bits)
+    levels_m1 = ((1 << bits) - 1).to(tl.float32)
+    if quant:
+        if (flags & STE_FLAG) != 0:
+            _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
+                                    hscale, MASK_RULE)  # fmt: skip
+            g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
+        if COUPLED:
+            qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
+                                  hscale, MASK_RULE)  # fmt: skip
+            g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
+    p = p * decay
+    if w1 < 0.5:
+        m = tl.fma(w1, g - m, m)
+    else:
+        m = tl.fma(w1 - 1.0, g - m, g)
+    v = tl.fma(c2 * g, g, v * beta2)
+    denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
+    p = p + tl.math.div_rn(step_size * m, denom)
+    if quant:
+        if DECOUPLED:
+            qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
+                                  hscale, MASK_RULE)  # fmt: skip
+            p = tl.fma(neg_lr_lam, p - fwht_tile(qv, R, N, LOG_B, hscale), p)
+    tl.store(p_ptr + offs, p, mask=inb)
+    tl.store(m_ptr + offs, m, mask=inb)
+    tl.store(v_ptr + offs, v, mask=inb)
+    if HAS_Q:
+        low = p
+        if quant:
+            low, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
+                                   hscale, MASK_RULE)  # fmt: skip
+        tl.store(q_ptr + offs, cast_rne(low, q_ptr.dtype.element_ty), mask=inb)
+
+
+def alpha_table(device: torch.device | str) -> torch.Tensor:
+    """fp32 [9]: ALPHA[b] at index b (index 0 unused), the grid's clip table for the kernel."""
+    return torch.tensor([ALPHA.get(b, 0.0) for b in range(9)], dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def device_table(table: SegmentTable, device: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table tensor, tile list) on ``device``, built once per table (tables are immutable)."""
+    return table.tensor(device), table.tiles(rows, device)
+
+
+def rows_per_tile(width: int) -> int:
+    """Rows per program: ~32K elements under the interpreter, ~2K compiled (registers)."""
+    return max(1, (1 << 15 if interpreting() else 1 << 11) // width)
+
+
+def cage_adamw_shard_triton(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    table: SegmentTable,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    lam: float,
+    variant: str,
+    qout: torch.Tensor | None = None,
+) -> None:
+    """Triton twin of cage_adamw_shard_ref (same arguments); the device copies of the table
+    and its tile list are cached per (table, device)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"cage_variant must be one of {VARIANTS}, got {variant!r}")
+    shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    for name, t in shard.items():
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 1:
+            raise ValueError(
+                f"{name} must be a contiguous 1-D fp32 shard, got {t.dtype} {tuple(t.shape)}"
+            )
+        table.check_shard(t.numel(), name)
+    if qout is not None:
+        if qout.dim() != 1 or not qout.is_contiguous() or qout.numel() < table.end:
+            raise ValueError(f"qout must be a contiguous 1-D buffer of >= {table.end} elements")
+    if not table.segments:
+        return
+    dev = param.device
+    width = table.width
+    tile = rows_per_tile(width)
+    table_tensor, tiles = device_table(table, str(dev), tile)
+    correct = lam > 0
+    bias1 = 1 - beta1**step
+    _cage_adamw_kernel[(tiles.shape[0],)](
+        param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
+        table_tensor, tiles, alpha_table(dev),
+        1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, (1 - beta2**step) ** 0.5, eps,
+        -lr / bias1, lam, -lr * lam, table.block**-0.5,
+        R=tile, N=width, LOG_N=log2_exact(width, "table width"),
+        LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
+        MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,
+        COUPLED=correct and variant == "coupled", DECOUPLED=correct and variant == "decoupled",
+        HAS_Q=qout is not None, **launch_opts(),
+    )  # fmt: skip
+

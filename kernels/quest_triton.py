@@ -1,0 +1,179 @@
+"""Triton QuEST row quantization (weights per output row, activations per token), one pass.
+
+Kernel ``_quest_rows_kernel`` holds a tile of R whole rows [R, N] (N = next power of two
+>= n, zero-padded, padding never loaded) and writes, from one read of x:
+  values [rows, n] x.dtype   rotated dequantized q(x H)
+  codes  uint8 [rows, n]  or packed b-bit fields [rows, n b / 8]   (PACK)
+  step   fp32 [rows]          the scale: v = (k - (2^b-1)/2) step
+  mask   bool [rows, n]   or packed bits [rows, n / 8]  (trust or clip STE mask)
+Twin: ``quest.quest_quantize_ref`` (and ``quest_packed.quest_quantize_packed_ref``).
+
+Row statistics: a given ``sumsq`` [rows, 1] is used as is (bit-identical to the reference
+given the same sumsq). Without one the kernel computes the pairwise tree sum
+(``sumsq.row_sumsq_tree_ref``), which can differ from torch.sum by a few ulps: step then
+matches grid_step(row_sumsq_tree_ref(x)) exactly, and the reference within that ulp bound.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .grid import ALPHA, check_bits
+from .hadamard import check_block
+from .quest import QuestOut
+from .quest_packed import QuestPacked
+from .sumsq import next_pow2
+from .triton_lib import (
+    CLIP,
+    TRUST,
+    cast_rne,
+    fwht_tile,
+    launch_opts,
+    log2_exact,
+    pack_rows_store,
+    quest_grid,
+    quest_step,
+    tree_row_sum,
+)
+
+STATS_GIVEN, STATS_OF_X, STATS_OF_Y = 0, 1, 2
+
+
+@triton.jit
+def _quest_rows_kernel(
+    x_ptr, sumsq_ptr, values_ptr, codes_ptr, step_ptr, mask_ptr,
+    rows, n, alpha, hscale, levels_m1,
+    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_B: tl.constexpr,
+    BITS: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr,
+    MASK_RULE: tl.constexpr, PACK: tl.constexpr, WRITE_CODES: tl.constexpr,
+):  # fmt: skip
+    """One tile of R rows: y = x H (rounded to x.dtype, as fwht_ref), step, codes, values, mask."""
+    r1 = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    r = r1[:, None]
+    c = tl.arange(0, N)[None, :]
+    in_rows = r1 < rows
+    inb = (r < rows) & (c < n)
+    x = tl.load(x_ptr + r * n + c, mask=inb, other=0.0)
+    xf = x.to(tl.float32)
+    if ROTATE:
+        y = cast_rne(fwht_tile(xf, R, N, LOG_B, hscale), x.dtype).to(tl.float32)
+    else:
+        y = xf
+    if STATS == 0:
+        s = tl.load(sumsq_ptr + r1, mask=in_rows, other=1.0)
+    elif STATS == 1:
+        s = tree_row_sum(xf * xf, R, N, LOG_N)
+    else:
+        s = tree_row_sum(y * y, R, N, LOG_N)
+    step1 = quest_step(s, n.to(tl.float32), alpha, levels_m1)
+    step = step1[:, None]
+    k, v, m = quest_grid(y, step, levels_m1, MASK_RULE)
+    tl.store(values_ptr + r * n + c, cast_rne(v, values_ptr.dtype.element_ty), mask=inb)
+    tl.store(step_ptr + r1, step1, mask=in_rows)
+    if PACK:
+        groups = (r < rows) & (tl.arange(0, N // 8)[None, :] < n // 8)
+        pack_rows_store(k.to(tl.int32), codes_ptr, r * (n // 8) * BITS, groups, R, N, BITS)
+        pack_rows_store(m.to(tl.int32), mask_ptr, r * (n // 8), groups, R, N, 1)
+    else:
+        if WRITE_CODES:
+            tl.store(codes_ptr + r * n + c, k.to(tl.uint8), mask=inb)
+        tl.store(mask_ptr + r * n + c, m.to(tl.uint8), mask=inb)
+
+
+def interpreting() -> bool:
+    """True when Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rows_per_program(width: int, rows: int) -> int:
+    """Rows per tile: ~32K elements under the interpreter (2 ms per program), ~4K compiled."""
+    budget = 1 << 15 if interpreting() else 1 << 12
+    return max(1, min(budget // width, next_pow2(rows)))
+
+
+def _check_rows(x: torch.Tensor, bits: int, block: int, mask_rule: str) -> None:
+    check_bits(bits)
+    if x.dim() != 2:
+        raise ValueError(f"quest kernel expects x [rows, n], got shape {tuple(x.shape)}")
+    check_block(block, x.shape[1])
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"quest kernel supports fp32/bf16/fp16, got {x.dtype}")
+    if mask_rule not in ("trust", "clip"):
+        raise ValueError(f"mask_rule must be 'trust' or 'clip', got {mask_rule!r}")
+
+
+def _launch(x, bits, block, sumsq, mask_rule, rotated, stats_of_rotated, values, codes, step,
+            mask, pack, write_codes=True):  # fmt: skip
+    rows, n = x.shape
+    width = max(next_pow2(n), 8)
+    tile = rows_per_program(width, rows)
+    if sumsq is not None:
+        if sumsq.numel() != rows:
+            raise ValueError(f"sumsq must hold one value per row ({rows}), got {sumsq.numel()}")
+        sumsq = sumsq.reshape(rows).float().contiguous()
+        stats = STATS_GIVEN
+    else:
+        stats = STATS_OF_Y if (stats_of_rotated or rotated) else STATS_OF_X
+    _quest_rows_kernel[(triton.cdiv(rows, tile),)](
+        x, sumsq if sumsq is not None else step, values, codes if write_codes else mask, step, mask,
+        rows, n, ALPHA[bits], block**-0.5, float(2**bits - 1),
+        R=tile, N=width, LOG_N=log2_exact(width, "row width"), LOG_B=log2_exact(block, "block"),
+        BITS=bits, ROTATE=not rotated, STATS=stats,
+        MASK_RULE=TRUST if mask_rule == "trust" else CLIP, PACK=pack, WRITE_CODES=write_codes,
+        **launch_opts(),
+    )  # fmt: skip
+
+
+def quest_quantize_triton(
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    sumsq: torch.Tensor | None = None,
+    mask_rule: str = "trust",
+    rotated: bool = False,
+    stats_of_rotated: bool = False,
+    with_codes: bool = True,
+) -> QuestOut:
+    """Triton twin of quest_quantize_ref: x [rows, n] -> QuestOut (codes, mask unpacked).
+
+    stats_of_rotated: without sumsq, take the statistics of the (dtype-rounded) rotated y
+    instead of x (what Quantizer.fake does: it rotates first, then quantizes rotated=True).
+    with_codes=False skips writing codes (QuestOut.codes is None): the activation path.
+    """
+    _check_rows(x, bits, block, mask_rule)
+    x = x.contiguous()
+    rows, n = x.shape
+    values = torch.empty_like(x)
+    codes = torch.empty(rows, n, dtype=torch.uint8, device=x.device) if with_codes else None
+    step = torch.empty(rows, dtype=torch.float32, device=x.device)
+    mask = torch.empty(rows, n, dtype=torch.bool, device=x.device)
+    _launch(x, bits, block, sumsq, mask_rule, rotated, stats_of_rotated, values, codes, step,
+            mask.view(torch.uint8), pack=False, write_codes=with_codes)  # fmt: skip
+    return QuestOut(values, codes, step.view(rows, 1), mask)
+
+
+def quest_quantize_packed_triton(
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    sumsq: torch.Tensor | None = None,
+    mask_rule: str = "trust",
+    rotated: bool = False,
+) -> QuestPacked:
+    """Triton twin of quest_quantize_packed_ref: codes in b-bit fields, mask in bits; n % 8 == 0."""
+    _check_rows(x, bits, block, mask_rule)
+    rows, n = x.shape
+    if n % 8:
+        raise ValueError(f"packed quantization needs a row length divisible by 8, got {n}")
+    x = x.contiguous()
+    values = torch.empty_like(x)
+    codes = torch.empty(rows, n * bits // 8, dtype=torch.uint8, device=x.device)
+    step = torch.empty(rows, dtype=torch.float32, device=x.device)
+    mask = torch.empty(rows, n // 8, dtype=torch.uint8, device=x.device)
+    _launch(x, bits, block, sumsq, mask_rule, rotated, False, values, codes, step, mask,
+            pack=True)  # fmt: skip
+    return QuestPacked(values, codes, step.view(rows, 1), mask)

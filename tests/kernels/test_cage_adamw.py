@@ -1,0 +1,205 @@
+"""Fused CAGE-AdamW shard step (Triton) vs its twin cage_adamw_shard_ref, and the twin vs
+cage_ds's cage_adamw_update.
+
+Oracle: the twin run with a correctly rounded sqrt (torch's CPU sqrt can be 1 ulp off; the
+kernel uses sqrt_rn like torch on CUDA). The kernel places its fused multiply-adds where
+torch's CPU kernels fuse (lerp_, add(alpha), addcmul_), so where a probe shows torch fusing,
+param / moments / quantized copy must be bit-identical; elsewhere a 16-ulp bound applies
+(each of the ~10 roundings per element may then differ by 1 ulp, and no code flips are
+expected at that distance on these inputs). Independently of the platform the quantized copy
+must equal q(W H) of the kernel's own new W exactly, and the sharded run with cut rows
+completed in a halo buffer must equal the unsharded run bit for bit.
+Shards start and end mid-row and mid-Hadamard-block; elements no segment covers hold NaN
+and must come back untouched (never read into statistics, never written).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from cage_kernels import ops
+from cage_kernels.cage_adamw_ref import cage_adamw_math_ref, cage_adamw_shard_ref
+from cage_kernels.cage_adamw_triton import cage_adamw_shard_triton
+from cage_kernels.hadamard import fwht_ref
+from cage_kernels.segments import (
+    ParamLayout,
+    Segment,
+    SegmentTable,
+    halo_segments,
+    shard_segments,
+)
+from kernel_oracles import expected_quest
+
+pytestmark = pytest.mark.interpret
+
+BLOCK = 64
+# (rows, row_len, bits, ste); bits 0 = a parameter without quantizer (1-D, no rows).
+PARAMS = [(7, 384, 4, True), (1, 300, 0, False), (5, 256, 2, False), (9, 192, 3, True),
+          (3, 640, 8, False), (11, 64, 4, True)]  # fmt: skip
+HP = dict(step=7, lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, lam=10.0)
+
+
+def layouts() -> list[ParamLayout]:
+    out, at = [], 0
+    for i, (rows, row_len, bits, ste) in enumerate(PARAMS):
+        out.append(ParamLayout(i, at, rows * row_len, row_len, bits, ste))
+        at += rows * row_len
+    return out
+
+
+def stream_state(gen, n) -> list[torch.Tensor]:
+    """param, grad, exp_avg, exp_avg_sq of a flat stream of n elements."""
+    p = torch.randn(n, generator=gen) * 0.5
+    return [p, torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1,
+            torch.rand(n, generator=gen) * 0.01]  # fmt: skip
+
+
+def covered(table: SegmentTable, n: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    for s in table.segments:
+        mask[s.shard_start : s.shard_start + s.numel] = True
+    return mask
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def torch_fuses_lerp() -> bool:
+    """Does torch's CPU lerp_ round once (a fused multiply-add), as the kernel does?"""
+    g = torch.Generator().manual_seed(0)
+    m, x = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    w = torch.tensor(0.1, dtype=torch.float32).double()
+    fused = (m.double() + w * (x - m).double()).float()
+    return torch.equal(m.clone().lerp_(x, 0.1), fused)
+
+
+def run_twin_ieee(state, table, qout, variant, monkeypatch) -> None:
+    """cage_adamw_shard_ref with torch.sqrt / Tensor.sqrt correctly rounded (float64 sqrt)."""
+    with monkeypatch.context() as mp:
+        plain = torch.Tensor.sqrt
+
+        def sqrt(t):
+            return plain(t.double()).to(t.dtype) if t.dtype == torch.float32 else plain(t)
+
+        mp.setattr(torch.Tensor, "sqrt", sqrt)
+        mp.setattr(torch, "sqrt", sqrt)
+        cage_adamw_shard_ref(*state, table, qout=qout, variant=variant, **HP)
+
+
+@pytest.mark.parametrize("variant", ["decoupled", "coupled"])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rule", ["trust", "clip"])
+def test_fused_step_matches_twin(gen, dev, monkeypatch, variant, qdtype, rule):
+    lay = layouts()
+    total = lay[-1].start + lay[-1].numel
+    lo = 2 * 384 + 100  # mid-row, mid-block of param 0
+    hi = lay[3].start + 4 * 192 + 37  # mid-row, mid-block of param 3
+    segs, cuts = shard_segments(lay, lo, hi)
+    assert cuts, "the shard must cut rows at both ends"
+    table = SegmentTable(tuple(segs), BLOCK, rule)
+    n = hi - lo
+    inside = covered(table, n)
+    state = [t[lo:hi].clone() for t in stream_state(gen, total)]
+    for t in state:
+        t[~inside] = float("nan")
+    qout = torch.full((n,), float("nan"), dtype=qdtype)
+    kern = [t.clone().to(dev) for t in state]
+    kq = qout.clone().to(dev)
+    cage_adamw_shard_triton(*kern, table, qout=kq, variant=variant, **HP)
+    kern, kq = [t.cpu() for t in kern], kq.cpu()
+    twin, tq = [t.clone() for t in state], qout.clone()
+    run_twin_ieee(twin, table, tq, variant, monkeypatch)
+
+    for k, t0 in zip([*kern, kq], [*state, qout], strict=True):  # uncovered: untouched NaN
+        assert torch.equal(bits_of(k[~inside]), bits_of(t0[~inside]))
+    assert torch.equal(bits_of(kern[1]), bits_of(state[1])), "grad must not be written"
+    exact = torch_fuses_lerp()
+    for name, k, t in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout"), [*kern, kq],
+                          [*twin, tq], strict=True):  # fmt: skip
+        k, t = k[inside].float(), t[inside].float()
+        if exact:
+            assert torch.equal(k, t), f"{name}: {(k != t).sum().item()} of {k.numel()} differ"
+        else:
+            torch.testing.assert_close(k, t, rtol=16 * 2.0**-24, atol=16 * 2.0**-24 * HP["lr"])
+    # The quantized copy is q(W H) of the kernel's own new W, exactly (any platform).
+    for s in table.segments:
+        span = slice(s.shard_start, s.shard_start + s.numel)
+        w = kern[0][span].view(s.n_rows, s.row_len)
+        want = expected_quest(w, s.bits, BLOCK, None, rule).values if s.bits else w
+        assert torch.equal(kq[span].view_as(w), want.to(qdtype)), f"qout of param {s.param_id}"
+
+
+@pytest.mark.parametrize("variant", ["decoupled", "coupled"])
+def test_sharded_with_halo_rows_equals_unsharded(gen, dev, variant):
+    lay = layouts()
+    total = lay[-1].start + lay[-1].numel
+    full = stream_state(gen, total)
+    ref = [t.clone().to(dev) for t in full]
+    ref_q = torch.full((total,), float("nan"), dtype=torch.bfloat16, device=dev)
+    segs, cuts = shard_segments(lay, 0, total)
+    assert not cuts
+    table = SegmentTable(tuple(segs), BLOCK)
+    cage_adamw_shard_triton(*ref, table, qout=ref_q, variant=variant, **HP)
+
+    bounds = [0, 2 * 384 + 100, lay[3].start + 4 * 192 + 37, lay[4].start + 1000, total]
+    out = [torch.full((total,), float("nan")) for _ in range(4)]
+    out_q = torch.full((total,), float("nan"), dtype=torch.bfloat16)
+    for lo, hi in itertools.pairwise(bounds):  # one "rank" at a time
+        segs, cuts = shard_segments(lay, lo, hi)
+        shard = [t[lo:hi].clone().to(dev) for t in full]
+        q = torch.full((hi - lo,), float("nan"), dtype=torch.bfloat16, device=dev)
+        table = SegmentTable(tuple(segs), BLOCK)
+        cage_adamw_shard_triton(*shard, table, qout=q, variant=variant, **HP)
+        # Halo: each cut row whole (elements of the neighbours included), stepped on the side.
+        idx = torch.cat([torch.arange(c.stream_start, c.stream_start + c.row_len) for c in cuts])
+        side = [t[idx].clone().to(dev) for t in full]
+        side_q = torch.full((idx.numel(),), float("nan"), dtype=torch.bfloat16, device=dev)
+        cage_adamw_shard_triton(*side, SegmentTable(tuple(halo_segments(cuts)), BLOCK), qout=side_q,
+                                variant=variant, **HP)  # fmt: skip
+        local = (idx >= lo) & (idx < hi)
+        for t, s, so in zip([*shard, q], [*side, side_q], [*out, out_q], strict=True):
+            t = t.cpu()
+            t[idx[local] - lo] = s.cpu()[local]
+            so[lo:hi] = t
+    for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout"), [*out, out_q],
+                          [*ref, ref_q], strict=True):  # fmt: skip
+        assert torch.equal(a, b.cpu()), f"{name}: sharded+halo differs from unsharded"
+
+
+@pytest.mark.parametrize("variant", ["decoupled", "coupled"])
+@pytest.mark.parametrize("lam", [0.0, 10.0])
+def test_twin_math_is_cage_ds_update(gen, variant, lam, monkeypatch):
+    from cage_ds.optim.update import cage_adamw_update
+
+    monkeypatch.delenv("CAGE_TRITON_INTERPRET", raising=False)
+
+    def error_fn(w):
+        return w - fwht_ref(ops.quest_quantize(w, 3, BLOCK).values, BLOCK)
+
+    state = [t.view(5, 192) for t in stream_state(gen, 5 * 192)]
+    a, b = [t.clone() for t in state], [t.clone() for t in state]
+    kw = dict(HP, lam=lam, variant=variant, error_fn=error_fn)
+    cage_adamw_math_ref(*a, **kw)
+    cage_adamw_update(*b, **kw)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_ops_dispatch_and_bad_input(gen, dev, monkeypatch):
+    table = SegmentTable((Segment(0, 0, 0, 2, 128, 4),), BLOCK)
+    state = [t.to(dev) for t in stream_state(gen, 256)]
+    with pytest.raises(ValueError, match="cage_variant"):
+        ops.cage_adamw_shard_step(*state, table, variant="nope", **HP)
+    with pytest.raises(ValueError, match="covers 256 elements but the param has 200"):
+        ops.cage_adamw_shard_step(*(t[:200] for t in state), table, variant="coupled", **HP)
+    with pytest.raises(ValueError, match="contiguous 1-D fp32"):
+        cage_adamw_shard_triton(state[0].double(), *state[1:], table, variant="coupled", **HP)
+    with pytest.raises(ValueError, match="not at a row start"):
+        Segment(3, 0, 100, 1, 128, 4)
+    with pytest.raises(ValueError, match="overlap"):
+        SegmentTable((Segment(0, 0, 0, 2, 128, 4), Segment(1, 200, 0, 1, 128, 4)), BLOCK)
+    with pytest.raises(ValueError, match="not a multiple of the hadamard block"):
+        SegmentTable((Segment(0, 0, 0, 2, 96, 4),), BLOCK)

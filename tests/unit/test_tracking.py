@@ -1,0 +1,192 @@
+"""Unit tests for cage_ds.train.tracking without a server: flattening and limits, the local
+sqlite default, the outage fallback file and its replay, the no-op twin, plot/table helpers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cage_ds.train import tracking
+from cage_ds.train.tracking import (
+    MAX_KEY_LENGTH,
+    MAX_PARAM_VALUE_LENGTH,
+    NullTracker,
+    Tracker,
+    flatten_params,
+    format_eval_table,
+    make_tracker,
+    replay,
+    sanitize_key,
+    save_eval_table,
+    save_loss_curve,
+)
+
+
+def _closed_port_uri() -> str:
+    """An http URI on loopback where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    rows = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in rows)
+
+
+def test_flatten_params_nested_lists_limits():
+    long_value = "x" * (MAX_PARAM_VALUE_LENGTH + 17)
+    long_key_a = "k" * 300 + "a"
+    long_key_b = "k" * 300 + "b"
+    flat = flatten_params({
+        "model": {"dim": 64, "layers": [1, 2], "rope": {"theta": 1e4}},
+        "lr": 0.001, "weird key!": True, "long": long_value,
+        "deep": {long_key_a: 1, long_key_b: 2},
+    })
+    assert flat["model.dim"] == "64"
+    assert flat["model.layers"] == "[1, 2]"
+    assert flat["model.rope.theta"] == "10000.0"
+    assert flat["weird key_"] == "True"
+    assert len(flat["long"]) == MAX_PARAM_VALUE_LENGTH
+    assert flat["long"].endswith("...[truncated]")
+    long_keys = [k for k in flat if k.startswith("deep.")]
+    assert len(long_keys) == 2 and all(len(k) == MAX_KEY_LENGTH for k in long_keys)
+    assert sanitize_key("a/b.c-d e:f_g") == "a/b.c-d e:f_g"
+
+
+def test_param_relogged_with_other_value_is_an_error(tmp_path):
+    tracker = Tracker("exp", "r", tracking_uri=_closed_port_uri(), fallback_dir=tmp_path,
+                      system_metrics=False, close_timeout_s=0)
+    tracker.log_params({"a": {"b": 1}})
+    tracker.log_params({"a": {"b": 1}})  # same value: fine
+    with pytest.raises(ValueError, match=r"'a\.b' already logged as '1'"):
+        tracker.log_params({"a": {"b": 2}})
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+        tracker.log_metrics({"loss": 1.0}, step=-1)
+    tracker.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        tracker.log_metrics({"loss": 1.0}, step=1)
+
+
+def test_local_sqlite_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rng = random.Random()
+    values = [rng.uniform(0, 10) for _ in range(7)]
+    tracker = Tracker("exp", "local", system_metrics=False)
+    tracker.log_params({"train": {"steps": 7}})
+    for step, value in enumerate(values):
+        tracker.log_metrics({"train/loss": value}, step=step)
+    artifact = save_eval_table([{"split": "val", "loss": 1.5}], tmp_path / "eval.md")
+    tracker.log_artifact(artifact)
+    tracker.close()
+    assert tracker.fallback_path is None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"train.steps": "7"}
+    assert _history(tracker.tracking_uri, tracker.run_id, "train/loss") == list(enumerate(values))
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["eval.md"]
+    assert (tmp_path / "mlruns").is_dir()
+
+
+def test_unreachable_server_falls_back_then_replays(tmp_path, caplog):
+    rng = random.Random()
+    points = [(step, rng.gauss(0, 1)) for step in range(0, 2500, 1)]  # > one log_batch
+    curve = save_loss_curve({"train": points[:50]}, tmp_path / "art" / "loss.png")
+    tracker = Tracker("exp-fallback", "down", tracking_uri=_closed_port_uri(),
+                      fallback_dir=tmp_path / "fb", system_metrics=False,
+                      flush_interval_s=0.05, backoff_s=0.05, close_timeout_s=0.3)
+    with caplog.at_level(logging.WARNING, logger="cage_ds.train.tracking"):
+        tracker.log_params({"seed": 3})
+        tracker.set_tags({"variant": "cage"})
+        for step, value in points:
+            tracker.log_metrics({"loss": value, "nan_metric": float("nan")}, step=step)
+        tracker.log_artifact(curve, "plots")
+        tracker.close("KILLED")
+    unreachable = [r for r in caplog.records if "unreachable (" in r.getMessage()]
+    assert len(unreachable) == 1, "the outage must be warned about exactly once"
+    path = tracker.fallback_path
+    assert path is not None and path.exists()
+    assert str(path) in caplog.text and "cage_ds.train.tracking replay" in caplog.text
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records[0]["kind"] == "run" and records[0]["status"] == "KILLED"
+    assert sum(r["kind"] == "metric" for r in records) == 2 * len(points)
+
+    target = f"sqlite:///{tmp_path / 'replay.db'}"
+    run_id = replay(path, tracking_uri=target)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(target)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.run_name == "down"
+    assert run.data.params == {"seed": "3"} and run.data.tags["variant"] == "cage"
+    assert _history(target, run_id, "loss") == points
+    nan_rows = client.get_metric_history(run_id, "nan_metric")
+    assert len(nan_rows) == len(points)
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/loss.png"]
+
+
+def test_make_tracker_null_twin(tmp_path):
+    assert isinstance(make_tracker(True, 1, "exp", "r"), NullTracker)
+    assert isinstance(make_tracker(False, 0, "exp", "r"), NullTracker)
+    null = NullTracker()
+    null.log_params({"a": 1})
+    null.log_metrics({"loss": 1.0}, step=0)
+    null.log_artifact(tmp_path)
+    null.set_tags({"t": 1})
+    null.close()
+    assert null.run_id is None and null.fallback_path is None
+    tracker = make_tracker(True, 0, "exp", "r", tracking_uri=_closed_port_uri(),
+                           fallback_dir=tmp_path, system_metrics=False, close_timeout_s=0)
+    assert isinstance(tracker, Tracker)
+    tracker.close()
+
+
+def test_loss_curve_png_and_eval_table(tmp_path):
+    import matplotlib.image
+
+    png = save_loss_curve({"train": [(0, 4.0), (1, 3.0), (2, 2.5)], "val": [(2, 2.7)]},
+                          tmp_path / "curve.png")
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (400, 700)
+    assert image.std() > 0  # something was drawn
+    rows = [{"variant": "fp", "val_loss": 2.5, "ppl": 12.18}, {"variant": "cage", "val_loss": 2.6,
+                                                               "ppl": 13.46}]
+    csv_path = save_eval_table(rows, tmp_path / "eval.csv")
+    with open(csv_path) as fh:
+        back = list(csv.DictReader(fh))
+    assert back == [{k: str(v) for k, v in row.items()} for row in rows]
+    assert format_eval_table(rows).splitlines()[2] == "| fp | 2.5 | 12.18 |"
+    with pytest.raises(ValueError, match="row 1 has keys"):
+        format_eval_table([{"a": 1}, {"b": 2}])
+
+
+def test_unclosed_tracker_falls_back_at_interpreter_exit(tmp_path):
+    script = f"""
+from cage_ds.train.tracking import Tracker
+t = Tracker("exp", "crashed", tracking_uri={_closed_port_uri()!r}, fallback_dir={str(tmp_path)!r},
+            system_metrics=False, close_timeout_s=0)
+for step in range(5):
+    t.log_metrics({{"loss": step / 7}}, step=step)
+raise SystemExit("training crashed")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "not closed before exit" in result.stderr
+    (path,) = tmp_path.glob("crashed-*.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records[0]["status"] == "FAILED"
+    assert [(r["step"], r["value"]) for r in records[1:]] == [(s, s / 7) for s in range(5)]
