@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from cage_kernels import ops
 from cage_kernels.segments import Segment, SegmentTable
 
@@ -41,7 +40,8 @@ HP = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 def versions() -> str:
     import triton
 
-    return f"torch {torch.__version__}; triton {triton.__version__}; python {platform.python_version()}"
+    py = platform.python_version()
+    return f"torch {torch.__version__}; triton {triton.__version__}; python {py}"
 
 
 def timer(device: str, repeats: int) -> Callable[[Callable[[], object]], list[float]]:
@@ -108,6 +108,15 @@ def measure(table, bench, op, provider, size, nbytes, fn, copy_gbs=None):
     return ms[1]
 
 
+def copy_bandwidth(table, bench, dev, numel) -> float:
+    """The card's copy rate in GB/s (read + write of numel fp32)."""
+    src = torch.randn(numel, device=dev)
+    dst = torch.empty_like(src)
+    ms = measure(table, bench, "copy (dst.copy_(src))", "torch", f"{numel}", 8 * numel,
+                 lambda: dst.copy_(src))  # fmt: skip
+    return 8 * numel / (ms * 1e6)
+
+
 def kernel_points(table, bench, dev, copy_gbs, tokens, width):
     """Every small kernel on an activation-sized tensor [tokens, width]."""
     n = tokens * width
@@ -126,10 +135,12 @@ def kernel_points(table, bench, dev, copy_gbs, tokens, width):
             lambda: out.backward(g, retain_graph=True), copy_gbs)  # fmt: skip
     nw = w32.numel()
     measure(table, bench, "weight quest fp32 w4 packed", provider, f"{tokens // 4}x{width}",
-            nw * (4 + 4 + 0.5 + 0.125), lambda: ops.quest_quantize_packed(w32, 4, 128), copy_gbs)  # fmt: skip
+            nw * (4 + 4 + 0.5 + 0.125), lambda: ops.quest_quantize_packed(w32, 4, 128),
+            copy_gbs)  # fmt: skip
     codes = torch.randint(0, 16, (tokens, width), device=dev, dtype=torch.uint8)
     packed = ops.pack(codes, 4)
-    measure(table, bench, "pack 4-bit", provider, size, 1.5 * n, lambda: ops.pack(codes, 4), copy_gbs)
+    measure(table, bench, "pack 4-bit", provider, size, 1.5 * n, lambda: ops.pack(codes, 4),
+            copy_gbs)  # fmt: skip
     measure(table, bench, "unpack 4-bit", provider, size, 1.5 * n, lambda: ops.unpack(packed, 4),
             copy_gbs)  # fmt: skip
     step = torch.rand(tokens, 1, device=dev)
@@ -167,7 +178,7 @@ def step_points(table, bench, dev, copy_gbs, numel):
     del qout
     param = torch.nn.Parameter(p)
     param.grad = g
-    kinds = {"fused": dict(fused=True)} if dev == "cuda" else {}
+    kinds = {"fused": dict(fused=True)} if dev == "cuda" else {"single": dict(foreach=False)}
     kinds["foreach"] = dict(foreach=True)
     for kind, kw in kinds.items():
         opt = torch.optim.AdamW([param], betas=(HP["beta1"], HP["beta2"]), lr=HP["lr"],
@@ -186,10 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--step-numel", type=int, default=None,
                     help="elements of the optimizer shard (cuda 2^30, cpu 2^22)")  # fmt: skip
-    ap.add_argument("--tokens", type=int, default=None, help="activation rows (cuda 16384, cpu 1024)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="activation rows (cuda 16384, cpu 1024)")  # fmt: skip
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5, help="CPU timing repeats")
     ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument("--skip-kernels", action="store_true", help="only copy + optimizer step")
     args = ap.parse_args(argv)
     dev = args.device
     if dev == "cuda":
@@ -203,13 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = timer(dev, args.repeats)
     table = Table(name)
 
-    src = torch.randn(1 << 28 if dev == "cuda" else 1 << 24, device=dev)
-    dst = torch.empty_like(src)
-    copy_ms = measure(table, bench, "copy (dst.copy_(src))", "torch", f"{src.numel()}",
-                      2 * 4 * src.numel(), lambda: dst.copy_(src))  # fmt: skip
-    copy_gbs = 2 * 4 * src.numel() / (copy_ms * 1e6)
-    del src, dst
-    kernel_points(table, bench, dev, copy_gbs, tokens, args.width)
+    copy_gbs = copy_bandwidth(table, bench, dev, 1 << 28 if dev == "cuda" else 1 << 24)
+    if not args.skip_kernels:
+        kernel_points(table, bench, dev, copy_gbs, tokens, args.width)
     step_points(table, bench, dev, copy_gbs, numel)
     table.print()
     stamp = datetime.date.today().isoformat()

@@ -7,6 +7,7 @@ Per segment of the SegmentTable, on its rows W [n_rows, row_len] (views into the
     for op: lerp_, addcmul_, addcdiv_, add_ with alpha; a test holds them bit-equal)
     qout <- q(W H) values (bits > 0) or W, cast to qout.dtype    (the gathered low-precision copy)
 kernels/ cannot import cage_ds (layering), hence this twin of the update math.
+``quest_shard_quantize_ref`` is the qout part alone (the copy of the current W, no update).
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def cage_adamw_shard_ref(
             w, g, rows(exp_avg), rows(exp_avg_sq), step=step, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, lam=lam, variant=variant, error_fn=error_fn,
         )  # fmt: skip
-        if qout is not None:
-            low = quest_rows_ref(w, seg.bits, block, rule).values if seg.bits else w
-            rows(qout).copy_(low)
+    if qout is not None:
+        quest_shard_quantize_ref(param, table, qout)
+
+
+def quest_shard_quantize_ref(param: torch.Tensor, table: SegmentTable, qout: torch.Tensor) -> None:
+    """qout <- q(W H) values (bits > 0) or W, cast to qout.dtype, for every segment's rows:
+    the low-precision copy of the current latent shard (e.g. after a checkpoint load)."""
+    table.check_shard(param.numel(), "param")
+    for seg in table.segments:
+        span = slice(seg.shard_start, seg.shard_start + seg.numel)
+        w = param[span].view(seg.n_rows, seg.row_len)
+        low = quest_rows_ref(w, seg.bits, table.block, table.mask_rule).values if seg.bits else w
+        qout[span].view_as(w).copy_(low)

@@ -63,9 +63,10 @@ def _cage_adamw_kernel(
     decay, w1, c2, beta2, bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
     R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_B: tl.constexpr,
     NCOL: tl.constexpr, STE_FLAG: tl.constexpr, MASK_RULE: tl.constexpr, COUPLED: tl.constexpr,
-    DECOUPLED: tl.constexpr, HAS_Q: tl.constexpr,
+    DECOUPLED: tl.constexpr, HAS_Q: tl.constexpr, UPDATE: tl.constexpr,
 ):  # fmt: skip
-    """One tile of whole rows of one segment (module docstring)."""
+    """One tile of whole rows of one segment (module docstring); UPDATE=False only writes
+    the quantized copy of the current W (grad / moment pointers are then never read)."""
     pid = tl.program_id(0)
     seg = tl.load(tiles_ptr + 2 * pid)
     row0 = tl.load(tiles_ptr + 2 * pid + 1)
@@ -80,38 +81,39 @@ def _cage_adamw_kernel(
     inb = (r < n_rows) & cols
     offs = start + r * row_len + tl.arange(0, N)[None, :]
     p = tl.load(p_ptr + offs, mask=inb, other=0.0)
-    g = tl.load(g_ptr + offs, mask=inb, other=0.0)
-    m = tl.load(m_ptr + offs, mask=inb, other=0.0)
-    v = tl.load(v_ptr + offs, mask=inb, other=0.0)
     quant = bits > 0
     row_len_f = row_len.to(tl.float32)
     alpha = tl.load(alpha_ptr + bits)
     levels_m1 = ((1 << bits) - 1).to(tl.float32)
-    if quant:
-        if (flags & STE_FLAG) != 0:
-            _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
-                                    hscale, MASK_RULE)  # fmt: skip
-            g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
-        if COUPLED:
-            qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
-                                  hscale, MASK_RULE)  # fmt: skip
-            g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
-    p = p * decay
-    if w1 < 0.5:
-        m = tl.fma(w1, g - m, m)
-    else:
-        m = tl.fma(w1 - 1.0, g - m, g)
-    v = tl.fma(c2 * g, g, v * beta2)
-    denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
-    p = p + tl.math.div_rn(step_size * m, denom)
-    if quant:
-        if DECOUPLED:
-            qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
-                                  hscale, MASK_RULE)  # fmt: skip
-            p = tl.fma(neg_lr_lam, p - fwht_tile(qv, R, N, LOG_B, hscale), p)
-    tl.store(p_ptr + offs, p, mask=inb)
-    tl.store(m_ptr + offs, m, mask=inb)
-    tl.store(v_ptr + offs, v, mask=inb)
+    if UPDATE:
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+        m = tl.load(m_ptr + offs, mask=inb, other=0.0)
+        v = tl.load(v_ptr + offs, mask=inb, other=0.0)
+        if quant:
+            if (flags & STE_FLAG) != 0:
+                _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N,
+                                        LOG_B, hscale, MASK_RULE)  # fmt: skip
+                g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
+            if COUPLED:
+                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
+                                      hscale, MASK_RULE)  # fmt: skip
+                g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
+        p = p * decay
+        if w1 < 0.5:
+            m = tl.fma(w1, g - m, m)
+        else:
+            m = tl.fma(w1 - 1.0, g - m, g)
+        v = tl.fma(c2 * g, g, v * beta2)
+        denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
+        p = p + tl.math.div_rn(step_size * m, denom)
+        if quant:
+            if DECOUPLED:
+                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
+                                      hscale, MASK_RULE)  # fmt: skip
+                p = tl.fma(neg_lr_lam, p - fwht_tile(qv, R, N, LOG_B, hscale), p)
+        tl.store(p_ptr + offs, p, mask=inb)
+        tl.store(m_ptr + offs, m, mask=inb)
+        tl.store(v_ptr + offs, v, mask=inb)
     if HAS_Q:
         low = p
         if quant:
@@ -158,6 +160,34 @@ def cage_adamw_shard_triton(
     if variant not in VARIANTS:
         raise ValueError(f"cage_variant must be one of {VARIANTS}, got {variant!r}")
     shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    _check_shard(shard, table, qout)
+    if not table.segments:
+        return
+    bias1 = 1 - beta1**step
+    correct = lam > 0
+    _launch(
+        table, param, grad, exp_avg, exp_avg_sq, qout,
+        (1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, (1 - beta2**step) ** 0.5, eps,
+         -lr / bias1, lam, -lr * lam),
+        coupled=correct and variant == "coupled", decoupled=correct and variant == "decoupled",
+        update=True,
+    )  # fmt: skip
+
+
+def quest_shard_quantize_triton(
+    param: torch.Tensor, table: SegmentTable, qout: torch.Tensor
+) -> None:
+    """Triton twin of quest_shard_quantize_ref: qout <- q(W H) (or W) over the table's rows."""
+    _check_shard({"param": param}, table, qout)
+    if qout is None:
+        raise ValueError("quest_shard_quantize needs a qout buffer")
+    if table.segments:
+        no_hp = (1.0, 0.1, 0.1, 0.9, 1.0, 1e-8, 0.0, 0.0, 0.0)  # unused without UPDATE
+        _launch(table, param, param, param, param, qout, no_hp, coupled=False, decoupled=False,
+                update=False)  # fmt: skip
+
+
+def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout) -> None:
     for name, t in shard.items():
         if t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 1:
             raise ValueError(
@@ -167,23 +197,19 @@ def cage_adamw_shard_triton(
     if qout is not None:
         if qout.dim() != 1 or not qout.is_contiguous() or qout.numel() < table.end:
             raise ValueError(f"qout must be a contiguous 1-D buffer of >= {table.end} elements")
-    if not table.segments:
-        return
+
+
+def _launch(table, param, grad, exp_avg, exp_avg_sq, qout, scalars, coupled, decoupled, update):
     dev = param.device
     width = table.width
     tile = rows_per_tile(width)
     table_tensor, tiles = device_table(table, str(dev), tile)
-    correct = lam > 0
-    bias1 = 1 - beta1**step
     _cage_adamw_kernel[(tiles.shape[0],)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
-        table_tensor, tiles, alpha_table(dev),
-        1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, (1 - beta2**step) ** 0.5, eps,
-        -lr / bias1, lam, -lr * lam, table.block**-0.5,
+        table_tensor, tiles, alpha_table(dev), *scalars, table.block**-0.5,
         R=tile, N=width, LOG_N=log2_exact(width, "table width"),
         LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
         MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,
-        COUPLED=correct and variant == "coupled", DECOUPLED=correct and variant == "decoupled",
-        HAS_Q=qout is not None, **launch_opts(),
+        COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None, UPDATE=update,
+        **launch_opts(tile * width),
     )  # fmt: skip
-

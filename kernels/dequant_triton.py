@@ -45,6 +45,7 @@ def dequantize_triton(
         width = min(next_pow2(n), 2048)
         tile = rows_per_program(width, rows)
         grid = (triton.cdiv(rows, tile), triton.cdiv(n, width))
-        _dequant_kernel[grid](codes.contiguous(), step.float().contiguous().view(-1), out, rows, n,
-                              (2**bits - 1) / 2.0, R=tile, W=width, **launch_opts())  # fmt: skip
+        step = step.float().contiguous().view(-1)
+        _dequant_kernel[grid](codes.contiguous(), step, out, rows, n, (2**bits - 1) / 2.0,
+                              R=tile, W=width, **launch_opts(tile * width))  # fmt: skip
     return out

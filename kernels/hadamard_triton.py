@@ -56,6 +56,6 @@ def fwht_triton(x: torch.Tensor, block: int, mask: torch.Tensor | None = None) -
     _fwht_kernel[grid](
         x2, m, y, rows, n, block**-0.5,
         R=tile, W=width, LOG_B=log2_exact(block, "block"), HAS_MASK=mask is not None,
-        **launch_opts(),
+        **launch_opts(tile * width),
     )  # fmt: skip
     return y.view(x.shape)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .cage_adamw_ref import cage_adamw_shard_ref
+from .cage_adamw_ref import cage_adamw_shard_ref, quest_shard_quantize_ref
 from .dispatch import use_triton, use_triton_float
 from .grid import check_bits, grid_values
 from .hadamard import fwht_ref
 from .pack import pack_ref, unpack_ref
 from .quest import QuestOut, quest_quantize_ref
-from .quest_fake import QuestFake
+from .quest_fake import QuestFake, masked_unrotate, quest_act_forward
 from .quest_packed import QuestPacked, quest_quantize_packed_ref
 from .rtn import RtnOut, rtn_quantize_ref
 from .segments import SegmentTable
@@ -73,6 +73,24 @@ def quest_fake(x: torch.Tensor, bits: int, block: int, mask_rule: str = "trust")
     """
     check_bits(bits)
     return QuestFake.apply(x, bits, block, mask_rule)
+
+
+def quest_act(
+    x: torch.Tensor, bits: int, block: int, mask_rule: str = "trust", stats_of_rotated: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, n] -> (q(x H) x.dtype, mask bool), both [rows, n]: one kernel, no codes written.
+
+    Row scale from x (as quest_quantize; stats_of_rotated=True: from the rotated y, as
+    quest_fake). Pair with quest_act_backward in an autograd Function (QuantLinear).
+    """
+    check_bits(bits)
+    out = quest_act_forward(x, bits, block, mask_rule, stats_of_rotated)
+    return out.values, out.mask
+
+
+def quest_act_backward(grad: torch.Tensor, mask: torch.Tensor, block: int) -> torch.Tensor:
+    """Backward half of quest_fake: (grad ⊙ mask) H^T, grad / mask [..., n]."""
+    return masked_unrotate(grad.contiguous(), mask, block)
 
 
 def rtn_quantize(x: torch.Tensor, bits: int, group: int) -> RtnOut:
@@ -138,3 +156,13 @@ def cage_adamw_shard_step(
 
         return cage_adamw_shard_triton(param, grad, exp_avg, exp_avg_sq, table, **kw)
     return cage_adamw_shard_ref(param, grad, exp_avg, exp_avg_sq, table, **kw)
+
+
+def quest_shard_quantize(param: torch.Tensor, table: SegmentTable, qout: torch.Tensor) -> None:
+    """qout [L] <- q(W H) (quantized segments, rotated domain) or W, for the whole rows a flat
+    fp32 shard param [L] holds: the low-precision copy without an update (checkpoint load)."""
+    if use_triton(param):
+        from .cage_adamw_triton import quest_shard_quantize_triton
+
+        return quest_shard_quantize_triton(param, table, qout)
+    return quest_shard_quantize_ref(param, table, qout)

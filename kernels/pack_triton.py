@@ -57,7 +57,9 @@ def pack_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(*codes.shape[:-1], n * bits // 8, dtype=torch.uint8, device=codes.device)
     if flat.numel():
         groups = triton.cdiv(flat.numel(), 8)
-        g = min(_block() // 8, 1 << max(0, (groups - 1).bit_length()))
+        g = _block() // 8
+        if interpreting():  # one program when the stream is short (2 ms per program)
+            g = min(g, 1 << max(0, (groups - 1).bit_length()))
         _pack_kernel[(triton.cdiv(groups, g),)](flat, out, flat.numel(), G=g, BITS=bits,
                                                 **launch_opts())  # fmt: skip
     return out
@@ -73,7 +75,9 @@ def unpack_triton(packed: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(*packed.shape[:-1], m * 8 // bits, dtype=torch.uint8, device=packed.device)
     n_codes = out.numel()
     if n_codes:
-        block = min(_block(), 1 << max(0, (n_codes - 1).bit_length()))
+        block = _block()
+        if interpreting():
+            block = min(block, 1 << max(0, (n_codes - 1).bit_length()))
         grid = (triton.cdiv(n_codes, block),)
         _unpack_kernel[grid](flat, out, n_codes, flat.numel(), BLOCK=block, BITS=bits,
                              **launch_opts())  # fmt: skip

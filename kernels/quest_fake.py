@@ -17,14 +17,23 @@ from .hadamard import fwht_ref
 from .quest import quest_quantize_ref
 
 
-def _forward(rows: torch.Tensor, bits: int, block: int, mask_rule: str):
+def quest_act_forward(
+    rows: torch.Tensor, bits: int, block: int, mask_rule: str, stats_of_rotated: bool = True
+):
+    """rows [rows, n] -> QuestOut with values and mask (codes may be None on Triton).
+
+    stats_of_rotated: row scale from y = x H rounded to x.dtype (Quantizer.fake) or, False,
+    from x (quest_quantize_ref / QuantLinear); equal in exact arithmetic.
+    """
     if use_triton_float(rows):
         from .quest_triton import quest_quantize_triton
 
         return quest_quantize_triton(
-            rows, bits, block, None, mask_rule, stats_of_rotated=True, with_codes=False
+            rows, bits, block, None, mask_rule, stats_of_rotated=stats_of_rotated, with_codes=False
         )
-    return quest_quantize_ref(fwht_ref(rows, block), bits, block, None, mask_rule, rotated=True)
+    if stats_of_rotated:
+        return quest_quantize_ref(fwht_ref(rows, block), bits, block, None, mask_rule, rotated=True)
+    return quest_quantize_ref(rows, bits, block, None, mask_rule)
 
 
 def masked_unrotate(grad: torch.Tensor, mask: torch.Tensor, block: int) -> torch.Tensor:
@@ -41,7 +50,7 @@ class QuestFake(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int, block: int, mask_rule: str) -> torch.Tensor:
-        out = _forward(x.reshape(-1, x.shape[-1]), bits, block, mask_rule)
+        out = quest_act_forward(x.reshape(-1, x.shape[-1]), bits, block, mask_rule)
         ctx.block = block
         ctx.save_for_backward(out.mask.view(x.shape))
         return out.values.view(x.shape)

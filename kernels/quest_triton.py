@@ -90,9 +90,11 @@ def interpreting() -> bool:
 
 
 def rows_per_program(width: int, rows: int) -> int:
-    """Rows per tile: ~32K elements under the interpreter (2 ms per program), ~4K compiled."""
-    budget = 1 << 15 if interpreting() else 1 << 12
-    return max(1, min(budget // width, next_pow2(rows)))
+    """Rows per tile: ~32K elements under the interpreter (2 ms per program, so capped at
+    the rows there are), ~4K compiled (fixed per width: one compiled variant per width)."""
+    if interpreting():
+        return max(1, min((1 << 15) // width, next_pow2(rows)))
+    return max(1, (1 << 12) // width)
 
 
 def _check_rows(x: torch.Tensor, bits: int, block: int, mask_rule: str) -> None:
@@ -122,9 +124,9 @@ def _launch(x, bits, block, sumsq, mask_rule, rotated, stats_of_rotated, values,
         x, sumsq if sumsq is not None else step, values, codes if write_codes else mask, step, mask,
         rows, n, ALPHA[bits], block**-0.5, float(2**bits - 1),
         R=tile, N=width, LOG_N=log2_exact(width, "row width"), LOG_B=log2_exact(block, "block"),
-        BITS=bits, ROTATE=not rotated, STATS=stats,
+        BITS=bits if pack else 0, ROTATE=not rotated, STATS=stats,
         MASK_RULE=TRUST if mask_rule == "trust" else CLIP, PACK=pack, WRITE_CODES=write_codes,
-        **launch_opts(),
+        **launch_opts(tile * width),
     )  # fmt: skip
 
 

@@ -135,6 +135,8 @@ def log2_exact(n: int, what: str) -> int:
     return n.bit_length() - 1
 
 
-def launch_opts() -> dict:
-    """Keyword options every launcher passes: no mul+add contraction (bit-exact vs torch)."""
-    return {"enable_fp_fusion": False}
+def launch_opts(tile_elements: int = 1024) -> dict:
+    """Keyword options every launcher passes: no mul+add contraction (bit-exact vs torch) and
+    enough warps for ~16 elements per thread of each live [R, N] tile (4..16 warps)."""
+    warps = min(16, max(4, tile_elements // 512))
+    return {"enable_fp_fusion": False, "num_warps": warps}

@@ -125,10 +125,10 @@ class CageAdamW(torch.optim.Optimizer):
         self._labels = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict (group keys restored as saved), then re-validated."""
+        """torch's load_state_dict (group keys restored as saved), after validating them."""
+        for gi, group in enumerate(state_dict["param_groups"]):
+            check_adamw_group({**self.defaults, **group}, f"CageAdamW param group {gi} (loaded)")
         super().load_state_dict(state_dict)
-        for gi, group in enumerate(self.param_groups):
-            check_adamw_group(group, f"CageAdamW param group {gi} (loaded)")
         self._labels = {}
 
     def describe_param(self, p: torch.Tensor) -> str:

@@ -12,11 +12,15 @@ import math
 SCHEDULES = ("linear_ramp", "constant")
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def check_schedule(lam: float, silence: float, kind: str, total_steps: int | None) -> None:
     """Raise naming the offending value if the schedule settings are invalid."""
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+    if not _is_number(lam) or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"cage_lambda must be a finite number >= 0, got {lam!r}")
-    if not isinstance(silence, (int, float)) or not 0.0 <= silence <= 1.0:
+    if not _is_number(silence) or not 0.0 <= silence <= 1.0:
         raise ValueError(f"cage_silence must lie in [0, 1], got {silence!r}")
     if kind not in SCHEDULES:
         raise ValueError(f"cage_schedule must be one of {SCHEDULES}, got {kind!r}")
@@ -32,9 +36,9 @@ def lambda_at(k: int, lam: float, silence: float, kind: str, total_steps: int | 
         return 0.0
     if total_steps is None:  # silence == 0: active from the first step
         return float(lam)
-    r = k / total_steps
+    r = min(k / total_steps, 1.0)  # steps past T keep the final value
     if r <= silence:
         return 0.0
-    if kind == "constant" or silence >= 1.0:
+    if kind == "constant":
         return float(lam)
     return float(lam) * min(1.0, (r - silence) / (1.0 - silence))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-
 from cage_kernels import ops
 
 from .spec import QuantSpec

@@ -16,7 +16,7 @@ class QuantSpec:
     """One quantizer: a QuEST or RTN integer grid along a linear layer's input dim."""
 
     method: Literal["quest", "rtn"] = "quest"
-    """quest: Hadamard + RMS-clip + no-zero grid + trust/clip mask; rtn: absmax per group, plain STE."""
+    """quest: Hadamard + RMS clip + no-zero grid + trust/clip mask; rtn: absmax/group, STE."""
     bits: int = 4
     """Bits per element, 1..8 (rtn: 2..8)."""
     hadamard_block: int = 128
@@ -35,8 +35,14 @@ class QuantSpec:
         check_block(self.hadamard_block)
         if self.mask not in ("trust", "clip"):
             raise ValueError(f"QuantSpec.mask must be 'trust' or 'clip', got {self.mask!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"QuantSpec.group_size must be a positive int, got {self.group_size!r}")
+        if (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size < 1
+        ):
+            raise ValueError(
+                f"QuantSpec.group_size must be a positive int, got {self.group_size!r}"
+            )
 
     @property
     def rotated(self) -> bool:
@@ -83,7 +89,9 @@ class QuantConfig:
             return cls(weight=None, activation=None)
         m = re.fullmatch(r"w(\d+)a(\d+)", name.lower())
         if not m:
-            raise ValueError(f"unknown quantization preset {name!r}: use e.g. 'w4a4', 'w4a16', 'fp'")
+            raise ValueError(
+                f"unknown quantization preset {name!r}: use e.g. 'w4a4', 'w4a16', 'fp'"
+            )
 
         def side(b: str) -> QuantSpec | None:
             return None if int(b) == 16 else QuantSpec(method=method, bits=int(b), **spec_kw)

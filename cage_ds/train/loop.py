@@ -199,9 +199,9 @@ class Trainer:
         if self.on_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.steps = total_steps(cfg)
-        torch.manual_seed(cfg.train.seed)
         self.data = self._load_data()
         self.ds_config = deepspeed_config(cfg, self.world, self.on_cuda)
+        torch.manual_seed(cfg.train.seed)
         model, self._hf_ds_keep_alive = build_model(
             cfg, self.ds_config, self.data.tokenizer.eos_token_id
         )
@@ -230,10 +230,11 @@ class Trainer:
         """Rank 0 first (trains/caches the tokenizer and tokenized corpus), then the others."""
         if self.rank != 0:
             self._barrier()
-        data = build_data(self.cfg.data, self.cfg.train.seed)
-        if self.rank == 0:
+            return build_data(self.cfg.data, self.cfg.train.seed)
+        try:
+            return build_data(self.cfg.data, self.cfg.train.seed)
+        finally:  # release the other ranks even on failure (they then fail the same way)
             self._barrier()
-        return data
 
     def _checkpoint_manager(self):
         c = self.cfg.checkpoint
@@ -364,6 +365,8 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if not history["val/loss"]:  # resumed at the end: nothing trained, still report
+            val_loss, val_ppl = self._evaluate(self.steps)
         method = (
             "cage"
             if cfg.optim.cage_lambda > 0

@@ -134,6 +134,11 @@ class Tracker:
         tracker.log_metrics({"train/loss": 3.2, "train/lr": 1e-3}, step=10)
         tracker.log_artifact("out/loss_curve.png")
         tracker.close("FINISHED")                     # flush, else write the fallback file
+
+    ``tracking_uri`` defaults to ``default_tracking_uri()``; ``fallback_dir`` receives the
+    undelivered data at close (default ``./mlflow-fallback``); deliveries run every
+    ``flush_interval_s``, after a failure every ``backoff_s * 2**k`` up to ``max_backoff_s``;
+    ``close`` keeps trying for ``close_timeout_s``; ``http_timeout_s`` bounds one request.
     """
 
     def __init__(

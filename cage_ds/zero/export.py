@@ -21,7 +21,9 @@ from torch import nn
 from cage_ds.nn import export_quantized_state, load_quantized_state, set_weight_prequantized
 
 
-def latent_state_dict(checkpoint_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+def latent_state_dict(
+    checkpoint_dir: str | Path, tag: str | None = None
+) -> dict[str, torch.Tensor]:
     """The fp32 latent weights of a DeepSpeed ZeRO checkpoint (zero_to_fp32)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

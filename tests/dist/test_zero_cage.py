@@ -27,7 +27,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_case import LAMBDA, LR, oracle_step
+from zero_case import LAMBDA, LR, make_batch, make_model_and_optimizer, oracle_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, CKPT_AT = 3, 1
@@ -82,6 +82,23 @@ def _check_steps(variant: str, trace: list, final: dict, where: str) -> dict:
                 f"{where}: step {k} {n}: |W_ds - W_ref| / |update| = {ratio:.2e}"
             )
     return worst
+
+
+def _check_export(ckpt: str, world: int) -> None:
+    """Latents (zero_to_fp32) -> codes + scales (safetensors) -> reload: the same loss."""
+    from cage_ds.zero.export import export_quantized_checkpoint, load_quantized
+
+    latent_model, _ = make_model_and_optimizer("decoupled")
+    out = os.path.join(ckpt, "quantized.safetensors")
+    state = export_quantized_checkpoint(ckpt, latent_model, out, tag="t")
+    assert any(k.endswith(".weight.codes") for k in state)
+    reloaded, _ = make_model_and_optimizer("decoupled")
+    load_quantized(reloaded, out)
+    ids = make_batch(99)
+    with torch.no_grad():
+        want = latent_model(input_ids=ids, labels=ids).loss
+        got = reloaded(input_ids=ids, labels=ids).loss
+    assert torch.equal(got, want), f"N={world}: reloaded export loss {got} != latent loss {want}"
 
 
 @pytest.mark.slow

@@ -203,3 +203,23 @@ def test_ops_dispatch_and_bad_input(gen, dev, monkeypatch):
         SegmentTable((Segment(0, 0, 0, 2, 128, 4), Segment(1, 200, 0, 1, 128, 4)), BLOCK)
     with pytest.raises(ValueError, match="not a multiple of the hadamard block"):
         SegmentTable((Segment(0, 0, 0, 2, 96, 4),), BLOCK)
+
+
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+def test_shard_quantize_only(gen, dev, qdtype):
+    lay = layouts()
+    lo, hi = 2 * 384 + 100, lay[4].start + 1000
+    segs, _ = shard_segments(lay, lo, hi)
+    table = SegmentTable(tuple(segs), BLOCK, "clip")
+    param = torch.randn(hi - lo, generator=gen)
+    inside = covered(table, hi - lo)
+    param[~inside] = float("nan")
+    qout = torch.full((hi - lo,), float("nan"), dtype=qdtype).to(dev)
+    ops.quest_shard_quantize(param.to(dev), table, qout)
+    qout = qout.cpu()
+    assert torch.isnan(qout[~inside]).all()
+    for s in table.segments:
+        span = slice(s.shard_start, s.shard_start + s.numel)
+        w = param[span].view(s.n_rows, s.row_len)
+        want = expected_quest(w, s.bits, BLOCK, None, "clip").values if s.bits else w
+        assert torch.equal(qout[span].view_as(w), want.to(qdtype)), f"param {s.param_id}"

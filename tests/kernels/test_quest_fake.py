@@ -43,3 +43,19 @@ def test_quest_fake_twin_is_quantizer_fake(gen, monkeypatch):
     assert torch.equal(a.grad, b.grad)
     fake = Quantizer(QuantSpec(bits=3, hadamard_block=64)).fake
     assert torch.equal(ops.quest_fake(x, 3, 64), fake(x))
+
+
+def test_quest_act_pair(gen, dev):
+    x = torch.randn(9, 256, generator=gen).to(torch.bfloat16)
+    grad = torch.randn(9, 256, generator=gen).to(torch.bfloat16)
+    values, mask = ops.quest_act(x.to(dev), 4, 64, "clip", stats_of_rotated=True)
+    xd = x.to(dev).clone().requires_grad_()
+    out = ops.quest_fake(xd, 4, 64, "clip")
+    out.backward(grad.to(dev))
+    assert torch.equal(values, out.detach())
+    assert torch.equal(ops.quest_act_backward(grad.to(dev), mask, 64), xd.grad)
+    # Default: statistics of x, as quest_quantize (what QuantLinear's activation path uses).
+    values, mask = ops.quest_act(x.to(dev), 4, 64, "clip")
+    exp = expected_quest(x, 4, 64, None, "clip")
+    assert torch.equal(values.cpu(), exp.values)
+    assert torch.equal(mask.cpu(), exp.mask)

@@ -540,3 +540,13 @@ def test_quantizer_from_group_and_dense_ops(gen):
     assert ops.ste_grad(w, g) is g
     with pytest.raises(ValueError, match=r"layer 3: 'quant' is None"):
         quantizer_from_group(None, "layer 3")
+
+
+def test_loaded_groups_are_validated():
+    w = torch.zeros(4, 16)
+    opt = CageAdamW([{"params": [w], "quant": QUANT}], total_steps=10)
+    state = opt.state_dict()
+    state["param_groups"][0]["cage_silence"] = 1.5
+    with pytest.raises(ValueError, match=r"param group 0 \(loaded\): cage_silence .* got 1.5"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["cage_silence"] == 0.8  # the optimizer was left as it was

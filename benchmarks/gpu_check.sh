@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU correctness: the kernel tests of tests/kernels COMPILED on a CUDA GPU (no interpreter),
+# every kernel against its torch twin on the CPU (same assertions as the interpreter run).
+#
+#   bash benchmarks/gpu_check.sh                    # from the repository root, one CUDA GPU
+#   bash benchmarks/gpu_check.sh -k cage_adamw      # extra pytest arguments pass through
+#
+# With the benchmark, as one device command (fits ~10 min on an H100, first compile included):
+#   timeout 300 bash benchmarks/gpu_check.sh; timeout 290 python benchmarks/gpu_kernels.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+unset TRITON_INTERPRET CAGE_TRITON_INTERPRET
+export CAGE_KERNELS_DEVICE=cuda
+"$PYTHON" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+exec "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels -o addopts="" "$@"

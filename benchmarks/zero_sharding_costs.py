@@ -1,0 +1,129 @@
+"""Per-step, per-rank cost of exact sharded CAGE under ZeRO, from the shard maps.
+
+    .venv/bin/python benchmarks/zero_sharding_costs.py [--measured DIR]
+
+For the paper's 30M and 800M Llama presets (cage-method.md: SwiGLU hidden 8/3 d rounded up
+to 256, head dim 128, vocab 32000, untied embeddings) and several world sizes, for ZeRO-3
+(each weight cut on its own) and ZeRO-1/2 (the quantized weights flattened into one group
+and cut evenly), the busiest rank's:
+  quantized elements per Q evaluation (its pieces widened to whole Hadamard blocks),
+  exchange bytes received per Q evaluation (all-gather of every rank's float64 payload:
+    cut-row partial sums + cut-block elements) and per STE-gradient halo exchange,
+and the bf16 all-gather of all parameters that ZeRO does anyway ((world-1)/world * 2 bytes
+* numel per gather; ZeRO-3 gathers in forward and again in backward, ZeRO-1/2 once).
+A step costs Q evaluations: decoupled 2 (corrected W and the lp write) + 1 halo exchange,
+coupled 1 (the lp write; the coupled error reuses it) + 1 halo exchange.
+``--measured DIR`` adds the counters of a tests/dist/zero_worker.py run (the tiny model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from cage_ds.zero.shardmap import PartitionMap, zero3_maps, zero12_maps
+from cage_ds.zero.sharded_quest import _send_of
+
+BLOCK = 128
+PRESETS = {"30M": (6, 640), "800M": (16, 2048)}
+WORLDS = (8, 64, 256)
+VOCAB = 32000
+
+
+def llama_shapes(layers: int, d: int) -> tuple[list[tuple[int, int]], int]:
+    """(quantized weight shapes in model order, total parameter count)."""
+    inter = math.ceil(8 * d / 3 / 256) * 256
+    per_layer = [(d, d), (d, d), (d, d), (d, d), (inter, d), (inter, d), (d, inter)]
+    quant = per_layer * layers
+    total = sum(r * c for r, c in quant) + 2 * VOCAB * d + (2 * layers + 1) * d
+    return quant, total
+
+
+def busiest(maps: list[PartitionMap]) -> dict[str, int]:
+    """Max over ranks of quantized hull elements and of payload lengths (float64 elements)."""
+    quantized = frozenset(range(max(p.param for m in maps for p in m.pieces) + 1))
+    sends = [_send_of(m, quantized, BLOCK) for m in maps]
+    hull = max(sum(b - a for a, b in (p.block_hull(BLOCK) for p in m.pieces)) for m in maps)
+    world = len(maps)
+    stats_w = max(1, max(s.n_rows + s.n_halo for s in sends))
+    halo_w = max(1, max(s.n_halo for s in sends))
+    rx = 0 if world == 1 else world * 8
+    return {"hull": hull, "stats_bytes": rx * stats_w, "halo_bytes": rx * halo_w}
+
+
+def layouts(shapes: list[tuple[int, int]], world: int) -> dict[str, list[PartitionMap]]:
+    offsets, pos = [], 0
+    for r, c in shapes:
+        offsets.append(pos)
+        pos += r * c
+    flat = pos + (-pos) % (2 * world)
+    return {"ZeRO-3": zero3_maps(shapes, world), "ZeRO-1/2": zero12_maps(shapes, offsets, flat, world)}
+
+
+def fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} GiB"
+
+
+def table() -> list[str]:
+    rows = [
+        "| preset | world | layout | quantized elems / Q eval (rank) | unsharded elems | "
+        "stats all-gather / Q eval | grad halo / step | extra per step (decoupled) | "
+        "bf16 all-gather / step | extra / all-gather |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (layers, d) in PRESETS.items():
+        shapes, total = llama_shapes(layers, d)
+        qnumel = sum(r * c for r, c in shapes)
+        for world in WORLDS:
+            gather = (world - 1) / world * 2 * total
+            for layout, maps in layouts(shapes, world).items():
+                c = busiest(maps)
+                extra = 2 * c["stats_bytes"] + c["halo_bytes"]
+                ag = gather * (2 if layout == "ZeRO-3" else 1)
+                rows.append(
+                    f"| {name} | {world} | {layout} | {c['hull']:,} | {qnumel:,} | "
+                    f"{fmt_bytes(c['stats_bytes'])} | {fmt_bytes(c['halo_bytes'])} | "
+                    f"{fmt_bytes(extra)} | {fmt_bytes(ag)} | {extra / ag:.2e} |"
+                )
+    return rows
+
+
+def measured(path: str) -> list[str]:
+    import torch
+
+    rows = [
+        "| run | stage | variant | exchanges | bytes received (rank 0) | quantized elems (rank 0) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in (1, 2, 3):
+        for variant in ("decoupled", "coupled"):
+            f = os.path.join(path, f"{stage}_{variant}.pt")
+            if not os.path.exists(f):
+                continue
+            s = torch.load(f, weights_only=False)["stats"]
+            rows.append(
+                f"| {os.path.basename(path.rstrip('/'))} | {stage} | {variant} | {s['exchanges']} | "
+                f"{s['bytes_received']:,} | {s['elements_quantized']:,} |"
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--measured", nargs="*", default=[], help="zero_worker.py output dirs")
+    args = ap.parse_args()
+    print("\n".join(table()))
+    for d in args.measured:
+        print()
+        print("\n".join(measured(d)))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
