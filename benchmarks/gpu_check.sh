@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu_check.sh                    # from the repository root, one CUDA GPU
 #   bash benchmarks/gpu_check.sh -k cage_adamw      # extra pytest arguments pass through
 #
-# With the benchmark, as one device command (fits ~10 min on an H100, first compile included):
-#   timeout 300 bash benchmarks/gpu_check.sh; timeout 290 python benchmarks/gpu_kernels.py
+# With the benchmark, as one device command (~130 kernel variants compile on first use,
+# estimated 2-4 min; the benchmark itself < 2 min after its compiles):
+#   timeout 360 bash benchmarks/gpu_check.sh; timeout 220 python benchmarks/gpu_kernels.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

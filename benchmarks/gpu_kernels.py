@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from cage_kernels import ops
+from cage_kernels.dispatch import use_triton
 from cage_kernels.segments import Segment, SegmentTable
 
 ROW = 2048
@@ -124,7 +125,7 @@ def kernel_points(table, bench, dev, copy_gbs, tokens, width):
     w32 = torch.randn(tokens // 4, width, device=dev)
     g = torch.randn_like(a)
     size = f"{tokens}x{width}"
-    provider = "triton" if dev == "cuda" else "torch-twin"
+    provider = "triton" if use_triton(a) else "torch-twin"
 
     x = a.clone().requires_grad_()
     measure(table, bench, "fwht bf16", provider, size, 4 * n, lambda: ops.fwht(a, 128), copy_gbs)
@@ -160,7 +161,7 @@ def step_points(table, bench, dev, copy_gbs, numel):
     size = f"{numel}"
     table_q = SegmentTable((Segment(0, 0, 0, rows, ROW, 4),), 128)
     table_ste = SegmentTable((Segment(0, 0, 0, rows, ROW, 4, ste=True),), 128)
-    provider = "triton" if dev == "cuda" else "torch-twin"
+    provider = "triton" if use_triton(p) else "torch-twin"
     t = {}
 
     def cage(table, lam, variant, q):

@@ -23,8 +23,8 @@ import math
 import os
 import sys
 
+from cage_ds.zero.sharded_quest import send_of
 from cage_ds.zero.shardmap import PartitionMap, zero3_maps, zero12_maps
-from cage_ds.zero.sharded_quest import _send_of
 
 BLOCK = 128
 PRESETS = {"30M": (6, 640), "800M": (16, 2048)}
@@ -44,7 +44,7 @@ def llama_shapes(layers: int, d: int) -> tuple[list[tuple[int, int]], int]:
 def busiest(maps: list[PartitionMap]) -> dict[str, int]:
     """Max over ranks of quantized hull elements and of payload lengths (float64 elements)."""
     quantized = frozenset(range(max(p.param for m in maps for p in m.pieces) + 1))
-    sends = [_send_of(m, quantized, BLOCK) for m in maps]
+    sends = [send_of(m, quantized, BLOCK) for m in maps]
     hull = max(sum(b - a for a, b in (p.block_hull(BLOCK) for p in m.pieces)) for m in maps)
     world = len(maps)
     stats_w = max(1, max(s.n_rows + s.n_halo for s in sends))
@@ -59,7 +59,10 @@ def layouts(shapes: list[tuple[int, int]], world: int) -> dict[str, list[Partiti
         offsets.append(pos)
         pos += r * c
     flat = pos + (-pos) % (2 * world)
-    return {"ZeRO-3": zero3_maps(shapes, world), "ZeRO-1/2": zero12_maps(shapes, offsets, flat, world)}
+    return {
+        "ZeRO-3": zero3_maps(shapes, world),
+        "ZeRO-1/2": zero12_maps(shapes, offsets, flat, world),
+    }
 
 
 def fmt_bytes(b: float) -> str:
@@ -98,7 +101,8 @@ def measured(path: str) -> list[str]:
     import torch
 
     rows = [
-        "| run | stage | variant | exchanges | bytes received (rank 0) | quantized elems (rank 0) |",
+        "| run | stage | variant | exchanges | bytes received (rank 0) "
+        "| quantized elems (rank 0) |",
         "|---|---|---|---|---|---|",
     ]
     for stage in (1, 2, 3):
@@ -108,8 +112,8 @@ def measured(path: str) -> list[str]:
                 continue
             s = torch.load(f, weights_only=False)["stats"]
             rows.append(
-                f"| {os.path.basename(path.rstrip('/'))} | {stage} | {variant} | {s['exchanges']} | "
-                f"{s['bytes_received']:,} | {s['elements_quantized']:,} |"
+                f"| {os.path.basename(path.rstrip('/'))} | {stage} | {variant} "
+                f"| {s['exchanges']} | {s['bytes_received']:,} | {s['elements_quantized']:,} |"
             )
     return rows
 

@@ -14,7 +14,8 @@ sum of squares, all in registers. The fma / rounding placement mirrors what torc
 kernels do for the twin's ops (lerp_, add(alpha), addcmul_ are fused multiply-adds there),
 so the interpreter matches cage_adamw_ref bit-for-bit on such CPUs; tests still allow the
 derived ulp tolerance (see tests/kernels/test_cage_adamw.py).
-Twin: ``cage_adamw_ref.cage_adamw_shard_ref``.
+With UPDATE=False the same kernel only writes qout of the current W (quest_shard_quantize).
+Twins: ``cage_adamw_ref.cage_adamw_shard_ref`` / ``quest_shard_quantize_ref``.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def _cage_adamw_kernel(
         tl.store(q_ptr + offs, cast_rne(low, q_ptr.dtype.element_ty), mask=inb)
 
 
-def alpha_table(device: torch.device | str) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def alpha_table(device: str) -> torch.Tensor:
     """fp32 [9]: ALPHA[b] at index b (index 0 unused), the grid's clip table for the kernel."""
     return torch.tensor([ALPHA.get(b, 0.0) for b in range(9)], dtype=torch.float32, device=device)
 
@@ -206,7 +208,7 @@ def _launch(table, param, grad, exp_avg, exp_avg_sq, qout, scalars, coupled, dec
     table_tensor, tiles = device_table(table, str(dev), tile)
     _cage_adamw_kernel[(tiles.shape[0],)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
-        table_tensor, tiles, alpha_table(dev), *scalars, table.block**-0.5,
+        table_tensor, tiles, alpha_table(str(dev)), *scalars, table.block**-0.5,
         R=tile, N=width, LOG_N=log2_exact(width, "table width"),
         LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
         MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,

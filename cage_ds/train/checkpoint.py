@@ -317,7 +317,9 @@ class CheckpointManager:
                 candidates.remove(pointed)
                 candidates.insert(0, pointed)
         for path in self.root.glob(f"{TMP_PREFIX}*") if self.root.is_dir() else []:
-            logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)", path)
+            if path.is_dir():
+                logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)",
+                               path)
         damaged = []
         for tag in candidates:
             try:

@@ -285,7 +285,8 @@ class TrainConfig:
     eval_every: int = 100
     """Evaluate every N steps (and always at the end); 0 = only at the end."""
     log_every: int = 10
-    """Compute the quantization telemetry and log metrics every N steps."""
+    """Add the quantization telemetry (relative error, masked fractions) to the metrics every
+    N steps (under ZeRO it gathers the latent weights); the rest is logged every step."""
     seed: int = 0
     """Seed of the model init and the data order."""
     output_dir: str = "runs"

@@ -279,7 +279,11 @@ class Trainer:
             losses.append(float(loss.detach()))
         return self._mean(sum(losses) / len(losses))
 
-    def _log_step(self, step: int, loss: float, lr: float, step_time: float) -> dict[str, float]:
+    def _log_step(
+        self, step: int, loss: float, lr: float, step_time: float, with_quant: bool
+    ) -> dict[str, float]:
+        """Log this step's metrics; the quantization telemetry (a weight gather under ZeRO)
+        only ``with_quant``."""
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         metrics = {
             "train/loss": loss,
@@ -291,7 +295,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
-        metrics.update(quant_metrics(self.engine, self.stage))
+        if with_quant:
+            metrics.update(quant_metrics(self.engine, self.stage))
         self.tracker.log_metrics(metrics, step=step)
         return metrics
 
@@ -327,7 +332,6 @@ class Trainer:
                 total=self.steps, initial=start, desc=cfg.run_name, unit="step", dynamic_ncols=True
             )
         history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
-        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         t0 = time.perf_counter()
         loss = float("nan")
         val_loss = val_ppl = float("nan")
@@ -341,17 +345,14 @@ class Trainer:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {step} ({cfg.run_name})")
             last = step == self.steps
-            if step % cfg.train.log_every == 0 or last or step == start + 1:
-                metrics = self._log_step(step, loss, lr, step_time)
-                quant_err = metrics.get("quant/rel_error", quant_err)
-                history["train/loss"].append((step, loss))
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}",
-                        lr=f"{metrics['train/lr']:.2e}",
-                        tok_s=f"{tokens_per_step / step_time:.0f}",
-                        refresh=False,
-                    )
+            telemetry = step % cfg.train.log_every == 0 or last or step == start + 1
+            metrics = self._log_step(step, loss, lr, step_time, with_quant=telemetry)
+            quant_err = metrics.get("quant/rel_error", quant_err)
+            history["train/loss"].append((step, loss))
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['train/tokens_per_s']:.0f}"
+                )
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
                 val_loss, val_ppl = self._evaluate(step)
                 history["val/loss"].append((step, val_loss))
@@ -381,7 +382,7 @@ class Trainer:
             val_ppl=val_ppl,
             train_loss=loss,
             quant_rel_error=quant_err,
-            tokens=(self.steps - start) * tokens_per_step,
+            tokens=(self.steps - start) * cfg.train.global_batch_size * cfg.data.seq_len,
             time_s=time.perf_counter() - t0,
             history=history,
         )

@@ -168,6 +168,16 @@ def _attach_zero3(opt: Any, client: torch.optim.Optimizer) -> dict[int, ShardedQ
             )
 
     opt._reassign_or_swap_out_partitioned_parameters = types.MethodType(reassign, opt)
+    if opt.clip_grad > 0:
+        original_norms = opt._get_norm_groups
+
+        def _get_norm_groups(self):  # clip on ||M ⊙ dL/dq|| = ||(M ⊙ dL/dq) H||
+            for sid, ops in by_sid.items():
+                hp = self.fp32_partitioned_groups_flat[sid]
+                ops.mask_grads_(hp, self.averaged_gradients[sid])
+            return original_norms()
+
+        opt._get_norm_groups = types.MethodType(_get_norm_groups, opt)
     _wrap_epilogue(opt, lambda: write_all(opt))
     write_all(opt)
     if opt.persistent_parameters:
@@ -204,7 +214,7 @@ def _flat_layout(opt: Any, i: int, bf16: bool) -> tuple[list, list[int], int, to
 def _attach_flat(opt: Any, client: torch.optim.Optimizer, bf16: bool) -> dict[int, ShardedQuantOps]:
     if not bf16 and getattr(opt, "cpu_offload", False):
         raise RuntimeError("cage_ds.zero: ZeRO-1/2 cpu_offload is not supported")
-    registry, writers = {}, []
+    registry, writers, group_of = {}, [], {}
     n_groups = len(opt.bf16_groups if bf16 else opt.bit16_groups)
     for i in range(n_groups):
         pg = opt.real_dp_process_group[i]
@@ -226,6 +236,7 @@ def _attach_flat(opt: Any, client: torch.optim.Optimizer, bf16: bool) -> dict[in
                 raise RuntimeError(f"{where}: DeepSpeed's first_offset differs from the shard map")
         ops = _ops(maps, rank, client.param_groups[i], where, pg)
         registry[id(hp)] = ops
+        group_of[id(hp)] = i
         writers.append((ops, hp, lps[rank]))
 
     def write_all():
@@ -246,6 +257,21 @@ def _attach_flat(opt: Any, client: torch.optim.Optimizer, bf16: bool) -> dict[in
         invalidate_all()
         opt.update_lp_params()
 
+    if opt.clip_grad > 0:
+        if bf16:
+            raise ValueError(
+                "cage_ds.zero: gradient_clipping with BF16_Optimizer is not supported (its norm "
+                "covers the full unmasked gradient dL/dq); use ZeRO-1/2/3 without it or no clipping"
+            )
+        original_norm = opt.scaled_global_norm
+
+        def scaled_global_norm(self, norm_type=2):  # clip on ||M ⊙ dL/dq||
+            for ops, hp, _ in writers:
+                i = group_of[id(hp)]
+                ops.mask_grads_(hp, list(self.averaged_gradients[i]))
+            return original_norm(norm_type)
+
+        opt.scaled_global_norm = types.MethodType(scaled_global_norm, opt)
     _wrap_epilogue(opt, reload)
     opt.update_lp_params()
     return registry

@@ -84,6 +84,22 @@ class ShardedQuantOps:
         """Forget the cached quantization (after the master was rewritten from outside)."""
         self._cache = None
 
+    def mask(self, w: torch.Tensor) -> torch.Tensor:
+        """The STE mask M of q(w H) (True on padding and unquantized pieces)."""
+        self._check(w)
+        return self._cached(w)[0]
+
+    @torch.no_grad()
+    def mask_grads_(self, w: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """grads (consecutive pieces of w's flat gradient, in order) <- M ⊙ grads, in place."""
+        mask, off = self.mask(w), 0
+        for g in grads:
+            n = g.numel()
+            if off + n > mask.numel():
+                raise RuntimeError(f"{self.name}: gradient pieces exceed {mask.numel()} elements")
+            g.mul_(mask[off : off + n].to(g.dtype).view(g.shape))
+            off += n
+
     def error(self, w: torch.Tensor) -> torch.Tensor:
         """e = w - Q(w) on quantized pieces, 0 on padding and unquantized pieces."""
         self._check(w)

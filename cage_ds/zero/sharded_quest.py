@@ -67,7 +67,8 @@ class _PiecePlan:
     cut_src: list[list[tuple[int, int]]]  # per cut row: (rank, row slot) in rank order
 
 
-def _send_of(pmap: PartitionMap, quantized: frozenset[int], block: int) -> _Send:
+def send_of(pmap: PartitionMap, quantized: frozenset[int], block: int) -> _Send:
+    """What the rank of ``pmap`` sends per Q evaluation (payload layout, cost accounting)."""
     rows, halo = [], []
     for p in pmap.pieces:
         if p.param not in quantized:
@@ -104,7 +105,7 @@ class ShardQuantizer:
         for p in self.map.pieces:
             if p.param in quantized:
                 spec.check_row_len(p.row_len, f"parameter {p.param} of the flat group")
-        self.sends = [_send_of(m, quantized, self.block) for m in maps]
+        self.sends = [send_of(m, quantized, self.block) for m in maps]
         self.plans = [self._plan(p) for p in self.map.pieces if p.param in quantized]
 
     # ---- planning (pure python over the maps) ----

@@ -5,15 +5,19 @@ this process replays each step unsharded (zero_case.oracle_step) from the latent
 moments the engine had before it ("teacher forcing"), so a comparison covers one step and
 differences cannot compound through the quantizer's discontinuities.
 
-Tolerance (per parameter and step): ||W_ds - W_ref|| <= UPDATE_RTOL * ||W_ref - W_k||, i.e.
-relative to the step's own update. Sources of legitimate difference: the ranks' gradient
-all-reduce/reduce-scatter sums in another order than one backward (~1e-7 relative per
-element), Adam's 1/sqrt(v) amplifying that for elements whose gradient is near zero, the
-cut-row sums of squares being float64 here vs float32 in the unsharded quantizer (ulps of
-the grid step D; a code flip at an exact tie is one level), and the activations' 4-bit codes
-flipping when their input moves by those ulps. Measured worst cases are ~1e-4 (see the
-report in docs/zero_sharding_costs.md); a wrong halo, row statistic, mask or rotation moves
-whole rows/blocks by O(update) and fails by orders of magnitude.
+Tolerance, per parameter and step, relative to the step's own update u = W_ref - W_k:
+  bulk:     ||W_ds - W_ref|| <= UPDATE_RTOL * ||u|| after dropping the OUTLIERS largest
+            elementwise differences (at least 4, 1 per 10^4 elements);
+  outliers: every |W_ds - W_ref| <= 5 lr (an AdamW-CAGE step moves an element by at most
+            lr |m_hat| / sqrt(v_hat) + lr lambda |e| + lr wd |w|, about lr here).
+Legitimate differences: the ranks' gradient all-reduce / reduce-scatter sums in another order
+than one backward (~1e-7 relative), amplified by Adam's 1 / sqrt(v) where the gradient is
+near zero; the cut-row sums of squares being float64 here vs float32 unsharded (ulps of the
+grid step D); and, rarely, a weight/activation code or trust-mask bit that flips at an exact
+tie because of those ulps, which changes single elements by up to one Adam step (the
+outliers). Measured bulk ratios are <= 5e-4 (docs/zero_sharding_costs.md); a wrong halo,
+row statistic, mask or rotation moves whole rows/blocks by O(update) and fails the bulk
+bound by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from zero_case import LAMBDA, LR, make_batch, make_model_and_optimizer, oracle_s
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, CKPT_AT = 3, 1
-UPDATE_RTOL = 2e-3
+UPDATE_RTOL = 2e-3  # 4x the worst measured bulk ratio
+BF16_WORLD = 3  # this launch also runs the bf16 smoke (BF16_Optimizer and ZeRO-3)
 CASES = [(s, v) for s in (1, 2, 3) for v in ("decoupled", "coupled")]
 
 
@@ -43,6 +48,7 @@ def _free_port() -> int:
 
 def _launch(world: int, out: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env["CAGE_ZERO_BF16"] = "1" if world == BF16_WORLD else "0"
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "torchrun"),
         f"--nproc_per_node={world}",
@@ -74,14 +80,26 @@ def _check_steps(variant: str, trace: list, final: dict, where: str) -> dict:
         ref = oracle_step(variant, k, w, m, v)
         for n, want in ref.items():
             upd = (want - w[n]).norm()
-            err = (w_next[n] - want).norm()
+            diff = (w_next[n] - want).abs().flatten()
             assert upd > 0, f"{where}: step {k} {n} did not move"
-            ratio = float(err / upd)
+            assert float(diff.max()) <= 5 * LR, f"{where}: step {k} {n}: max diff {diff.max():.2e}"
+            drop = max(4, diff.numel() // 10_000)
+            ratio = float(diff.sort().values[:-drop].norm() / upd)
             worst[n] = max(worst.get(n, 0.0), ratio)
             assert ratio <= UPDATE_RTOL, (
                 f"{where}: step {k} {n}: |W_ds - W_ref| / |update| = {ratio:.2e}"
             )
     return worst
+
+
+def _check_bf16(out) -> None:
+    """bf16: the gathered weights are cast_bf16(q(W H)) of the full latent; training moves W."""
+    for stage, wrapper in ((1, "BF16_Optimizer"), (3, "DeepSpeedZeroOptimizer_Stage3")):
+        res = torch.load(out / f"bf16_{stage}.pt", weights_only=False)
+        assert res["wrapper"] == wrapper
+        _check_gathered(res["gathered"], f"bf16 {wrapper}")
+        assert all(res["moved"].values()), f"bf16 {wrapper}: some master weights did not move"
+        assert all(torch.isfinite(torch.tensor(res["losses"]))), res["losses"]
 
 
 def _check_export(ckpt: str, world: int) -> None:
@@ -106,6 +124,8 @@ def _check_export(ckpt: str, world: int) -> None:
 def test_zero_cage_matches_single_process(world, tmp_path):
     assert LR * LAMBDA > 0  # the correction is active from step 1 (silence 0, constant lambda)
     _launch(world, str(tmp_path))
+    if world == BF16_WORLD:
+        _check_bf16(tmp_path)
     for stage, variant in CASES:
         where = f"N={world} ZeRO-{stage} {variant}"
         res = torch.load(tmp_path / f"{stage}_{variant}.pt", weights_only=False)
@@ -120,3 +140,5 @@ def test_zero_cage_matches_single_process(world, tmp_path):
                 assert torch.equal(rs["zero_to_fp32"][n], rs["at_ckpt"][n]), (
                     f"{where}: zero_to_fp32 {n}"
                 )
+            if stage == 3:
+                _check_export(str(tmp_path / f"ckpt_{stage}"), world)

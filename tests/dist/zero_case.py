@@ -58,9 +58,10 @@ def make_batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen)
 
 
-def ds_config(stage: int, world: int) -> dict:
-    """fp32 DeepSpeed config: no clipping (see docs: the clip norm sees dL/dq)."""
-    return {
+def ds_config(stage: int, world: int, bf16: bool = False) -> dict:
+    """DeepSpeed config, fp32 unless bf16 (stage 1 + bf16 + fp32 grad accumulation selects
+    BF16_Optimizer); no clipping (the clip norm would see dL/dq, see cage_ds/zero/engine.py)."""
+    cfg = {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
@@ -68,6 +69,11 @@ def ds_config(stage: int, world: int) -> dict:
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+        if stage == 1:
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
 
 
 def oracle_step(variant: str, k: int, latents: dict, exp_avg: dict, exp_avg_sq: dict) -> dict:

@@ -5,10 +5,13 @@ detected (fallback with a warning, or an error when strict)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,3 +201,79 @@ def test_truncated_newest_falls_back_or_errors(tmp_path, caplog):
         manager.resume(_engine(3))
     (tmp_path / "step000000001" / MANIFEST_NAME).unlink()
     assert manager.committed_tags() == ["step000000002"]
+
+
+AGREEMENT_WORKER = '''
+"""One rank of a 2-rank ZeRO-2 job: save 2 checkpoints, rank 0 damages rank 1's optimizer
+shard of the newest, then every rank resumes (fallback) and resumes strictly (error)."""
+import json, os, sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from cage_ds.train.checkpoint import CheckpointError, CheckpointManager
+
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+deepspeed.init_distributed(dist_backend="gloo")
+rank = torch.distributed.get_rank()
+config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
+          "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+
+
+def engine():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return deepspeed.initialize(model=model, optimizer=opt, config=config)[0]
+
+
+def train(e):
+    torch.manual_seed(rank)
+    loss = torch.nn.functional.mse_loss(e(torch.randn(2, 5)), torch.randn(2, 2))
+    e.backward(loss)
+    e.step()
+
+
+e, manager = engine(), CheckpointManager(root, keep_last=3)
+for step in (1, 2):
+    train(e)
+    manager.save(e, step, {"data_position": 10 * step})
+victim = root / "step000000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+if rank == 0:
+    with open(victim, "r+b") as fh:
+        fh.truncate(victim.stat().st_size // 2)
+torch.distributed.barrier()
+resumed = manager.resume(engine())
+result = {"step": resumed.step, "data_position": resumed.client_state["data_position"]}
+try:
+    CheckpointManager(root, strict=True).resume(engine())
+    result["strict"] = "loaded"
+except CheckpointError as err:
+    result["strict"] = str(err)
+(out / f"rank{rank}.json").write_text(json.dumps({**result, "victim": str(victim)}))
+'''
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_fallback_and_strict_error(tmp_path):
+    (tmp_path / "worker.py").write_text(AGREEMENT_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "ckpt"), str(tmp_path)],
+            env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                 "DS_ACCELERATOR": "cpu"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["step"] == 1 and result["data_position"] == 10
+        assert result["victim"] in result["strict"] and "strict" in result["strict"]
+    assert "falling back" in logs[0]

@@ -246,3 +246,24 @@ def test_bpe_is_cached(tmp_path, rng):
     mtime = cached[0].stat().st_mtime_ns
     build_data(cfg, seed=0)
     assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_hf_source_loads_a_local_dataset_folder_offline(tmp_path, rng):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = corpus(rng)
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"text": docs}), tmp_path / "ds" / "data" / "train-00000-of-00001.parquet"
+    )
+    via_hf = build_data(data_config(tmp_path, f"hf:{tmp_path / 'ds'}"), seed=0)
+    path = write_corpus(tmp_path, docs, "jsonl")
+    local = build_data(data_config(tmp_path, path), seed=0)
+    np.testing.assert_array_equal(via_hf.val_blocks, local.val_blocks)
+    np.testing.assert_array_equal(via_hf.train.get(range(10)), local.train.get(range(10)))
+
+
+def test_hf_source_missing_from_cache_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.source='hf:nobody/no-such-dataset'"):
+        build_data(data_config(tmp_path, "hf:nobody/no-such-dataset"), seed=0)

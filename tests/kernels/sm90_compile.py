@@ -1,0 +1,98 @@
+"""Compile every cage_kernels Triton kernel for an H100 (sm_90a) on a machine without a GPU.
+
+The interpreter runs kernels as numpy and accepts code the compiler rejects (e.g. a
+reassigned tl.constexpr); this compiles the real kernels, with the launchers' tile and warp
+settings, through Triton's bundled ptxas, and prints each kernel's register and stack use
+(STACK > 0 = register spills to local memory). Run without TRITON_INTERPRET
+(test_sm90_compile.py does):
+
+    .venv/bin/python tests/kernels/sm90_compile.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import cage_kernels.cage_adamw_triton as adamw
+import cage_kernels.dequant_triton as dequant
+import cage_kernels.hadamard_triton as hadamard
+import cage_kernels.pack_triton as pack
+import cage_kernels.quest_triton as quest
+import triton
+from cage_kernels.triton_lib import launch_opts
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+F32 = "fp32"
+
+
+def compile_one(name: str, fn, types: dict[str, str], consts: dict, tile: int) -> str:
+    """Compile fn with pointer/scalar types and constexprs; return the cubin's resource line."""
+    names = fn.arg_names
+    signature = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    constexprs = {(names.index(k),): v for k, v in consts.items()}
+    opts = launch_opts(tile)
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=TARGET, options=opts)  # fmt: skip
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    usage = next((line.strip() for line in res.stdout.splitlines() if "REG:" in line), "?")
+    line = f"{name:40} warps={opts['num_warps']:2} {usage}"
+    print(line, flush=True)
+    return usage
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
+    spills = []
+    qt = dict(x_ptr="*bf16", sumsq_ptr="*fp32", values_ptr="*bf16", codes_ptr="*u8",
+              step_ptr="*fp32", mask_ptr="*u8", rows="i32", n="i32", alpha=F32, hscale=F32,
+              levels_m1=F32)  # fmt: skip
+    for width in (512, 4096, 8192):
+        r = quest.rows_per_program(width, 1 << 20)
+        log_n = width.bit_length() - 1
+        for pack_mode in (False, True):
+            c = dict(R=r, N=width, LOG_N=log_n, LOG_B=7, BITS=3 if pack_mode else 0, ROTATE=True,
+                     STATS=1, MASK_RULE=0, PACK=pack_mode, WRITE_CODES=True)  # fmt: skip
+            spills.append(compile_one(f"quest N={width} pack={pack_mode}",
+                                      quest._quest_rows_kernel, qt, c, r * width))  # fmt: skip
+    ht = dict(x_ptr="*bf16", mask_ptr="*u8", y_ptr="*bf16", rows="i32", n="i32", hscale=F32)
+    spills.append(compile_one("fwht masked W=2048", hadamard._fwht_kernel, ht,
+                              dict(R=2, W=2048, LOG_B=7, HAS_MASK=True), 4096))  # fmt: skip
+    spills.append(compile_one("pack 3-bit", pack._pack_kernel,
+                              dict(codes_ptr="*u8", out_ptr="*u8", n_codes="i32"),
+                              dict(G=128, BITS=3), 1024))  # fmt: skip
+    spills.append(compile_one("unpack 3-bit", pack._unpack_kernel,
+                              dict(packed_ptr="*u8", out_ptr="*u8", n_codes="i32", n_bytes="i32"),
+                              dict(BLOCK=1024, BITS=3), 1024))  # fmt: skip
+    spills.append(compile_one("dequantize", dequant._dequant_kernel,
+                              dict(codes_ptr="*u8", step_ptr="*fp32", out_ptr="*bf16", rows="i32",
+                                   n="i32", half=F32), dict(R=2, W=2048), 4096))  # fmt: skip
+    at = dict(p_ptr="*fp32", g_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", q_ptr="*bf16",
+              table_ptr="*i64", tiles_ptr="*i64", alpha_ptr="*fp32")  # fmt: skip
+    for scalar in ("decay", "w1", "c2", "beta2", "bias2_sqrt", "eps", "step_size", "lam",
+                   "neg_lr_lam", "hscale"):  # fmt: skip
+        at[scalar] = F32
+    for width in (2048, 8192):
+        r = adamw.rows_per_tile(width)
+        for coupled, update in ((False, True), (True, True), (False, False)):
+            c = dict(R=r, N=width, LOG_N=width.bit_length() - 1, LOG_B=7, NCOL=7, STE_FLAG=1,
+                     MASK_RULE=0, COUPLED=coupled, DECOUPLED=update and not coupled, HAS_Q=True,
+                     UPDATE=update)  # fmt: skip
+            name = f"cage_adamw N={width} coupled={coupled} update={update}"
+            spills.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))
+    spilled = [u for u in spills if "STACK:0 " not in u]
+    print(f"{len(spills)} kernels compiled for sm_90a, {len(spilled)} with a stack frame (spills)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
