@@ -198,17 +198,17 @@ class CheckpointManager:
             return self._last_saved_step != step
         return self.save_every > 0 and step % self.save_every == 0
 
-    def save(
-        self, engine: Any, step: int, client_state: Mapping[str, Any] | None = None
-    ) -> Path:
+    def save(self, engine: Any, step: int, client_state: Mapping[str, Any] | None = None) -> Path:
         """Collective: save ``engine`` at ``step`` atomically; returns the committed dir.
 
         ``client_state`` (picklable) comes back from ``resume``; the key ``cage_step`` is ours.
         """
         decoupled = getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", None)
         if decoupled is not None and decoupled():
-            raise CheckpointError("CheckpointManager needs DeepSpeed's synchronous checkpoint "
-                                  "engine; the configured one is decoupled (async)")
+            raise CheckpointError(
+                "CheckpointManager needs DeepSpeed's synchronous checkpoint "
+                "engine; the configured one is decoupled (async)"
+            )
         client_state = dict(client_state or {})
         if STEP_KEY in client_state:
             raise ValueError(f"client_state key {STEP_KEY!r} is reserved by CheckpointManager")
@@ -220,8 +220,9 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)  # an earlier crash
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state,
-                               save_latest=False)
+        engine.save_checkpoint(
+            str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False
+        )
         torch.save(capture_rng_state(), self.root / tmp_tag / f"cage_rank_state_{rank:05d}.pt")
         _barrier()
         error = None
@@ -246,8 +247,14 @@ class CheckpointManager:
             if self.checksums:
                 entry["sha256"] = _sha256(path)
             files[str(path.relative_to(tmp_dir))] = entry
-        manifest = {"format": _FORMAT_VERSION, "tag": tag, "step": step, "world_size": world,
-                    "created": datetime.now(timezone.utc).isoformat(), "files": files}
+        manifest = {
+            "format": _FORMAT_VERSION,
+            "tag": tag,
+            "step": step,
+            "world_size": world,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "files": files,
+        }
         _write_atomic(tmp_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
         if final_dir.exists():  # re-saving a step: move the old one out of the way first
             stale = self.root / f"{TMP_PREFIX}old-{tag}"
@@ -276,8 +283,11 @@ class CheckpointManager:
         """Tags with a manifest, newest step first (not yet verified)."""
         if not self.root.is_dir():
             return []
-        tags = [p.name for p in self.root.iterdir()
-                if p.is_dir() and step_of_tag(p.name) is not None and (p / MANIFEST_NAME).exists()]
+        tags = [
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and step_of_tag(p.name) is not None and (p / MANIFEST_NAME).exists()
+        ]
         return sorted(tags, key=lambda t: step_of_tag(t) or 0, reverse=True)
 
     def verify(self, tag: str) -> dict[str, Any]:
@@ -286,8 +296,10 @@ class CheckpointManager:
         directory = self.root / tag
         manifest_path = directory / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise CheckpointError(f"{manifest_path} is missing: checkpoint {directory} is "
-                                  "incomplete or was not written by CheckpointManager")
+            raise CheckpointError(
+                f"{manifest_path} is missing: checkpoint {directory} is "
+                "incomplete or was not written by CheckpointManager"
+            )
         try:
             manifest = json.loads(manifest_path.read_text())
             files = manifest["files"]
@@ -299,8 +311,10 @@ class CheckpointManager:
                 raise CheckpointError(f"{path} is missing (listed in {manifest_path})")
             size = path.stat().st_size
             if size != entry["size"]:
-                raise CheckpointError(f"{path} has {size} bytes, the manifest says "
-                                      f"{entry['size']}: truncated or overwritten")
+                raise CheckpointError(
+                    f"{path} has {size} bytes, the manifest says "
+                    f"{entry['size']}: truncated or overwritten"
+                )
             if self.checksums and "sha256" in entry and _sha256(path) != entry["sha256"]:
                 raise CheckpointError(f"{path} does not match its sha256 in {manifest_path}")
         return manifest
@@ -318,26 +332,32 @@ class CheckpointManager:
                 candidates.insert(0, pointed)
         for path in self.root.glob(f"{TMP_PREFIX}*") if self.root.is_dir() else []:
             if path.is_dir():
-                logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)",
-                               path)
+                logger.warning(
+                    "ignoring incomplete checkpoint %s (a save that did not finish)", path
+                )
         damaged = []
         for tag in candidates:
             try:
                 self.verify(tag)
             except CheckpointError as err:
                 if self.strict:
-                    raise CheckpointError(f"{err} (strict: no fallback to an older checkpoint)"
-                                          ) from err
-                logger.warning("checkpoint %s is damaged, falling back to the previous one: %s",
-                               self.root / tag, err)
+                    raise CheckpointError(
+                        f"{err} (strict: no fallback to an older checkpoint)"
+                    ) from err
+                logger.warning(
+                    "checkpoint %s is damaged, falling back to the previous one: %s",
+                    self.root / tag,
+                    err,
+                )
                 damaged.append(str(err))
                 continue
             if damaged:
                 logger.warning("resuming from older checkpoint %s", self.root / tag)
             return tag
         if damaged:
-            raise CheckpointError(f"no complete checkpoint under {self.root}: "
-                                  + "; ".join(damaged))
+            raise CheckpointError(
+                f"no complete checkpoint under {self.root}: " + "; ".join(damaged)
+            )
         return None
 
     # ---- loading ----

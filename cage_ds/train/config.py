@@ -700,9 +700,17 @@ def validate(cfg: Config, world_size: int) -> None:
     if not ds_path.is_file():
         raise ConfigError(f"deepspeed.config={str(ds_path)!r} does not exist")
     try:
-        json.loads(ds_path.read_text())
+        ds = json.loads(ds_path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed.config={str(ds_path)!r} is not valid JSON: {err}") from None
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    weight = cfg.quant.to_quant_config().weight if cfg.quant.enabled else None
+    if stage > 0 and weight is not None and weight.method == "rtn" and cfg.optim.cage_lambda > 0:
+        raise ConfigError(
+            f"optim.cage_lambda={cfg.optim.cage_lambda} with quant.method='rtn' under ZeRO "
+            f"stage {stage}: the sharded CAGE correction supports QuEST weights only; use "
+            "quant.method=quest, optim.cage_lambda=0 (RTN-STE) or deepspeed.stage=0"
+        )
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")
 

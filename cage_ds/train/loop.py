@@ -6,9 +6,9 @@ clips at the boundary). The learning rate follows linear warmup then cosine deca
 lr_t = lr * t / W for t <= W, else lr * (m + (1 - m) (1 + cos(pi (t - W) / (T - W))) / 2),
 t = 1-based step, W = ceil(warmup_fraction T), m = min_lr_ratio.
 
-Engines: quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE hooks);
-no ZeRO (stage 0) or no weight quantizer uses deepspeed.initialize (the client CageAdamW
-sees whole parameters, QuantLinear fake-quantizes in the forward).
+Engines: QuEST-quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE
+hooks, quantize before the all-gather); everything else (no ZeRO, full precision, RTN with
+lambda = 0) uses deepspeed.initialize and QuantLinear fake-quantizes in the forward.
 """
 
 from __future__ import annotations
@@ -93,8 +93,21 @@ def total_steps(cfg: Config) -> int:
     )
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
-    """CageAdamW over cage_param_groups (decay on linear weights, CAGE on quantized ones)."""
+def uses_cage_zero(cfg: Config, stage: int) -> bool:
+    """Whether the engine comes from cage_ds.zero.initialize: QuEST-quantized weights under
+    ZeRO 1/2/3 (the sharded quantize-before-gather path). Otherwise deepspeed.initialize
+    and QuantLinear fake-quantizes in the forward."""
+    weight = cfg.quant.to_quant_config().weight if cfg.quant.enabled else None
+    return stage > 0 and weight is not None and weight.method == "quest"
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, stage: int):
+    """CageAdamW over cage_param_groups (decay on linear weights, CAGE on quantized ones).
+
+    Under ZeRO without cage_ds.zero (RTN weights; validate() ensures lambda = 0 there) the
+    groups carry no quantizer: the optimizer then sees flat partitions, and with lambda = 0
+    CageAdamW is exactly AdamW, so the STE of the fake-quant forward is all RTN-STE needs.
+    """
     from cage_ds.nn import cage_param_groups
     from cage_ds.optim import CageAdamW
 
@@ -107,13 +120,14 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
         "total_steps": steps,
     }
     groups = cage_param_groups(model, weight_decay=o.weight_decay, **cage)
+    if stage > 0 and not uses_cage_zero(cfg, stage):
+        groups = [{**g, "quant": None} for g in groups]
     return CageAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **cage)
 
 
 def initialize_engine(cfg: Config, model, optimizer, scheduler, ds_config: dict[str, Any]):
-    """(engine, which initialize was used): cage_ds.zero for quantized weights under ZeRO."""
-    weight_quant = cfg.quant.enabled and cfg.quant.to_quant_config().weight is not None
-    if weight_quant and zero_stage(ds_config) > 0:
+    """(engine, which initialize was used); see uses_cage_zero."""
+    if uses_cage_zero(cfg, zero_stage(ds_config)):
         from cage_ds.zero import initialize
 
         name = "cage_ds.zero.initialize"
@@ -206,7 +220,7 @@ class Trainer:
             cfg, self.ds_config, self.data.tokenizer.eos_token_id
         )
         self.params = parameter_counts(model)
-        optimizer = build_optimizer(cfg, model, self.steps)
+        optimizer = build_optimizer(cfg, model, self.steps, zero_stage(self.ds_config))
         o = cfg.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda k: warmup_cosine(k + 1, self.steps, o.warmup_fraction, o.min_lr_ratio)

@@ -198,14 +198,19 @@ class Tracker:
         flat = flatten_params(config)
         truncated = [k for k, v in flat.items() if v.endswith(_TRUNCATION_MARK)]
         if truncated:
-            logger.warning("MLflow params cut to %d characters: %s", MAX_PARAM_VALUE_LENGTH,
-                           ", ".join(truncated))
+            logger.warning(
+                "MLflow params cut to %d characters: %s",
+                MAX_PARAM_VALUE_LENGTH,
+                ", ".join(truncated),
+            )
         with self._lock:
             for key, value in flat.items():
                 old = self._logged_params.get(key)
                 if old is not None and old != value:
-                    raise ValueError(f"MLflow param {key!r} already logged as {old!r}; "
-                                     f"params are immutable, cannot change it to {value!r}")
+                    raise ValueError(
+                        f"MLflow param {key!r} already logged as {old!r}; "
+                        f"params are immutable, cannot change it to {value!r}"
+                    )
             self._logged_params.update(flat)
             self._buffer.params.update(flat)
         self._wake.set()
@@ -266,7 +271,10 @@ class Tracker:
         logger.warning(
             "MLflow at %s unreachable at close: undelivered tracking data written to %s; "
             "replay it with: python -m cage_ds.train.tracking replay %s [--tracking-uri URI]",
-            self.tracking_uri, self.fallback_path, self.fallback_path)
+            self.tracking_uri,
+            self.fallback_path,
+            self.fallback_path,
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -274,8 +282,9 @@ class Tracker:
 
     def _close_at_exit(self) -> None:
         """Interpreter exit without close() (e.g. training raised): flush or fall back."""
-        logger.warning("Tracker for run %r not closed before exit: closing it as FAILED",
-                       self.run_name)
+        logger.warning(
+            "Tracker for run %r not closed before exit: closing it as FAILED", self.run_name
+        )
         self.close("FAILED")
 
     # ---- delivery ----
@@ -305,12 +314,20 @@ class Tracker:
                         n = len(self._buffer.metrics)
                     logger.warning(
                         "MLflow at %s unreachable (%s: %s); training continues, %d metric points "
-                        "buffered, retrying with backoff", self.tracking_uri,
-                        type(err).__name__, str(err).splitlines()[0][:200], n)
+                        "buffered, retrying with backoff",
+                        self.tracking_uri,
+                        type(err).__name__,
+                        str(err).splitlines()[0][:200],
+                        n,
+                    )
                 return False
             if self._failures:
-                logger.warning("MLflow at %s reachable again after %d failed deliveries; "
-                               "buffered data delivered", self.tracking_uri, self._failures)
+                logger.warning(
+                    "MLflow at %s reachable again after %d failed deliveries; "
+                    "buffered data delivered",
+                    self.tracking_uri,
+                    self._failures,
+                )
             self._failures = 0
             with self._lock:
                 return self._buffer.empty()
@@ -321,8 +338,13 @@ class Tracker:
         experiment_id = _get_or_create_experiment(self._client, self.experiment)
         run = self._client.create_run(experiment_id, run_name=self.run_name)
         self.run_id = run.info.run_id
-        logger.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, run.info.run_name,
-                    self.experiment, self.tracking_uri)
+        logger.info(
+            "MLflow run %s (%s) in experiment %r at %s",
+            self.run_id,
+            run.info.run_name,
+            self.experiment,
+            self.tracking_uri,
+        )
         if self._system_metrics:
             self._start_system_metrics()
 
@@ -377,8 +399,10 @@ class Tracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(
-                self.run_id, sampling_interval=self._system_metrics_interval_s,
-                tracking_uri=self.tracking_uri)
+                self.run_id,
+                sampling_interval=self._system_metrics_interval_s,
+                tracking_uri=self.tracking_uri,
+            )
             self._monitor.start()
         except Exception as err:  # psutil missing, platform without support, ...
             self._monitor = None
@@ -400,13 +424,22 @@ class Tracker:
         artifact_dir = self.fallback_dir / f"{stem}-artifacts"
         with self._lock:
             buf, self._buffer = self._buffer, _Buffer()
-        records: list[dict[str, Any]] = [{
-            "kind": "run", "tracking_uri": self.tracking_uri, "experiment": self.experiment,
-            "run_name": self.run_name, "run_id": self.run_id, "status": status}]
+        records: list[dict[str, Any]] = [
+            {
+                "kind": "run",
+                "tracking_uri": self.tracking_uri,
+                "experiment": self.experiment,
+                "run_name": self.run_name,
+                "run_id": self.run_id,
+                "status": status,
+            }
+        ]
         records += [{"kind": "param", "key": k, "value": v} for k, v in buf.params.items()]
         records += [{"kind": "tag", "key": k, "value": v} for k, v in buf.tags.items()]
-        records += [{"kind": "metric", "key": k, "value": v, "timestamp": ts, "step": s}
-                    for k, v, ts, s in buf.metrics]
+        records += [
+            {"kind": "metric", "key": k, "value": v, "timestamp": ts, "step": s}
+            for k, v, ts, s in buf.metrics
+        ]
         for i, (src, artifact_path) in enumerate(buf.artifacts):
             src_path = Path(src)
             if not src_path.exists():
@@ -418,8 +451,13 @@ class Tracker:
                 shutil.copytree(src_path, dest)
             else:
                 shutil.copy2(src_path, dest)
-            records.append({"kind": "artifact", "path": str(dest.relative_to(self.fallback_dir)),
-                            "artifact_path": artifact_path})
+            records.append(
+                {
+                    "kind": "artifact",
+                    "path": str(dest.relative_to(self.fallback_dir)),
+                    "artifact_path": artifact_path,
+                }
+            )
         tmp = path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as fh:
             for record in records:
@@ -481,13 +519,22 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
         run_id = None
     if run_id is None:
         experiment_id = _get_or_create_experiment(client, header["experiment"])
-        run_id = client.create_run(experiment_id, run_name=header.get("run_name"),
-                                   tags={"cage_ds.replayed_from": str(path)}).info.run_id
-    params = [Param(r["key"], r["value"]) for r in records
-              if r["kind"] == "param" and existing_params.get(r["key"]) != r["value"]]
+        run_id = client.create_run(
+            experiment_id,
+            run_name=header.get("run_name"),
+            tags={"cage_ds.replayed_from": str(path)},
+        ).info.run_id
+    params = [
+        Param(r["key"], r["value"])
+        for r in records
+        if r["kind"] == "param" and existing_params.get(r["key"]) != r["value"]
+    ]
     tags = [RunTag(r["key"], r["value"]) for r in records if r["kind"] == "tag"]
-    metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"])
-               for r in records if r["kind"] == "metric"]
+    metrics = [
+        Metric(r["key"], r["value"], r["timestamp"], r["step"])
+        for r in records
+        if r["kind"] == "metric"
+    ]
     for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
     for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
@@ -502,14 +549,14 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
             else:
                 client.log_artifact(run_id, str(local), r["artifact_path"])
     client.set_terminated(run_id, status=header.get("status") or "FINISHED")
-    logger.info("Replayed %s into run %s at %s (%d metric points)", path, run_id, uri,
-                len(metrics))
+    logger.info("Replayed %s into run %s at %s (%d metric points)", path, run_id, uri, len(metrics))
     return run_id
 
 
 # ---- artifacts: loss curve and eval table ----
 def save_loss_curve(
-    series: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike,
+    series: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike,
     title: str = "loss",
 ) -> Path:
     """Plot each named series of (step, value) points on one log-y axis into a PNG (Agg)."""
@@ -582,8 +629,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("replay", help="deliver a fallback .jsonl file to an MLflow server")
     rp.add_argument("path", type=Path)
-    rp.add_argument("--tracking-uri", default=None,
-                    help="target server (default: the URI recorded in the file)")
+    rp.add_argument(
+        "--tracking-uri", default=None, help="target server (default: the URI recorded in the file)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     run_id = replay(args.path, args.tracking_uri)

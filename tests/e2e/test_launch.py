@@ -52,8 +52,14 @@ def _free_port() -> int:
 
 def _run(script: str, args: list[str], env: dict[str, str], timeout: float = 600):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), **env}
-    return subprocess.run(["bash", str(LAUNCH / script), *args], env=full_env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *args],
+        env=full_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -61,8 +67,11 @@ def probe(tmp_path):
     (tmp_path / "cage_launch_probe.py").write_text(PROBE)
     out = tmp_path / "out"
     out.mkdir()
-    env = {"PYTHONPATH": str(tmp_path), "PROBE_OUT": str(out),
-           "CAGE_TRAIN_MODULE": "cage_launch_probe"}
+    env = {
+        "PYTHONPATH": str(tmp_path),
+        "PROBE_OUT": str(out),
+        "CAGE_TRAIN_MODULE": "cage_launch_probe",
+    }
     return out, env
 
 
@@ -72,19 +81,22 @@ def test_every_script_opens_with_its_usage():
         lines = (LAUNCH / name).read_text().splitlines()
         assert lines[0] == "#!/usr/bin/env bash", name
         assert any(f"launch/{name}" in line for line in lines[1:6]), f"{name}: no usage line"
-        shown = subprocess.run(["bash", str(LAUNCH / name), "--help"], capture_output=True,
-                               text=True, timeout=30)
+        shown = subprocess.run(
+            ["bash", str(LAUNCH / name), "--help"], capture_output=True, text=True, timeout=30
+        )
         assert shown.returncode == 0 and f"launch/{name}" in shown.stdout, (name, shown.stderr)
         assert "set -euo pipefail" not in shown.stdout, name
-    bare = subprocess.run(["bash", str(LAUNCH / "single_node.sh")], capture_output=True,
-                          text=True, timeout=30)
+    bare = subprocess.run(
+        ["bash", str(LAUNCH / "single_node.sh")], capture_output=True, text=True, timeout=30
+    )
     assert bare.returncode == 2 and "launch/single_node.sh --config" in bare.stdout
 
 
 def test_failed_config_check_starts_no_worker(probe):
     out, env = probe
-    result = _run("cpu_single_node.sh", ["--config", "bad.yaml"],
-                  {**env, "PROBE_CHECK_STATUS": "2"})
+    result = _run(
+        "cpu_single_node.sh", ["--config", "bad.yaml"], {**env, "PROBE_CHECK_STATUS": "2"}
+    )
     assert result.returncode == 2, result.stderr
     assert "config check failed for world size 2; nothing was started" in result.stderr
     assert not list(out.glob("rank*.json"))
@@ -101,8 +113,9 @@ LAUNCH_MODES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("script", "env", "world", "local_ranks"), LAUNCH_MODES,
-                         ids=[m[0] for m in LAUNCH_MODES])
+@pytest.mark.parametrize(
+    ("script", "env", "world", "local_ranks"), LAUNCH_MODES, ids=[m[0] for m in LAUNCH_MODES]
+)
 def test_launch_mode_starts_all_ranks(probe, script, env, world, local_ranks):
     out, probe_env = probe
     args = ["--config", "configs/experiments/cage_w4a4.yaml", "train.steps=3"]
@@ -122,11 +135,21 @@ def test_real_cli_two_loopback_nodes_tracks_and_checkpoints(tmp_path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--config", "configs/experiments/cage_w4a4.yaml", "train.steps=2",
-            "train.eval_every=0", "train.log_every=1", "train.progress=false",
-            f"train.output_dir={tmp_path / 'runs'}", "train.run_name=launch-e2e",
-            "tracking.enabled=true", f"tracking.tracking_uri={uri}",
-            "tracking.system_metrics=false", "checkpoint.every=1", "checkpoint.keep_last=1"]
+    args = [
+        "--config",
+        "configs/experiments/cage_w4a4.yaml",
+        "train.steps=2",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.progress=false",
+        f"train.output_dir={tmp_path / 'runs'}",
+        "train.run_name=launch-e2e",
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={uri}",
+        "tracking.system_metrics=false",
+        "checkpoint.every=1",
+        "checkpoint.keep_last=1",
+    ]
     result = _run("cpu_per_node_no_ssh.sh", args, {"NNODES": "2", "NPROC_PER_NODE": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "launch-e2e" in result.stdout and "val_loss" in result.stdout

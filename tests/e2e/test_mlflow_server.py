@@ -46,11 +46,25 @@ class MlflowServer:
         backend = f"sqlite:///{self.root / 'db.sqlite'}"
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [str(mlflow_bin), "server", "--backend-store-uri", backend,
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+            [
+                str(mlflow_bin),
+                "server",
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -96,9 +110,15 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def _fast(server: MlflowServer, tmp_path: Path, run_name: str, **kw) -> Tracker:
     """A tracker with short flush/backoff periods so a test sees the retries quickly."""
-    options = dict(tracking_uri=server.uri, fallback_dir=tmp_path / "fallback",
-                   system_metrics=False, flush_interval_s=0.1, backoff_s=0.2,
-                   max_backoff_s=1.0, http_timeout_s=3)
+    options = dict(
+        tracking_uri=server.uri,
+        fallback_dir=tmp_path / "fallback",
+        system_metrics=False,
+        flush_interval_s=0.1,
+        backoff_s=0.2,
+        max_backoff_s=1.0,
+        http_timeout_s=3,
+    )
     options.update(kw)
     return Tracker("cage-e2e", run_name, **options)
 
@@ -117,11 +137,15 @@ def test_params_metrics_artifacts_system_metrics(server, tmp_path):
 
     server.ensure_running()
     rng = random.Random()
-    config = {"model": {"preset": "tiny", "dim": 64}, "optim": {"lr": rng.random(), "betas": [0.9,
-              0.95]}, "note": "n" * 7000}
+    config = {
+        "model": {"preset": "tiny", "dim": 64},
+        "optim": {"lr": rng.random(), "betas": [0.9, 0.95]},
+        "note": "n" * 7000,
+    }
     losses = [(step, rng.uniform(1, 5)) for step in range(25)]
-    tracker = _fast(server, tmp_path, "roundtrip", system_metrics=True,
-                    system_metrics_interval_s=1.0)
+    tracker = _fast(
+        server, tmp_path, "roundtrip", system_metrics=True, system_metrics_interval_s=1.0
+    )
     tracker.log_params(config)
     tracker.set_tags({"variant": "cage-w4a4"})
     for step, loss in losses:

@@ -27,23 +27,24 @@ pytestmark = pytest.mark.interpret
 SHAPES = [(37, 384, 128), (5, 640, 128), (1, 96, 32), (130, 192, 64)]
 
 
-def assert_matches_twin_where_steps_agree(out, ref) -> None:
+def assert_matches_twin_where_steps_agree(out, ref) -> int:
     """Rows with the twin's step: all outputs identical. Others: rms differs by 1 ulp (2u
     relative), and each of the two correctly rounded ops after it (x alpha, then 2x / (2^b-1))
     adds at most 2u between the two paths: |dD| <= 6u D."""
     k_step = out.step.cpu()
     same = (k_step == ref.step).flatten()
     assert ((k_step - ref.step).abs() <= 6 * U * ref.step).all()
-    assert same.float().mean() >= 0.9, "IEEE vs torch CPU sqrt should rarely differ"
     for name in ("values", "codes", "mask"):
         k, r = getattr(out, name).cpu()[same], getattr(ref, name)[same]
         assert torch.equal(as_bytes(k) if k.dtype == torch.bool else k,
                            as_bytes(r) if r.dtype == torch.bool else r), name  # fmt: skip
+    return int(same.sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quest_rows_match_reference_given_sumsq(gen, dev, dtype, bits):
+    agree = total = 0
     for rows, n, block in SHAPES:
         x = (torch.randn(rows, n, generator=gen) * torch.rand(rows, 1, generator=gen) * 3).to(dtype)
         sumsq = row_sumsq_tree_ref(x)
@@ -51,10 +52,12 @@ def test_quest_rows_match_reference_given_sumsq(gen, dev, dtype, bits):
             out = quest_quantize_triton(x.to(dev), bits, block, sumsq.to(dev), rule)
             assert_same(out, expected_quest(x, bits, block, sumsq, rule))
             ref = quest_quantize_ref(x, bits, block, sumsq, rule)
-            assert_matches_twin_where_steps_agree(out, ref)
+            agree += assert_matches_twin_where_steps_agree(out, ref)
+            total += rows
         # Already-rotated input: statistics of y itself, no rotation in the kernel.
         out = quest_quantize_triton(x.to(dev), bits, block, None, "trust", rotated=True)
         assert_same(out, expected_quest(x, bits, block, None, "trust", rotated=True))
+    assert agree >= 0.8 * total, f"only {agree} of {total} rows share the twin's step"
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -46,8 +46,13 @@ def single_process_dist():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        for key, value in {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }.items():
             os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="gloo")
     yield
@@ -168,7 +173,9 @@ def test_keep_last_k(tmp_path):
         manager.save(engine, step)
     assert manager.committed_tags() == ["step000000004", "step000000003"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
-        "step000000003", "step000000004"]
+        "step000000003",
+        "step000000004",
+    ]
     assert (tmp_path / LATEST_NAME).read_text() == "step000000004"
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         CheckpointManager(tmp_path, keep_last=0)
@@ -264,10 +271,20 @@ def test_two_ranks_agree_on_fallback_and_strict_error(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "ckpt"), str(tmp_path)],
-            env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                 "DS_ACCELERATOR": "cpu"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "DS_ACCELERATOR": "cpu",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(2)
     ]
     logs = [p.communicate(timeout=600)[0] for p in procs]

@@ -48,11 +48,15 @@ def test_flatten_params_nested_lists_limits():
     long_value = "x" * (MAX_PARAM_VALUE_LENGTH + 17)
     long_key_a = "k" * 300 + "a"
     long_key_b = "k" * 300 + "b"
-    flat = flatten_params({
-        "model": {"dim": 64, "layers": [1, 2], "rope": {"theta": 1e4}},
-        "lr": 0.001, "weird key!": True, "long": long_value,
-        "deep": {long_key_a: 1, long_key_b: 2},
-    })
+    flat = flatten_params(
+        {
+            "model": {"dim": 64, "layers": [1, 2], "rope": {"theta": 1e4}},
+            "lr": 0.001,
+            "weird key!": True,
+            "long": long_value,
+            "deep": {long_key_a: 1, long_key_b: 2},
+        }
+    )
     assert flat["model.dim"] == "64"
     assert flat["model.layers"] == "[1, 2]"
     assert flat["model.rope.theta"] == "10000.0"
@@ -65,8 +69,14 @@ def test_flatten_params_nested_lists_limits():
 
 
 def test_param_relogged_with_other_value_is_an_error(tmp_path):
-    tracker = Tracker("exp", "r", tracking_uri=_closed_port_uri(), fallback_dir=tmp_path,
-                      system_metrics=False, close_timeout_s=0)
+    tracker = Tracker(
+        "exp",
+        "r",
+        tracking_uri=_closed_port_uri(),
+        fallback_dir=tmp_path,
+        system_metrics=False,
+        close_timeout_s=0,
+    )
     tracker.log_params({"a": {"b": 1}})
     tracker.log_params({"a": {"b": 1}})  # same value: fine
     with pytest.raises(ValueError, match=r"'a\.b' already logged as '1'"):
@@ -106,9 +116,16 @@ def test_unreachable_server_falls_back_then_replays(tmp_path, caplog):
     rng = random.Random()
     points = [(step, rng.gauss(0, 1)) for step in range(0, 2500, 1)]  # > one log_batch
     curve = save_loss_curve({"train": points[:50]}, tmp_path / "art" / "loss.png")
-    tracker = Tracker("exp-fallback", "down", tracking_uri=_closed_port_uri(),
-                      fallback_dir=tmp_path / "fb", system_metrics=False,
-                      flush_interval_s=0.05, backoff_s=0.05, close_timeout_s=0.3)
+    tracker = Tracker(
+        "exp-fallback",
+        "down",
+        tracking_uri=_closed_port_uri(),
+        fallback_dir=tmp_path / "fb",
+        system_metrics=False,
+        flush_interval_s=0.05,
+        backoff_s=0.05,
+        close_timeout_s=0.3,
+    )
     with caplog.at_level(logging.WARNING, logger="cage_ds.train.tracking"):
         tracker.log_params({"seed": 3})
         tracker.set_tags({"variant": "cage"})
@@ -149,8 +166,16 @@ def test_make_tracker_null_twin(tmp_path):
     null.set_tags({"t": 1})
     null.close()
     assert null.run_id is None and null.fallback_path is None
-    tracker = make_tracker(True, 0, "exp", "r", tracking_uri=_closed_port_uri(),
-                           fallback_dir=tmp_path, system_metrics=False, close_timeout_s=0)
+    tracker = make_tracker(
+        True,
+        0,
+        "exp",
+        "r",
+        tracking_uri=_closed_port_uri(),
+        fallback_dir=tmp_path,
+        system_metrics=False,
+        close_timeout_s=0,
+    )
     assert isinstance(tracker, Tracker)
     tracker.close()
 
@@ -158,13 +183,16 @@ def test_make_tracker_null_twin(tmp_path):
 def test_loss_curve_png_and_eval_table(tmp_path):
     import matplotlib.image
 
-    png = save_loss_curve({"train": [(0, 4.0), (1, 3.0), (2, 2.5)], "val": [(2, 2.7)]},
-                          tmp_path / "curve.png")
+    png = save_loss_curve(
+        {"train": [(0, 4.0), (1, 3.0), (2, 2.5)], "val": [(2, 2.7)]}, tmp_path / "curve.png"
+    )
     image = matplotlib.image.imread(png)
     assert image.shape[:2] == (400, 700)
     assert image.std() > 0  # something was drawn
-    rows = [{"variant": "fp", "val_loss": 2.5, "ppl": 12.18}, {"variant": "cage", "val_loss": 2.6,
-                                                               "ppl": 13.46}]
+    rows = [
+        {"variant": "fp", "val_loss": 2.5, "ppl": 12.18},
+        {"variant": "cage", "val_loss": 2.6, "ppl": 13.46},
+    ]
     csv_path = save_eval_table(rows, tmp_path / "eval.csv")
     with open(csv_path) as fh:
         back = list(csv.DictReader(fh))
@@ -183,8 +211,9 @@ for step in range(5):
     t.log_metrics({{"loss": step / 7}}, step=step)
 raise SystemExit("training crashed")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1 and "not closed before exit" in result.stderr
     (path,) = tmp_path.glob("crashed-*.jsonl")
     records = [json.loads(line) for line in path.read_text().splitlines()]
