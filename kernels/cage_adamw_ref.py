@@ -3,59 +3,20 @@
 Per segment of the SegmentTable, on its rows W [n_rows, row_len] (views into the flat shard):
     if ste:      g <- fwht((M(W) ⊙ g)),   M the trust / clip mask of q(W H) (old W)
     Q(W) = fwht(q(fwht(W))),  q with row statistics row_sumsq_tree_ref(W)  (bits > 0 only)
-    then ``cage_adamw_math_ref`` (the update of cage_ds.optim.update.cage_adamw_update, op
-    for op: lerp_, addcmul_, addcdiv_, add_ with alpha; a test holds them bit-equal)
+    then ``adamw_update.cage_adamw_update`` (the same update cage_ds.optim.CageAdamW runs)
     qout <- q(W H) values (bits > 0) or W, cast to qout.dtype    (the gathered low-precision copy)
-kernels/ cannot import cage_ds (layering), hence this twin of the update math.
 ``quest_shard_quantize_ref`` is the qout part alone (the copy of the current W, no update).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from .adamw_update import cage_adamw_update
 from .hadamard import fwht_ref
 from .quest import quest_quantize_ref
 from .segments import SegmentTable
 from .sumsq import row_sumsq_tree_ref
-
-VARIANTS = ("decoupled", "coupled")
-
-
-def cage_adamw_math_ref(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    lam: float,
-    variant: str,
-    error_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> None:
-    """In place: coupled g += lam e(W); W *= 1 - lr wd; Adam moments and step; decoupled
-    W -= lr lam e(W) on the updated W (e = W - Q(W) from error_fn)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"cage_variant must be one of {VARIANTS}, got {variant!r}")
-    correct = lam > 0 and error_fn is not None
-    if correct and variant == "coupled":
-        grad = grad.add(error_fn(param), alpha=lam)
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias1 = 1 - beta1**step
-    bias2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias1)
-    if correct and variant == "decoupled":
-        param.add_(error_fn(param), alpha=-lr * lam)
 
 
 def quest_rows_ref(w: torch.Tensor, bits: int, block: int, mask_rule: str):
@@ -100,7 +61,7 @@ def cage_adamw_shard_ref(
             def error_fn(x: torch.Tensor, bits=seg.bits) -> torch.Tensor:
                 return x - fwht_ref(quest_rows_ref(x, bits, block, rule).values, block)
 
-        cage_adamw_math_ref(
+        cage_adamw_update(
             w, g, rows(exp_avg), rows(exp_avg_sq), step=step, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, lam=lam, variant=variant, error_fn=error_fn,
         )  # fmt: skip

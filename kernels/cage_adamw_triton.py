@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cage_adamw_ref import VARIANTS
+from .adamw_update import VARIANTS
 from .grid import ALPHA
 from .quest_triton import interpreting
 from .segments import COLUMNS, FLAG_STE, SegmentTable

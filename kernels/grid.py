@@ -34,8 +34,13 @@ def check_bits(bits: object) -> int:
 
 
 def grid_step(sumsq: torch.Tensor, row_len: int, bits: int) -> torch.Tensor:
-    """D = 2 * ALPHA[b] * max(sqrt(sumsq / row_len), RMS_FLOOR) / (2^b - 1), in fp32."""
-    rms = torch.sqrt(sumsq.float() / row_len).clamp_min(RMS_FLOOR)
+    """D = 2 * ALPHA[b] * max(sqrt(sumsq / row_len), RMS_FLOOR) / (2^b - 1), in fp32.
+
+    The sqrt is taken in float64 and rounded once to fp32: correctly rounded, as the kernels'
+    sqrt_rn (torch's CPU fp32 sqrt can be 1 ulp off).
+    """
+    mean_sq = sumsq.float() / row_len
+    rms = torch.sqrt(mean_sq.double()).float().clamp_min(RMS_FLOOR)
     clip = ALPHA[check_bits(bits)] * rms
     return 2.0 * clip / (2**bits - 1)
 

@@ -15,7 +15,7 @@ from .grid import check_bits, grid_values
 from .hadamard import fwht_ref
 from .pack import pack_ref, unpack_ref
 from .quest import QuestOut, quest_quantize_ref
-from .quest_fake import QuestFake, masked_unrotate, quest_act_forward
+from .quest_act import masked_unrotate, quest_act_forward
 from .quest_packed import QuestPacked, quest_quantize_packed_ref
 from .rtn import RtnOut, rtn_quantize_ref
 from .segments import SegmentTable
@@ -66,30 +66,21 @@ def quest_quantize_packed(
     return quest_quantize_packed_ref(x, bits, block, sumsq, mask_rule, rotated)
 
 
-def quest_fake(x: torch.Tensor, bits: int, block: int, mask_rule: str = "trust") -> torch.Tensor:
-    """x [..., n] -> q(x H) [..., n] (x.dtype), differentiable: dL/dx = (M ⊙ dL/dq) H^T.
-
-    Example: ``a = ops.quest_fake(x, 4, 128)`` then ``a @ w_rotated.T`` in QuantLinear.
-    """
-    check_bits(bits)
-    return QuestFake.apply(x, bits, block, mask_rule)
-
-
 def quest_act(
-    x: torch.Tensor, bits: int, block: int, mask_rule: str = "trust", stats_of_rotated: bool = False
+    x: torch.Tensor, bits: int, block: int, mask_rule: str = "trust"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, n] -> (q(x H) x.dtype, mask bool), both [rows, n]: one kernel, no codes written.
 
-    Row scale from x (as quest_quantize; stats_of_rotated=True: from the rotated y, as
-    quest_fake). Pair with quest_act_backward in an autograd Function (QuantLinear).
+    Row scale from x (as quest_quantize). Pair with quest_act_backward in an autograd
+    Function (cage_ds.quant.Quantizer.fake).
     """
     check_bits(bits)
-    out = quest_act_forward(x, bits, block, mask_rule, stats_of_rotated)
+    out = quest_act_forward(x, bits, block, mask_rule)
     return out.values, out.mask
 
 
 def quest_act_backward(grad: torch.Tensor, mask: torch.Tensor, block: int) -> torch.Tensor:
-    """Backward half of quest_fake: (grad ⊙ mask) H^T, grad / mask [..., n]."""
+    """Backward half of quest_act: (grad ⊙ mask) H^T, grad / mask [..., n]."""
     return masked_unrotate(grad.contiguous(), mask, block)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from .grid import check_bits, grid_codes, grid_step, grid_values
 from .hadamard import fwht_ref
+from .sumsq import row_sumsq_tree_ref
 
 
 class QuestOut(NamedTuple):
@@ -27,8 +28,9 @@ class QuestOut(NamedTuple):
 
 
 def row_sumsq_ref(x: torch.Tensor) -> torch.Tensor:
-    """s[r] = sum_j x[r, j]^2, accumulated in fp32: [rows, n] -> [rows, 1]."""
-    return x.float().square().sum(-1, keepdim=True)
+    """s[r] = sum_j x[r, j]^2 in fp32, [rows, n] -> [rows, 1], in the fixed pairwise order of
+    sumsq.row_sumsq_tree_ref that the kernels reproduce bit for bit."""
+    return row_sumsq_tree_ref(x)
 
 
 def quest_quantize_ref(

@@ -108,7 +108,7 @@ def _check_rows(x: torch.Tensor, bits: int, block: int, mask_rule: str) -> None:
         raise ValueError(f"mask_rule must be 'trust' or 'clip', got {mask_rule!r}")
 
 
-def _launch(x, bits, block, sumsq, mask_rule, rotated, stats_of_rotated, values, codes, step,
+def _launch(x, bits, block, sumsq, mask_rule, rotated, values, codes, step,
             mask, pack, write_codes=True):  # fmt: skip
     rows, n = x.shape
     width = max(next_pow2(n), 8)
@@ -119,7 +119,7 @@ def _launch(x, bits, block, sumsq, mask_rule, rotated, stats_of_rotated, values,
         sumsq = sumsq.reshape(rows).float().contiguous()
         stats = STATS_GIVEN
     else:
-        stats = STATS_OF_Y if (stats_of_rotated or rotated) else STATS_OF_X
+        stats = STATS_OF_Y if rotated else STATS_OF_X
     _quest_rows_kernel[(triton.cdiv(rows, tile),)](
         x, sumsq if sumsq is not None else step, values, codes if write_codes else mask, step, mask,
         rows, n, ALPHA[bits], block**-0.5, float(2**bits - 1),
@@ -137,13 +137,10 @@ def quest_quantize_triton(
     sumsq: torch.Tensor | None = None,
     mask_rule: str = "trust",
     rotated: bool = False,
-    stats_of_rotated: bool = False,
     with_codes: bool = True,
 ) -> QuestOut:
     """Triton twin of quest_quantize_ref: x [rows, n] -> QuestOut (codes, mask unpacked).
 
-    stats_of_rotated: without sumsq, take the statistics of the (dtype-rounded) rotated y
-    instead of x (what Quantizer.fake does: it rotates first, then quantizes rotated=True).
     with_codes=False skips writing codes (QuestOut.codes is None): the activation path.
     """
     _check_rows(x, bits, block, mask_rule)
@@ -153,7 +150,7 @@ def quest_quantize_triton(
     codes = torch.empty(rows, n, dtype=torch.uint8, device=x.device) if with_codes else None
     step = torch.empty(rows, dtype=torch.float32, device=x.device)
     mask = torch.empty(rows, n, dtype=torch.bool, device=x.device)
-    _launch(x, bits, block, sumsq, mask_rule, rotated, stats_of_rotated, values, codes, step,
+    _launch(x, bits, block, sumsq, mask_rule, rotated, values, codes, step,
             mask.view(torch.uint8), pack=False, write_codes=with_codes)  # fmt: skip
     return QuestOut(values, codes, step.view(rows, 1), mask)
 
@@ -176,6 +173,6 @@ def quest_quantize_packed_triton(
     codes = torch.empty(rows, n * bits // 8, dtype=torch.uint8, device=x.device)
     step = torch.empty(rows, dtype=torch.float32, device=x.device)
     mask = torch.empty(rows, n // 8, dtype=torch.uint8, device=x.device)
-    _launch(x, bits, block, sumsq, mask_rule, rotated, False, values, codes, step, mask,
+    _launch(x, bits, block, sumsq, mask_rule, rotated, values, codes, step, mask,
             pack=True)  # fmt: skip
     return QuestPacked(values, codes, step.view(rows, 1), mask)

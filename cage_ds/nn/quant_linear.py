@@ -12,9 +12,9 @@ no more rows than the weight (rows <= out_features), else the weight. Gradients:
 dL/dx = (M_a ⊙ dL/dq_a) H for a QuEST activation, dL/dW = (M_w ⊙ dL/dq_w) H for a QuEST
 weight (trust or clip mask M), plain STE for RTN.
 
-Weight quantization here uses Quantizer.values (row scale from the unrotated row sum of
-squares), so the fake forward, ``weight_prequantized`` mode, ``Quantizer.quantize`` codes
-and CAGE's error ``W - Quantizer.dequantize(W)`` all see bit-identical q(W H).
+Both sides use Quantizer.fake, whose values equal Quantizer.values (row scale from the
+unrotated row), so the fake forward, ``weight_prequantized`` mode, ``Quantizer.quantize``
+codes and CAGE's error ``W - Quantizer.dequantize(W)`` all see bit-identical q(W H).
 
 ``weight_prequantized``: ``weight`` already holds Quantizer.values(W) (rotated domain for
 QuEST), e.g. written by the ZeRO adapter before the all-gather; forward uses it as is and
@@ -25,39 +25,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from cage_kernels import ops
 from torch import nn
 
 from cage_ds.quant import QuantConfig, Quantizer
-
-
-class _FakeQuant(torch.autograd.Function):
-    """q = Quantizer.values(x) (rows along the last dim); dL/dx = (M ⊙ dL/dq) H (QuEST),
-    dL/dx = dL/dq (RTN). Also returns the count of masked (M = 0) entries as a 0-d tensor.
-
-    Not Quantizer.fake: that one takes the row scale after the rotation (ulp-different
-    from Quantizer.values / quantize) and does not expose the mask.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, quantizer: Quantizer):
-        spec = quantizer.spec
-        ctx.block = spec.hadamard_block if spec.method == "quest" else None
-        if ctx.block is None:
-            ctx.save_for_backward(None)
-            return quantizer.values(x), x.new_zeros((), dtype=torch.int64)
-        rows = x.reshape(-1, x.shape[-1])
-        out = ops.quest_quantize(rows, spec.bits, spec.hadamard_block, None, spec.mask)
-        mask = out.mask.reshape(x.shape)
-        ctx.save_for_backward(mask)
-        return out.values.reshape(x.shape), mask.numel() - mask.sum()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _grad_count):
-        (mask,) = ctx.saved_tensors
-        if ctx.block is None:
-            return grad, None
-        return ops.fwht(grad * mask, ctx.block), None
 
 
 def _rotation_of(weight_q: Quantizer | None, act_q: Quantizer | None) -> Quantizer | None:
@@ -131,7 +101,7 @@ class QuantLinear(nn.Linear):
             return self.weight, wq.rotated
         if wq is None:
             return self.weight, False
-        values, masked = _FakeQuant.apply(self.weight, wq)
+        values, masked = wq.fake(self.weight)
         self._record("weight", masked, self.weight.numel())
         return values, wq.rotated
 
@@ -139,7 +109,7 @@ class QuantLinear(nn.Linear):
         aq = self.act_quantizer
         if aq is None:
             return x, False
-        values, masked = _FakeQuant.apply(x, aq)
+        values, masked = aq.fake(x)
         self._record("act", masked, x.numel())
         return values, aq.rotated
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from cage_kernels.adamw_update import VARIANTS, cage_adamw_update
 
 from .quant_ops import TensorQuantOps, dense_quant_ops, quant_spec_from_group
 from .schedule import check_schedule, lambda_at
-from .update import VARIANTS, cage_adamw_update
 
 
 def _is_number(x: object) -> bool:

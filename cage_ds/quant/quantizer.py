@@ -4,7 +4,8 @@ A Quantizer maps a tensor x [..., n] (n = a linear layer's input dim) to its qua
 form. QuEST works in the rotated domain y = x (I ⊗ H); RTN's rotation is the identity.
   values(x)     rotated dequantized values q(y)           (what the matmul consumes)
   dequantize(x) Q(x) = q(y) H^T in the original domain    (what CAGE's error uses)
-  fake(x)       q(y) with the STE backward: dL/dx = (M ⊙ dL/dq) H^T (RTN: M = 1)
+  fake(x)       q(y) with the STE backward: dL/dx = (M ⊙ dL/dq) H^T (RTN: M = 1), and the
+                count of masked entries
 """
 
 from __future__ import annotations
@@ -43,18 +44,36 @@ class _Rotate(torch.autograd.Function):
         return ops.fwht(grad, ctx.block), None
 
 
-class _MaskedSTE(torch.autograd.Function):
-    """Forward returns precomputed values; backward passes grad * mask."""
+class FakeQuant(NamedTuple):
+    """fake()'s result: values q(x H) (x's shape and dtype; differentiable) and the number of
+    entries the STE mask zeroes, a 0-d int64 tensor (no host sync)."""
+
+    values: torch.Tensor
+    masked: torch.Tensor
+
+
+class _FakeQuant(torch.autograd.Function):
+    """q = Quantizer.values(x) (rows along the last dim); dL/dx = (M ⊙ dL/dq) H for QuEST,
+    dL/dx = dL/dq for RTN; second output: the count of masked (M = 0) entries."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, quantizer: Quantizer):
+        spec = quantizer.spec
+        ctx.block = spec.hadamard_block if spec.method == "quest" else None
+        if ctx.block is None:
+            ctx.save_for_backward(None)
+            return quantizer.values(x), x.new_zeros((), dtype=torch.int64)
+        values, mask = ops.quest_act(x.reshape(-1, x.shape[-1]), spec.bits, ctx.block, spec.mask)
         ctx.save_for_backward(mask)
-        return values
+        return values.view(x.shape), mask.numel() - mask.sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _grad_count):
         (mask,) = ctx.saved_tensors
-        return (grad if mask is None else grad * mask), None, None
+        if ctx.block is None:
+            return grad, None
+        flat = grad.reshape(-1, grad.shape[-1])
+        return ops.quest_act_backward(flat, mask, ctx.block).view(grad.shape), None
 
 
 class Quantizer:
@@ -124,11 +143,7 @@ class Quantizer:
             return torch.ones_like(x, dtype=torch.bool)
         return self._quantize_rows(x, None, rotated=False).mask.reshape(x.shape)
 
-    def fake(self, x: torch.Tensor) -> torch.Tensor:
-        """q(x H) with the STE backward dL/dx = (M ⊙ dL/dq) H^T; rotated domain for QuEST."""
-        y = self.rotate(x)
-        if self.spec.method == "quest":
-            out = self._quantize_rows(y.detach(), None, rotated=True)
-            return _MaskedSTE.apply(y, out.values.reshape(y.shape), out.mask.reshape(y.shape))
-        out = self._quantize_rows(x.detach(), None, rotated=False)
-        return _MaskedSTE.apply(y, out.values.reshape(y.shape), None)
+    def fake(self, x: torch.Tensor) -> FakeQuant:
+        """q(x H) with the STE backward dL/dx = (M ⊙ dL/dq) H^T (rotated domain for QuEST);
+        forward values equal ``values(x)`` bit for bit."""
+        return FakeQuant(*_FakeQuant.apply(x, self))

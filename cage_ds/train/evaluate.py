@@ -21,11 +21,12 @@ def evaluate(engine, batches: Sequence[torch.Tensor]) -> float:
     """sum_b loss_b * rows_b / sum_b rows_b over all ranks (blocks have equal length)."""
     was_training = engine.training
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # NCCL reduces on GPU
     for batch in batches:
         batch = batch.to(engine.device)
         loss = engine(input_ids=batch, labels=batch).loss
-        total += torch.tensor([float(loss) * len(batch), len(batch)], dtype=torch.float64)
+        total[0] += loss.detach().double() * len(batch)
+        total[1] += len(batch)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     if was_training:

@@ -148,7 +148,17 @@ def quant_metrics(engine, stage: int) -> dict[str, float]:
     optimizer partitions (collective: every rank calls this at the same steps)."""
     from cage_ds.nn import quant_stats, quantized_modules
 
-    stats = quant_stats(engine.module)
+    layers = [layer for _, layer in quantized_modules(engine.module)]
+    fake = [
+        x.weight for x in layers if x.weight_quantizer is not None and not x.weight_prequantized
+    ]
+    if stage == 3 and fake:  # fake-quant layers read their (partitioned) weights
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(fake, modifier_rank=None):
+            stats = quant_stats(engine.module)
+    else:
+        stats = quant_stats(engine.module)
     if stage == 0:
         return stats
     from deepspeed.utils import safe_get_full_fp32_param
@@ -278,7 +288,7 @@ class Trainer:
         )
 
     def _mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)  # NCCL: GPU
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world
 

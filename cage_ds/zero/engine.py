@@ -12,9 +12,16 @@ call order below were read from its source and are re-checked by tests/dist):
     first writes cast_lp(q(W H)) into this rank's lp partition.
   Checkpoint loads: ``checkpoint_event_epilogue`` (every engine.load_checkpoint ends with
     it) rewrites the lp partitions from the loaded masters before the original runs.
+  Gradient clipping: DeepSpeed's global norm is taken over the reduced dL/dq; the unsharded
+    path clips (M ⊙ dL/dq) H, whose norm is ||M ⊙ dL/dq||. With clipping on, ZeRO-3's
+    ``_get_norm_groups`` and ZeRO-1/2's ``scaled_global_norm`` first apply the STE mask to the
+    partition gradients in place (M is idempotent, the client step applies it again).
+    BF16_Optimizer takes the norm over full unpartitioned gradients: clipping is refused there.
 QuantLinear layers are switched to ``weight_prequantized``: the gathered weight is the
 ROTATED q(W H) and the gradient DeepSpeed reduces is dL/dq, turned into the latent
 gradient (M ⊙ dL/dq) H by ShardedQuantOps.ste_grad inside the client step.
+Refused: ZeRO stage 0, fp16 loss scaling, ZeRO++ (qwZ, qgZ, hpZ), MiCS, any offload, and a
+low-precision buffer that aliases the fp32 master (torch autocast without bf16/fp16 section).
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ def check_config(config: Any) -> None:
             raise ValueError(f"cage_ds.zero: zero_optimization.{key}={z[key]!r} is not supported")
     for key in ("offload_param", "offload_optimizer"):
         dev = (z.get(key) or {}).get("device", "none")
+        dev = getattr(dev, "value", dev)  # the engine's parsed config holds an enum
         if str(dev).lower() not in ("none", "null"):
             raise ValueError(
                 f"cage_ds.zero: zero_optimization.{key}.device={dev!r} is not supported "
@@ -84,6 +92,12 @@ def check_config(config: Any) -> None:
             )
     if z.get("cpu_offload") or z.get("cpu_offload_param"):
         raise ValueError("cage_ds.zero: cpu_offload / cpu_offload_param are not supported")
+
+
+def check_parsed_zero_config(zero_config: Any) -> None:
+    """check_config on an engine's parsed DeepSpeedZeroConfig (covers configs given via args)."""
+    zero = zero_config.model_dump()
+    check_config({"zero_optimization": {k: v for k, v in zero.items() if v is not None}})
 
 
 def _check_alias(lp: torch.Tensor, hp: torch.Tensor, where: str) -> None:
@@ -316,6 +330,7 @@ def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, Sh
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
+    check_parsed_zero_config(engine._config.zero_config)
     if getattr(opt, "cage_zero_attached", False):
         raise RuntimeError("cage_ds.zero: hooks are already attached to this engine")
     if engine.fp16_enabled():
@@ -351,7 +366,9 @@ def initialize(**kwargs: Any):
             "cage_ds.zero.initialize needs optimizer=<CageAdamW instance> (a client optimizer "
             f"with the quant_ops hook), got {type(client).__name__}"
         )
-    check_config(kwargs.get("config", kwargs.get("config_params")))
+    config = kwargs.get("config", kwargs.get("config_params"))
+    if config is not None:  # refuse before building anything; attach() re-checks the engine's
+        check_config(config)
     out = deepspeed.initialize(**kwargs)
     engine = out[0]
     attach(engine, client)

@@ -62,7 +62,8 @@ class _PiecePlan:
     piece: Piece
     hull: tuple[int, int]
     halo_pos: torch.Tensor  # positions in the hull filled from other ranks
-    halo_src: list[tuple[int, int]]  # (rank, offset in that rank's halo payload) per position
+    halo_rank: torch.Tensor  # per position: the rank that sends it
+    halo_off: torch.Tensor  # per position: its offset in that rank's halo payload
     cut_rows: list[int]  # rows (absolute) whose sums come from the exchange
     cut_src: list[list[tuple[int, int]]]  # per cut row: (rank, row slot) in rank order
 
@@ -106,6 +107,7 @@ class ShardQuantizer:
             if p.param in quantized:
                 spec.check_row_len(p.row_len, f"parameter {p.param} of the flat group")
         self.sends = [send_of(m, quantized, self.block) for m in maps]
+        self._row_base = torch.tensor([s.n_rows for s in self.sends], dtype=torch.long)
         self.plans = [self._plan(p) for p in self.map.pieces if p.param in quantized]
 
     # ---- planning (pure python over the maps) ----
@@ -141,7 +143,15 @@ class ShardQuantizer:
                     if pj == p.param and rr == row:
                         contrib.append((r, slot))
             cut_src.append(contrib)
-        return _PiecePlan(p, (ea, eb), torch.tensor(pos, dtype=torch.long), src, cut_rows, cut_src)
+        return _PiecePlan(
+            p,
+            (ea, eb),
+            torch.tensor(pos, dtype=torch.long),
+            torch.tensor([r for r, _ in src], dtype=torch.long),
+            torch.tensor([off for _, off in src], dtype=torch.long),
+            cut_rows,
+            cut_src,
+        )
 
     def payload_sizes(self, with_rows: bool) -> list[int]:
         """Length of every rank's payload (float64 elements)."""
@@ -172,11 +182,9 @@ class ShardQuantizer:
         ea, eb = pl.hull
         hull = flat.new_empty(eb - ea, dtype=torch.float32)
         hull[p.elem_start - ea : p.elem_end - ea] = flat[p.flat_start : p.flat_start + p.length]
-        if pl.halo_src:
-            base = [(s.n_rows if with_rows else 0) for s in self.sends]
-            idx = torch.tensor([base[r] + off for r, off in pl.halo_src], dtype=torch.long)
-            rk = torch.tensor([r for r, _ in pl.halo_src], dtype=torch.long)
-            hull[pl.halo_pos] = gathered[rk, idx].float()
+        if pl.halo_pos.numel():
+            off = pl.halo_off + self._row_base[pl.halo_rank] if with_rows else pl.halo_off
+            hull[pl.halo_pos] = gathered[pl.halo_rank, off].float()
         return hull
 
     def _row_sumsq(

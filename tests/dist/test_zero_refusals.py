@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 from cage_ds.zero import check_config, initialize
+from cage_ds.zero.engine import check_parsed_zero_config
 
 
 def _cfg(**zero) -> dict:
@@ -28,11 +30,18 @@ def _cfg(**zero) -> dict:
 def test_unsupported_zero_settings_are_refused(zero, match):
     with pytest.raises(ValueError, match=match):
         check_config(_cfg(**zero))
+    if "mics_shard_size" in zero:  # MiCS is parsed outside DeepSpeedZeroConfig
+        return
+    # the same settings as DeepSpeed parsed them (what attach() checks on the engine)
+    parsed = DeepSpeedZeroConfig(**{"stage": 3, **zero})
+    with pytest.raises(ValueError, match=match.split("=")[0]):
+        check_parsed_zero_config(parsed)
 
 
 def test_supported_settings_pass():
     for stage in (1, 2, 3):
         check_config(_cfg(stage=stage, offload_param={"device": "none"}))
+        check_parsed_zero_config(DeepSpeedZeroConfig(stage=stage, offload_param={"device": "none"}))
 
 
 def test_config_file_is_read(tmp_path):

@@ -66,10 +66,8 @@ def test_quest_rows_in_kernel_statistics(gen, dev, bits):
     x = torch.randn(rows, n, generator=gen) * 2
     out = quest_quantize_triton(x.to(dev), bits, block)
     assert_same(out, expected_quest(x, bits, block))  # tree statistics of x
-    twin_step = quest_quantize_ref(x, bits, block).step  # torch.sum statistics
-    assert ((out.step.cpu() - twin_step).abs() <= (n + 6) * U * twin_step).all()
-    stats_y = quest_quantize_triton(x.to(dev), bits, block, stats_of_rotated=True)
-    assert_same(stats_y, expected_quest(x, bits, block, stats_of_y=True))
+    # the CPU twin takes the same tree statistics: equal steps
+    assert torch.equal(out.step.cpu(), quest_quantize_ref(x, bits, block).step)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

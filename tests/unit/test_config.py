@@ -90,6 +90,7 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
         (["deepspeed.config=/no/ds.json"], 1, "deepspeed.config='/no/ds.json' does not exist"),
         (["model.pretrained=/no/model"], 1, "model.pretrained='/no/model': no config.json"),
         (["data.tokenizer=/no/tok"], 1, "data.tokenizer='/no/tok': no tokenizer"),
+        (["quant.method=rtn"], 1, "with quant.method='rtn' under ZeRO stage 3"),
     ],
 )
 def test_validate_whole_config(override, world, message):

@@ -1,5 +1,8 @@
 """One CAGE-AdamW update of a tensor (a whole parameter or a flat shard), in place.
 
+The one home of the update math: cage_ds.optim.CageAdamW and the fused kernel's torch twin
+(cage_adamw_ref) both call it.
+
     coupled:   g <- g + lambda * (W - Q(W))
     W <- W (1 - lr wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
     W <- W - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
