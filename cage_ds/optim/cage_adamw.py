@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from cage_kernels import ops as kernel_ops
 from cage_kernels.adamw_update import VARIANTS, cage_adamw_update
 
-from .quant_ops import TensorQuantOps, dense_quant_ops, quant_spec_from_group
+from .quant_ops import DenseQuantOps, TensorQuantOps, dense_quant_ops, quant_spec_from_group
 from .schedule import check_schedule, lambda_at
 
 
@@ -173,11 +174,7 @@ class CageAdamW(torch.optim.Optimizer):
                     grad = ops.ste_grad(p, grad)
                     lam = group_lambda(group, k)
                     applied.append(lam)
-                cage_adamw_update(
-                    p,
-                    grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
+                hyper = dict(
                     step=k,
                     lr=group["lr"],
                     beta1=beta1,
@@ -186,7 +183,19 @@ class CageAdamW(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     lam=lam,
                     variant=group["cage_variant"],
+                )
+                table = ops.fused_table(p) if isinstance(ops, DenseQuantOps) else None
+                if table is not None:  # one Triton pass: Adam + Q + correction
+                    flat = [t.view(-1) for t in (p, grad, state["exp_avg"], state["exp_avg_sq"])]
+                    kernel_ops.cage_adamw_shard_step(*flat, table, **hyper)
+                    continue
+                cage_adamw_update(
+                    p,
+                    grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
                     error_fn=None if ops is None else ops.error,
+                    **hyper,
                 )
         self.last_lambda = max(applied, default=0.0)
         return loss

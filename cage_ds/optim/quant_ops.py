@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from cage_kernels.dispatch import use_triton
+from cage_kernels.segments import Segment, SegmentTable
 
 from cage_ds.quant import Quantizer, QuantSpec
 
@@ -45,6 +47,19 @@ class DenseQuantOps:
 
     def ste_grad(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return g
+
+    def fused_table(self, w: torch.Tensor) -> SegmentTable | None:
+        """The one-segment table that lets the fused CAGE-AdamW kernel update all of w [out, in]
+        in one pass, when the kernels serve w (CUDA, or the interpreter) and the grid is QuEST;
+        else None (the composed torch path)."""
+        spec = self.quantizer.spec
+        if spec.method != "quest" or w.dtype != torch.float32 or not w.is_contiguous():
+            return None
+        if not use_triton(w):
+            return None
+        rows, row_len = w.shape
+        segment = Segment(0, 0, 0, rows, row_len, spec.bits)
+        return SegmentTable((segment,), spec.hadamard_block, spec.mask)
 
 
 def quant_spec_from_group(quant: Any, where: str) -> QuantSpec | None:

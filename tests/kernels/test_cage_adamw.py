@@ -168,8 +168,6 @@ def test_sharded_with_halo_rows_equals_unsharded(gen, dev, variant):
         assert torch.equal(a, b.cpu()), f"{name}: sharded+halo differs from unsharded"
 
 
-
-
 def test_ops_dispatch_and_bad_input(gen, dev, monkeypatch):
     table = SegmentTable((Segment(0, 0, 0, 2, 128, 4),), BLOCK)
     state = [t.to(dev) for t in stream_state(gen, 256)]
@@ -205,3 +203,35 @@ def test_shard_quantize_only(gen, dev, qdtype):
         w = param[span].view(s.n_rows, s.row_len)
         want = expected_quest(w, s.bits, BLOCK, None, "clip").values if s.bits else w
         assert torch.equal(qout[span].view_as(w), want.to(qdtype)), f"param {s.param_id}"
+
+
+@pytest.mark.parametrize("variant", ["decoupled", "coupled"])
+def test_cage_adamw_runs_the_fused_kernel(gen, dev, variant, monkeypatch):
+    """CageAdamW on kernel-served tensors takes one fused pass per quantized weight and
+    lands where its composed torch path lands (ulp-level differences only)."""
+    from cage_ds.optim import CageAdamW
+
+    calls = []
+    fused = ops.cage_adamw_shard_step
+    monkeypatch.setattr(
+        ops, "cage_adamw_shard_step", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
+    w0 = torch.randn(7, 256, generator=gen)
+    grads = [torch.randn(7, 256, generator=gen) for _ in range(3)]
+    quant = {"method": "quest", "bits": 4, "hadamard_block": 64, "mask": "trust", "group_size": 128}
+
+    def run(device: str) -> torch.Tensor:
+        w = w0.clone().to(device).requires_grad_()
+        opt = CageAdamW([{"params": [w], "quant": quant}], lr=1e-2, weight_decay=0.1,
+                        cage_lambda=2.0, cage_silence=0.0, cage_variant=variant)  # fmt: skip
+        for g in grads:
+            w.grad = g.to(device)
+            opt.step()
+        return w.detach().cpu()
+
+    fused_w = run(dev)
+    assert len(calls) == 3
+    monkeypatch.delenv("CAGE_TRITON_INTERPRET", raising=False)
+    if dev == "cpu":
+        torch.testing.assert_close(fused_w, run("cpu"), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 3  # the torch path did not call the kernel
