@@ -127,13 +127,12 @@ def kernel_points(table, bench, dev, copy_gbs, tokens, width):
     size = f"{tokens}x{width}"
     provider = "triton" if use_triton(a) else "torch-twin"
 
-    x = a.clone().requires_grad_()
     measure(table, bench, "fwht bf16", provider, size, 4 * n, lambda: ops.fwht(a, 128), copy_gbs)
     measure(table, bench, "act quest fwd bf16 w4 (v+mask)", provider, size, 5 * n,
-            lambda: ops.quest_fake(a, 4, 128), copy_gbs)  # fmt: skip
-    out = ops.quest_fake(x, 4, 128)
+            lambda: ops.quest_act(a, 4, 128), copy_gbs)  # fmt: skip
+    _, mask = ops.quest_act(a, 4, 128)
     measure(table, bench, "act quest bwd bf16 (mask, H)", provider, size, 5 * n,
-            lambda: out.backward(g, retain_graph=True), copy_gbs)  # fmt: skip
+            lambda: ops.quest_act_backward(g, mask, 128), copy_gbs)  # fmt: skip
     nw = w32.numel()
     measure(table, bench, "weight quest fp32 w4 packed", provider, f"{tokens // 4}x{width}",
             nw * (4 + 4 + 0.5 + 0.125), lambda: ops.quest_quantize_packed(w32, 4, 128),

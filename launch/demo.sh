@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README main job: quantization-aware training of the tiny Llama on the bundled
 # Shakespeare corpus with DeepSpeed ZeRO-3 on 2 CPU ranks, comparing full precision,
-# QuEST W4A4 and CAGE W4A4, tracked in a local MLflow store; ends with the validation table.
+# QuEST W4A4 and CAGE W4A4, tracked in a local MLflow store; ends with the validation table
+# (val loss and the latent weights' relative quantization error ||W - Q(W)|| / ||W||).
+# CAGE uses configs/experiments/cage_w4a4_short.yaml: lambda scaled to the short run.
 #   bash launch/demo.sh                      # set-up (idempotent) + the three runs
 #   bash launch/demo.sh train.steps=200      # extra overrides go to every run
 # Environment: CAGE_DEMO_RANKS (2), CAGE_DEMO_OUT (runs/demo), CAGE_DEMO_PORT (29517).

@@ -90,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             _print_config(cfg, world, yaml)
         rows.append(train(cfg).row())
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if rank == 0:
         print("\nvalidation:")
         print(format_eval_table(rows))

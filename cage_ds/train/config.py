@@ -224,7 +224,8 @@ class DataConfig:
     hf_config: str | None = None
     """Dataset configuration name for 'hf:' sources (e.g. 'en' for C4)."""
     split: str = "train"
-    """Split to read (validation is carved out of it, see val_fraction)."""
+    """Split of an 'hf:' source to read (local files form one split); validation is carved
+    out of it (see val_fraction)."""
     text_field: str = "text"
     """Column holding the text in json/jsonl/parquet/HF data."""
     text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
@@ -377,10 +378,6 @@ class Config:
         """Plain nested dict (tuples as lists), the form YAML/JSON files use."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def flat(self) -> dict[str, Any]:
-        """{'section.field': value} for trackers."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
-
     @property
     def run_name(self) -> str:
         if self.train.run_name:
@@ -390,10 +387,15 @@ class Config:
             if self.model.pretrained
             else self.model.preset or "custom"
         )
-        method = "cage" if self.optim.cage_lambda > 0 else self.quant.method
-        return f"{Path(model).stem}-{self.quant.preset}" + (
-            f"-{method}" if self.quant.enabled else ""
-        )
+        suffix = f"-{self.method}" if self.quant.enabled else ""
+        return f"{Path(model).stem}-{self.quant.preset}{suffix}"
+
+    @property
+    def method(self) -> str:
+        """fp (no quantization), cage (lambda > 0), else the quantizer: quest or rtn."""
+        if not self.quant.enabled:
+            return "fp"
+        return "cage" if self.optim.cage_lambda > 0 else self.quant.method
 
     @property
     def run_dir(self) -> Path:

@@ -392,15 +392,10 @@ class Trainer:
             bar.close()
         if not history["val/loss"]:  # resumed at the end: nothing trained, still report
             val_loss, val_ppl = self._evaluate(self.steps)
-        method = (
-            "cage"
-            if cfg.optim.cage_lambda > 0
-            else (cfg.quant.method if cfg.quant.enabled else "fp")
-        )
         result = RunResult(
             run=cfg.run_name,
             quant=cfg.quant.preset,
-            method=method,
+            method=cfg.method,
             steps=self.steps,
             val_loss=val_loss,
             val_ppl=val_ppl,

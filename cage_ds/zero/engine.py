@@ -105,7 +105,7 @@ def _check_alias(lp: torch.Tensor, hp: torch.Tensor, where: str) -> None:
         raise RuntimeError(
             f"cage_ds.zero: {where}: the low-precision buffer IS the fp32 master (torch autocast "
             "without a bf16/fp16 section?); writing q(W H) there would destroy the latent "
-            "weights. Add a bf16 or fp16 section, or train in fp32 without autocast."
+            "weights. Add a bf16 section, or train in fp32 without autocast."
         )
 
 

@@ -108,8 +108,10 @@ class ShardedQuantOps:
     def ste_grad(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """dL/dw = (M ⊙ dL/dq) H from the rotated-domain gradient g of the gathered q(w H)."""
         self._check(w)
-        mask = self._cached(w)[0]
         q = self.quantizer
+        if not q.quest:  # RTN: plain STE in the original domain
+            return g
+        mask = self._cached(w)[0]
         masked = q.masked_grad(g, mask)
         gathered = self._exchange(q.grad_payload(masked), self._halo_sizes)
         return q.rotate_grad(masked, gathered).to(g.dtype)

@@ -15,6 +15,8 @@ Communication is split from compute so tests can drive every rank in one process
 then its elements in cut blocks); ``quantize(flat, gathered)`` takes every rank's payload
 stacked [world, L] (padded). ``grad_payload`` / ``rotate_grad`` do the same for the STE
 gradient (M ⊙ g) H, whose cut blocks need the neighbours' masked gradient.
+RTN specs use the same machinery with absmax groups in place of blocks, no row statistics,
+no rotation and an all-True mask (plain STE).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from cage_kernels import ops
 from cage_kernels.grid import grid_codes, grid_step, grid_values
 from cage_kernels.hadamard import fwht_ref
 from cage_kernels.quest import row_sumsq_ref
@@ -68,14 +71,17 @@ class _PiecePlan:
     cut_src: list[list[tuple[int, int]]]  # per cut row: (rank, row slot) in rank order
 
 
-def send_of(pmap: PartitionMap, quantized: frozenset[int], block: int) -> _Send:
-    """What the rank of ``pmap`` sends per Q evaluation (payload layout, cost accounting)."""
+def send_of(
+    pmap: PartitionMap, quantized: frozenset[int], block: int, row_stats: bool = True
+) -> _Send:
+    """What the rank of ``pmap`` sends per Q evaluation (payload layout, cost accounting):
+    cut-row partial sums (QuEST only, ``row_stats``) and its elements in cut blocks/groups."""
     rows, halo = [], []
     for p in pmap.pieces:
         if p.param not in quantized:
             continue
         n = p.row_len
-        for r in p.cut_rows():
+        for r in p.cut_rows() if row_stats else ():
             lo, hi = max(p.elem_start, r * n), min(p.elem_end, (r + 1) * n)
             rows.append(
                 (p.param, r, p.flat_start + lo - p.elem_start, p.flat_start + hi - p.elem_start)
@@ -95,18 +101,16 @@ class ShardQuantizer:
     def __init__(
         self, maps: list[PartitionMap], rank: int, spec: QuantSpec, quantized: frozenset[int]
     ):
-        if spec.method != "quest":
-            raise ValueError(
-                f"cage_ds.zero shards only QuEST weight quantizers, got method={spec.method!r}"
-            )
         self.spec, self.rank, self.world = spec, rank, len(maps)
-        self.block = spec.hadamard_block
+        self.quest = spec.method == "quest"
+        # the unit whose elements must sit together: a Hadamard block, or an RTN absmax group
+        self.block = spec.hadamard_block if self.quest else spec.group_size
         self.map = maps[rank]
         self.quantized = quantized
         for p in self.map.pieces:
             if p.param in quantized:
                 spec.check_row_len(p.row_len, f"parameter {p.param} of the flat group")
-        self.sends = [send_of(m, quantized, self.block) for m in maps]
+        self.sends = [send_of(m, quantized, self.block, self.quest) for m in maps]
         self._row_base = torch.tensor([s.n_rows for s in self.sends], dtype=torch.long)
         self.plans = [self._plan(p) for p in self.map.pieces if p.param in quantized]
 
@@ -217,6 +221,13 @@ class ShardQuantizer:
             p = pl.piece
             ea, eb = pl.hull
             hull = self._hull(pl, flat, gathered, with_rows=True)
+            own = slice(p.elem_start - ea, p.elem_end - ea)
+            dst = slice(p.flat_start, p.flat_start + p.length)
+            if not self.quest:  # RTN: absmax per group, no rotation, plain STE (mask all True)
+                v = ops.rtn_quantize(hull.view(-1, bb), s.bits, bb).values.view(-1)[own]
+                values[dst] = v
+                error[dst] = flat[dst].float() - v
+                continue
             y = fwht_ref(hull.view(-1, bb), bb)
             block_row = (
                 torch.div(torch.arange(ea, eb, bb), p.row_len, rounding_mode="floor") - p.rows.start
@@ -228,8 +239,6 @@ class ShardQuantizer:
                 m = (y - v).abs() <= step * 0.5
             else:
                 m = y.abs() <= step * ((2**s.bits - 1) / 2.0)
-            own = slice(p.elem_start - ea, p.elem_end - ea)
-            dst = slice(p.flat_start, p.flat_start + p.length)
             values[dst] = v.view(-1)[own]
             mask[dst] = m.view(-1)[own]
             error[dst] = flat[dst].float() - fwht_ref(v, bb).view(-1)[own]
@@ -241,6 +250,8 @@ class ShardQuantizer:
 
     def rotate_grad(self, masked: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
         """(M ⊙ g) H on quantized pieces (halo from ``gathered`` grad payloads), g elsewhere."""
+        if not self.quest:
+            return masked.clone()
         bb = self.block
         out = masked.clone()
         for pl in self.plans:

@@ -132,8 +132,12 @@ def _exact_rows_params(shapes, gen):
 def test_sharded_quest_equals_unsharded(layout, world):
     seed = _seed()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    for bits, mask in [(4, "trust"), (3, "clip"), (2, "trust")]:
-        spec = QuantSpec(bits=bits, hadamard_block=8, mask=mask)
+    for spec in [
+        QuantSpec(bits=4, hadamard_block=8, mask="trust"),
+        QuantSpec(bits=3, hadamard_block=8, mask="clip"),
+        QuantSpec(bits=2, hadamard_block=8, mask="trust"),
+        QuantSpec(method="rtn", bits=4, group_size=8),
+    ]:
         quant = Quantizer(spec)
         shapes = _shapes(rng, 8)
         params = _exact_rows_params(shapes, gen)

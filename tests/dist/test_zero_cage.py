@@ -36,7 +36,7 @@ from zero_case import LAMBDA, LR, make_batch, make_model_and_optimizer, oracle_s
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, CKPT_AT = 3, 1
 UPDATE_RTOL = 2e-3  # 4x the worst measured bulk ratio
-BF16_WORLD = 3  # this launch also runs the bf16 smoke (BF16_Optimizer and ZeRO-3)
+EXTRA_WORLD = 3  # this launch also runs the bf16 smoke and the RTN weight quantizer cases
 CASES = [(s, v) for s in (1, 2, 3) for v in ("decoupled", "coupled")]
 
 
@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 def _launch(world: int, out: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    env["CAGE_ZERO_BF16"] = "1" if world == BF16_WORLD else "0"
+    env["CAGE_ZERO_EXTRA"] = "1" if world == EXTRA_WORLD else "0"
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "torchrun"),
         f"--nproc_per_node={world}",
@@ -73,11 +73,11 @@ def _check_gathered(log: list, where: str) -> None:
         assert entry["flips"] <= max(2, entry["numel"] // 100_000), f"{where}: {entry}"
 
 
-def _check_steps(variant: str, trace: list, final: dict, where: str) -> dict:
+def _check_steps(variant: str, trace: list, final: dict, where: str, method: str = "quest") -> dict:
     worst = {}
     nxt = [t[0] for t in trace[1:]] + [final]
     for k, ((w, m, v), w_next) in enumerate(zip(trace, nxt, strict=True)):
-        ref = oracle_step(variant, k, w, m, v)
+        ref = oracle_step(variant, k, w, m, v, method)
         for n, want in ref.items():
             upd = (want - w[n]).norm()
             diff = (w_next[n] - want).abs().flatten()
@@ -124,8 +124,12 @@ def _check_export(ckpt: str, world: int) -> None:
 def test_zero_cage_matches_single_process(world, tmp_path):
     assert LR * LAMBDA > 0  # the correction is active from step 1 (silence 0, constant lambda)
     _launch(world, str(tmp_path))
-    if world == BF16_WORLD:
+    if world == EXTRA_WORLD:
         _check_bf16(tmp_path)
+        for stage in (2, 3):
+            res = torch.load(tmp_path / f"rtn_{stage}.pt", weights_only=False)
+            _check_gathered(res["gathered"], f"RTN ZeRO-{stage}")
+            _check_steps("decoupled", res["trace"], res["latents"], f"RTN ZeRO-{stage}", "rtn")
     for stage, variant in CASES:
         where = f"N={world} ZeRO-{stage} {variant}"
         res = torch.load(tmp_path / f"{stage}_{variant}.pt", weights_only=False)

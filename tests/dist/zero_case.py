@@ -26,7 +26,7 @@ LAMBDA = 10.0
 CLIP = 1.0  # the paper's; the step-0 gradient norm here is ~2.7, so clipping is active
 
 
-def make_model_and_optimizer(variant: str, seed: int = 1234):
+def make_model_and_optimizer(variant: str, seed: int = 1234, method: str = "quest"):
     """Fresh fp32 tiny Llama, W4A4-prepared, and its CageAdamW (lambda active from step 1)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -40,7 +40,7 @@ def make_model_and_optimizer(variant: str, seed: int = 1234):
         max_position_embeddings=SEQ,
         tie_word_embeddings=False,
     )
-    model = prepare_model(LlamaForCausalLM(cfg).float(), QuantConfig.preset("w4a4"))
+    model = prepare_model(LlamaForCausalLM(cfg).float(), QuantConfig.preset("w4a4", method=method))
     groups = cage_param_groups(model, weight_decay=0.1)
     opt = CageAdamW(
         groups,
@@ -77,10 +77,12 @@ def ds_config(stage: int, world: int, bf16: bool = False) -> dict:
     return cfg
 
 
-def oracle_step(variant: str, k: int, latents: dict, exp_avg: dict, exp_avg_sq: dict) -> dict:
+def oracle_step(
+    variant: str, k: int, latents: dict, exp_avg: dict, exp_avg_sq: dict, method: str = "quest"
+) -> dict:
     """Single process, unsharded: one prepare_model + CageAdamW step (0-based step k) on the
     full global batch of step k, from the given latents and Adam moments (None at k = 0)."""
-    model, opt = make_model_and_optimizer(variant)
+    model, opt = make_model_and_optimizer(variant, method=method)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n, p in named.items():

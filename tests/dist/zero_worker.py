@@ -8,8 +8,9 @@ cage_ds.zero.initialize; train STEPS steps on this rank's share of the fixed glo
 Before every forward the gathered quantized weights are compared with
 Quantizer.values(full fp32 latent) (deepspeed.utils.safe_get_full_fp32_param). Rank 0
 writes OUT_DIR/<stage>_<variant>.pt with the final latents, losses and those comparisons.
-For stage 3 and 2 (decoupled) it also saves a checkpoint after CKPT_AT steps, reloads it
-into a fresh engine and continues: OUT_DIR/<stage>_<variant>_resumed.pt.
+With CAGE_ZERO_EXTRA=1 it also runs a bf16 smoke (BF16_Optimizer, ZeRO-3) and RTN weight
+quantizers (ZeRO-2, ZeRO-3). For stage 3 and 2 (decoupled) it also saves a checkpoint after
+CKPT_AT steps, reloads it into a fresh engine and continues (result["resumed"]).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _compare_gathered(engine, latents: dict[str, torch.Tensor], log: list) -> li
             want = mod.weight_quantizer.values(latents[name + ".weight"]).to(w.dtype)
             diff = (w - want).abs()
             step = mod.weight_quantizer.quantize(latents[name + ".weight"]).scales.float()
+            if step.shape[-1] != 1:  # RTN: one scale (= one level) per group
+                step = step.repeat_interleave(w.shape[-1] // step.shape[-1], -1)
             # the row's step D differs in its last bits (x |level| <= 7.5), then the lp cast
             ulp = diff <= (1e-5 if w.dtype == torch.float32 else 2**-7 * 8) * step
             flip = (
@@ -106,10 +109,23 @@ def _train(
     return losses
 
 
-def _engine(stage: int, variant: str, world: int, bf16: bool = False):
-    model, opt = make_model_and_optimizer(variant)
+def _engine(stage: int, variant: str, world: int, bf16: bool = False, method: str = "quest"):
+    model, opt = make_model_and_optimizer(variant, method=method)
     engine, *_ = initialize(model=model, optimizer=opt, config=ds_config(stage, world, bf16))
     return engine, opt
+
+
+def _rtn_cases(steps: int, rank: int, world: int, out_dir: str) -> None:
+    """RTN weights (absmax groups, no rotation) on ZeRO-2 and ZeRO-3: OUT_DIR/rtn_<stage>.pt."""
+    for stage in (2, 3):
+        engine, _ = _engine(stage, "decoupled", world, method="rtn")
+        log: list = []
+        trace: list = []
+        _train(engine, steps, rank, world, 0, log, trace)
+        out = {"latents": _latents(engine), "trace": trace, "gathered": log}
+        engine.destroy()
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, f"rtn_{stage}.pt"))
 
 
 def _bf16_cases(steps: int, rank: int, world: int, out_dir: str) -> None:
@@ -169,8 +185,9 @@ def main() -> None:
                 print(f"case {stage}:{variant} {time.time() - t0:.1f}s", file=sys.stderr)
             if rank == 0:
                 torch.save(result, os.path.join(out_dir, f"{stage}_{variant}.pt"))
-    if os.environ.get("CAGE_ZERO_BF16") == "1":
+    if os.environ.get("CAGE_ZERO_EXTRA") == "1":
         _bf16_cases(steps, rank, world, out_dir)
+        _rtn_cases(steps, rank, world, out_dir)
     torch.distributed.barrier()
 
 
