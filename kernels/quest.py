@@ -33,6 +33,22 @@ def row_sumsq_ref(x: torch.Tensor) -> torch.Tensor:
     return row_sumsq_tree_ref(x)
 
 
+def quest_grid(
+    y: torch.Tensor, step: torch.Tensor, bits: int, mask_rule: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotated y (fp32) on the grid of ``step`` (broadcast): (codes uint8, values fp32, mask).
+
+    Trust mask M = |y - v| <= D/2 (QuEST); clip mask M = |y| <= c = D (2^b - 1) / 2.
+    """
+    codes = grid_codes(y, step, bits)
+    values = grid_values(codes, step, bits)
+    if mask_rule == "trust":
+        mask = (y - values).abs() <= step * 0.5
+    else:
+        mask = y.abs() <= step * ((2**bits - 1) / 2.0)
+    return codes, values, mask
+
+
 def quest_quantize_ref(
     x: torch.Tensor,
     bits: int,
@@ -53,10 +69,5 @@ def quest_quantize_ref(
     if sumsq is None:
         sumsq = row_sumsq_ref(y if rotated else x)
     step = grid_step(sumsq, x.shape[-1], bits)
-    codes = grid_codes(y, step, bits)
-    values = grid_values(codes, step, bits)
-    if mask_rule == "trust":
-        mask = (y - values).abs() <= step * 0.5
-    else:
-        mask = y.abs() <= step * ((2**bits - 1) / 2.0)
+    codes, values, mask = quest_grid(y, step, bits, mask_rule)
     return QuestOut(values.to(x.dtype), codes, step, mask)

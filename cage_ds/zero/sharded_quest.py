@@ -5,8 +5,8 @@ For a quantized piece [a, b) of a parameter with rows of n elements and Hadamard
   [b, eb) (the halo) come from the ranks that own them;
   s_row = sum of x^2 over the row: local for rows the piece holds whole (row_sumsq_ref, the
   single-process op), else the float64 sum, in rank order, of every owner's partial sum;
-  y = fwht_ref(hull) per block (bit-identical to the unsharded rotation), D_row = grid_step(s_row),
-  codes, values v = q(y), mask M, and Q(x) = fwht_ref(v) on the hull; the piece keeps its slice.
+  y = ops.fwht(hull) per block (bit-identical to the unsharded rotation), D_row = grid_step(s_row),
+  codes, values v = q(y), mask M, and Q(x) = ops.fwht(v) on the hull; the piece keeps its slice.
 So values, mask and Q(x) equal the unsharded quantizer's wherever the row statistics agree
 (always for whole rows; up to the float64-vs-float32 summation of cut rows).
 
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from cage_kernels import ops
-from cage_kernels.grid import grid_codes, grid_step, grid_values
-from cage_kernels.hadamard import fwht_ref
-from cage_kernels.quest import row_sumsq_ref
+from cage_kernels.grid import grid_step
+from cage_kernels.quest import quest_grid, row_sumsq_ref
 
 from cage_ds.quant import QuantSpec
 
@@ -228,20 +227,15 @@ class ShardQuantizer:
                 values[dst] = v
                 error[dst] = flat[dst].float() - v
                 continue
-            y = fwht_ref(hull.view(-1, bb), bb)
+            y = ops.fwht(hull.view(-1, bb), bb)
             block_row = (
                 torch.div(torch.arange(ea, eb, bb), p.row_len, rounding_mode="floor") - p.rows.start
             )
             step = grid_step(self._row_sumsq(pl, flat, gathered), p.row_len, s.bits)[block_row]
-            codes = grid_codes(y, step, s.bits)
-            v = grid_values(codes, step, s.bits)
-            if s.mask == "trust":
-                m = (y - v).abs() <= step * 0.5
-            else:
-                m = y.abs() <= step * ((2**s.bits - 1) / 2.0)
+            _, v, m = quest_grid(y, step, s.bits, s.mask)
             values[dst] = v.view(-1)[own]
             mask[dst] = m.view(-1)[own]
-            error[dst] = flat[dst].float() - fwht_ref(v, bb).view(-1)[own]
+            error[dst] = flat[dst].float() - ops.fwht(v, bb).view(-1)[own]
         return ShardQuant(values, mask, error)
 
     def masked_grad(self, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -258,6 +252,6 @@ class ShardQuantizer:
             p = pl.piece
             ea = pl.hull[0]
             hull = self._hull(pl, masked, gathered, with_rows=False)
-            rot = fwht_ref(hull.view(-1, bb), bb).view(-1)
+            rot = ops.fwht(hull.view(-1, bb), bb).view(-1)
             out[p.flat_start : p.flat_start + p.length] = rot[p.elem_start - ea : p.elem_end - ea]
         return out
