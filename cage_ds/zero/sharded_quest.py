@@ -197,14 +197,14 @@ class ShardQuantizer:
         p = pl.piece
         n = p.row_len
         rows = p.rows
-        out = torch.empty(len(rows), 1, dtype=torch.float64)
+        out = torch.empty(len(rows), 1, dtype=torch.float64, device=flat.device)
         first_full, end_full = -(-p.elem_start // n), p.elem_end // n
         if end_full > first_full:
             lo = p.flat_start + first_full * n - p.elem_start
             whole = flat[lo : lo + (end_full - first_full) * n].view(-1, n)
             out[first_full - rows.start : end_full - rows.start] = row_sumsq_ref(whole).double()
         for row, contrib in zip(pl.cut_rows, pl.cut_src, strict=True):
-            total = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64, device=flat.device)
             for r, slot in contrib:
                 total = total + gathered[r, slot]
             out[row - rows.start, 0] = total
@@ -213,9 +213,9 @@ class ShardQuantizer:
     def quantize(self, flat: torch.Tensor, gathered: torch.Tensor) -> ShardQuant:
         """Values, mask and error of my partition; ``gathered`` = all stats payloads [world, L]."""
         s, bb = self.spec, self.block
-        values = torch.zeros(self.map.numel, dtype=torch.float32)
-        mask = torch.ones(self.map.numel, dtype=torch.bool)
-        error = torch.zeros(self.map.numel, dtype=torch.float32)
+        values = torch.zeros(self.map.numel, dtype=torch.float32, device=flat.device)
+        mask = torch.ones(self.map.numel, dtype=torch.bool, device=flat.device)
+        error = torch.zeros(self.map.numel, dtype=torch.float32, device=flat.device)
         for pl in self.plans:
             p = pl.piece
             ea, eb = pl.hull
@@ -229,7 +229,10 @@ class ShardQuantizer:
                 continue
             y = ops.fwht(hull.view(-1, bb), bb)
             block_row = (
-                torch.div(torch.arange(ea, eb, bb), p.row_len, rounding_mode="floor") - p.rows.start
+                torch.div(
+                    torch.arange(ea, eb, bb, device=flat.device), p.row_len, rounding_mode="floor"
+                )
+                - p.rows.start
             )
             step = grid_step(self._row_sumsq(pl, flat, gathered), p.row_len, s.bits)[block_row]
             _, v, m = quest_grid(y, step, s.bits, s.mask)
