@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .tracking import default_tracking_uri
 
             uri = cfgs[0].tracking.tracking_uri or default_tracking_uri()
-            print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+            ui = f"{sys.executable} -m mlflow ui --backend-store-uri {uri}"
+            print(f"MLflow UI: {ui}   (then open http://127.0.0.1:5000)")
     return 0
 
 

@@ -6,6 +6,11 @@ clips at the boundary). The learning rate follows linear warmup then cosine deca
 lr_t = lr * t / W for t <= W, else lr * (m + (1 - m) (1 + cos(pi (t - W) / (T - W))) / 2),
 t = 1-based step, W = ceil(warmup_fraction T), m = min_lr_ratio.
 
+Per-step record: rank 0 appends every logged metric dict to <run_dir>/metrics.jsonl as one
+JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), flushed before the
+next step, so the losses of a killed run survive it; each (re)start first appends
+{"event": "start", "step": s, "resumed_from": tag | null, "world_size": n}.
+
 Engines: QuEST-quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE
 hooks, quantize before the all-gather); everything else (no ZeRO, full precision, RTN with
 lambda = 0) uses deepspeed.initialize and QuantLinear fake-quantizes in the forward.
@@ -19,6 +24,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +33,15 @@ from .config import Config, ConfigError, validate
 from .data import TextData, build_data, steps_for_tokens
 from .evaluate import evaluate
 from .model import build_model, parameter_counts, preset_parameter_counts, zero_stage
+
+METRICS_LOG = "metrics.jsonl"
+"""Per-step metrics of a run, under its run_dir (see the module docstring)."""
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line and flush it to the OS (survives a kill -9)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def _free_port() -> int:
@@ -245,6 +260,7 @@ class Trainer:
         )
         self.val = self.data.val_batches(cfg.train.micro_batch_size, self.rank, self.world)
         self.checkpoints = self._checkpoint_manager()
+        self.resumed_from: str | None = None
         self.tracker = self._tracker()
 
     def _barrier(self) -> None:
@@ -321,13 +337,19 @@ class Trainer:
             metrics["train/grad_norm"] = float(grad_norm)
         if with_quant:
             metrics.update(quant_metrics(self.engine, self.stage))
-        self.tracker.log_metrics(metrics, step=step)
+        self._log_metrics(metrics, step)
         return metrics
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """To the tracker and, on rank 0, to <run_dir>/metrics.jsonl."""
+        self.tracker.log_metrics(metrics, step=step)
+        if self.rank == 0:
+            append_jsonl(self.cfg.run_dir / METRICS_LOG, {"step": step, **metrics})
 
     def _evaluate(self, step: int) -> tuple[float, float]:
         loss = evaluate(self.engine, self.val)
         ppl = math.exp(min(loss, 50.0))
-        self.tracker.log_metrics({"val/loss": loss, "val/ppl": ppl}, step=step)
+        self._log_metrics({"val/loss": loss, "val/ppl": ppl}, step)
         return loss, ppl
 
     def _save(self, step: int) -> None:
@@ -340,6 +362,7 @@ class Trainer:
         if resumed is None:
             return 0
         self.batches.load_state_dict(resumed.client_state["data"])
+        self.resumed_from = resumed.tag
         return resumed.step
 
     def run(self) -> RunResult:
@@ -347,6 +370,8 @@ class Trainer:
         start = self._resume()
         if rank0:
             self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            start_record = {"event": "start", "step": start, "resumed_from": self.resumed_from}
+            append_jsonl(self.cfg.run_dir / METRICS_LOG, {**start_record, "world_size": self.world})
             self._write_run_files()
         bar = None
         if rank0 and cfg.train.progress:

@@ -1,19 +1,14 @@
-"""Tracker against a real ``mlflow server`` on loopback (one server for this module, stopped
-and restarted on the same port and backend to simulate outages): params, metrics, artifacts
-and system metrics read back through MlflowClient; an outage mid-run loses no metric step;
-an outage through close() lands in the fallback file and the replay delivers it."""
+"""Tracker against a real ``mlflow server`` on loopback (the module-scoped ``server``
+fixture of conftest.py, stopped and restarted on the same port and backend to simulate
+outages): params, metrics, artifacts and system metrics read back through MlflowClient; an
+outage mid-run loses no metric step; an outage through close() lands in the fallback file
+and the replay delivers it."""
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,85 +25,13 @@ from cage_ds.train.tracking import (
 pytestmark = pytest.mark.slow
 
 
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a sqlite backend; start/stop keep port and backend."""
-
-    def __init__(self, root: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.root = root
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 120.0) -> None:
-        mlflow_bin = Path(sys.executable).parent / "mlflow"
-        backend = f"sqlite:///{self.root / 'db.sqlite'}"
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                str(mlflow_bin),
-                "server",
-                "--backend-store-uri",
-                backend,
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log_text = (self.root / "server.log").read_text()
-                raise RuntimeError(f"mlflow server exited: {log_text}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"mlflow server on {self.uri} not healthy after {timeout_s} s")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGKILL)  # a crash: the server and its worker
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def ensure_running(self) -> None:
-        if self.proc is None:
-            self.start()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     from mlflow import MlflowClient
 
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def _fast(server: MlflowServer, tmp_path: Path, run_name: str, **kw) -> Tracker:
+def _fast(server, tmp_path: Path, run_name: str, **kw) -> Tracker:
     """A tracker with short flush/backoff periods so a test sees the retries quickly."""
     options = dict(
         tracking_uri=server.uri,
