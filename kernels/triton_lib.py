@@ -124,7 +124,6 @@ def pack_rows_store(
         tl.store(out_ptr + row_byte_off + gcol + i, byte, mask=col_mask)
 
 
-
 def log2_exact(n: int, what: str) -> int:
     """log2 of a power of two ``n``, else raise naming ``what``."""
     if n < 1 or n & (n - 1):
