@@ -98,22 +98,29 @@ def table() -> list[str]:
 
 
 def measured(path: str) -> list[str]:
+    """Rank 0's counters of a zero_worker.py run next to the bf16 all-gather of the same
+    steps: (world-1)/world * 2 B * all parameters, twice per step for ZeRO-3, once for 1/2."""
     import torch
 
     rows = [
-        "| run | stage | variant | exchanges | bytes received (rank 0) "
-        "| quantized elems (rank 0) |",
-        "|---|---|---|---|---|---|",
+        "| run | world | stage | variant | steps | exchanges | bytes received (rank 0) "
+        "| quantized elems (rank 0) | bf16 all-gather (rank 0) | extra / all-gather |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in (1, 2, 3):
         for variant in ("decoupled", "coupled"):
             f = os.path.join(path, f"{stage}_{variant}.pt")
             if not os.path.exists(f):
                 continue
-            s = torch.load(f, weights_only=False)["stats"]
+            res = torch.load(f, weights_only=False)
+            s, world, steps = res["stats"], res["world"], len(res["losses"])
+            numel = sum(t.numel() for t in res["latents"].values())
+            gather = (world - 1) / world * 2 * numel * steps * (2 if stage == 3 else 1)
+            ratio = f"{s['bytes_received'] / gather:.2e}" if gather else "-"
             rows.append(
-                f"| {os.path.basename(path.rstrip('/'))} | {stage} | {variant} "
-                f"| {s['exchanges']} | {s['bytes_received']:,} | {s['elements_quantized']:,} |"
+                f"| {os.path.basename(path.rstrip('/'))} | {world} | {stage} | {variant} | {steps} "
+                f"| {s['exchanges']} | {s['bytes_received']:,} | {s['elements_quantized']:,} "
+                f"| {fmt_bytes(gather)} | {ratio} |"
             )
     return rows
 

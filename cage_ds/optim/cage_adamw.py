@@ -85,7 +85,8 @@ class CageAdamW(torch.optim.Optimizer):
     """AdamW with the CAGE correction on parameters whose group carries a "quant" spec.
 
     With cage_lambda = 0 this is torch.optim.AdamW (single-tensor path), op for op.
-    ``last_lambda``: the largest lambda_k applied to a quantized parameter in the last step.
+    ``last_lambda``: the largest lambda_k applied to a quantized parameter by the last step()
+    that updated one (a ZeRO-3 sub-group without quantized weights leaves it unchanged).
     """
 
     def __init__(
@@ -197,5 +198,6 @@ class CageAdamW(torch.optim.Optimizer):
                     error_fn=None if ops is None else ops.error,
                     **hyper,
                 )
-        self.last_lambda = max(applied, default=0.0)
+        if applied:
+            self.last_lambda = max(applied)
         return loss

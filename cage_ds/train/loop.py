@@ -157,43 +157,25 @@ def initialize_engine(cfg: Config, model, optimizer, scheduler, ds_config: dict[
 
 
 def quant_metrics(engine, stage: int) -> dict[str, float]:
-    """cage_ds.nn.quant_stats of the model (masked fractions; weight error of fake-quant
-    layers), plus, for layers in weight_prequantized mode under ZeRO, the same relative error
-    sqrt(sum ||W - Q(W)||^2 / sum ||W||^2) of the latent fp32 weights gathered from the
-    optimizer partitions (collective: every rank calls this at the same steps)."""
+    """Quantization telemetry (keys of cage_ds.nn.quant_stats). An engine from
+    cage_ds.zero.initialize: cage_ds.zero.quant_stats, the latent weights' errors and masks
+    from the sharded quantizations (one small all-reduce, no weight gather; collective: every
+    rank calls this at the same steps). Otherwise cage_ds.nn.quant_stats of the fake-quant
+    model (ZeRO-3 gathers the partitioned weights of its weight-quantized layers)."""
     from cage_ds.nn import quant_stats, quantized_modules
 
+    if getattr(engine.optimizer, "cage_zero_attached", False):
+        from cage_ds.zero import quant_stats as sharded_quant_stats
+
+        return sharded_quant_stats(engine)
     layers = [layer for _, layer in quantized_modules(engine.module)]
-    fake = [
-        x.weight for x in layers if x.weight_quantizer is not None and not x.weight_prequantized
-    ]
+    fake = [x.weight for x in layers if x.weight_quantizer is not None]
     if stage == 3 and fake:  # fake-quant layers read their (partitioned) weights
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(fake, modifier_rank=None):
-            stats = quant_stats(engine.module)
-    else:
-        stats = quant_stats(engine.module)
-    if stage == 0:
-        return stats
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    sums: dict[str, list[float]] = {}
-    for name, layer in quantized_modules(engine.module):
-        if layer.weight_quantizer is None or not layer.weight_prequantized:
-            continue
-        w = safe_get_full_fp32_param(layer.weight)
-        if w is None:
-            continue
-        w = w.reshape(layer.out_features, layer.in_features).float()
-        e2 = float(layer.weight_quantizer.error(w).square().sum())
-        w2 = float(w.square().sum())
-        for key in ("quant/rel_error", "quant/rel_error/" + name.rsplit(".", 1)[-1]):
-            acc = sums.setdefault(key, [0.0, 0.0])
-            acc[0] += e2
-            acc[1] += w2
-    stats.update({k: (e / n) ** 0.5 if n > 0 else 0.0 for k, (e, n) in sums.items()})
-    return stats
+            return quant_stats(engine.module)
+    return quant_stats(engine.module)
 
 
 @dataclass
@@ -319,16 +301,26 @@ class Trainer:
             losses.append(float(loss.detach()))
         return self._mean(sum(losses) / len(losses))
 
+    def _cage_lambda(self, step: int) -> float:
+        """lambda_t of the quantized param groups' schedule at ``step`` (0 without any).
+
+        Not ``optimizer.last_lambda``: ZeRO-3 calls optimizer.step() once per sub-group, so
+        that ends as the last sub-group's value, 0 when it holds no quantized weight."""
+        from cage_ds.optim.cage_adamw import group_lambda
+
+        groups = self.optimizer.param_groups
+        return max((group_lambda(g, step) for g in groups if g.get("quant")), default=0.0)
+
     def _log_step(
         self, step: int, loss: float, lr: float, step_time: float, with_quant: bool
     ) -> dict[str, float]:
-        """Log this step's metrics; the quantization telemetry (a weight gather under ZeRO)
+        """Log this step's metrics; the quantization telemetry (collective under ZeRO)
         only ``with_quant``."""
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         metrics = {
             "train/loss": loss,
             "train/lr": lr,
-            "train/lambda": float(self.optimizer.last_lambda),
+            "train/lambda": self._cage_lambda(step),
             "train/step_time_s": step_time,
             "train/tokens_per_s": tokens / step_time,
         }

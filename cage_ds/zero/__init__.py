@@ -6,6 +6,7 @@ The only package touching DeepSpeed internals (pinned deepspeed==0.19.8, see eng
 from .engine import attach, check_config, initialize
 from .optimizer import ShardedQuantOps
 from .shardmap import PartitionMap, Piece, zero3_maps, zero12_maps
+from .stats import quant_stats
 
 __all__ = [
     "PartitionMap",
@@ -14,6 +15,7 @@ __all__ = [
     "attach",
     "check_config",
     "initialize",
+    "quant_stats",
     "zero3_maps",
     "zero12_maps",
 ]

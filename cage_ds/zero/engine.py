@@ -120,17 +120,27 @@ def _check_2d(shapes: list[tuple[int, ...]], where: str) -> None:
 
 
 def _ops(
-    maps: list[PartitionMap], rank: int, group: dict, where: str, pg: Any
+    maps: list[PartitionMap], rank: int, group: dict, where: str, pg: Any, names: tuple[str, ...]
 ) -> ShardedQuantOps | None:
     spec = _quant_spec(group, where)
     if spec is None:
         return None
     quantized = frozenset(p.param for m in maps for p in m.pieces)
-    return ShardedQuantOps(ShardQuantizer(maps, rank, spec, quantized), pg, where)
+    return ShardedQuantOps(ShardQuantizer(maps, rank, spec, quantized), pg, where, names)
+
+
+def _names(params: list, names: dict[int, str], where: str) -> tuple[str, ...]:
+    """The module's names of a flat group's parameters, in flat order."""
+    missing = [tuple(p.shape) for p in params if id(p) not in names]
+    if missing:
+        raise RuntimeError(f"{where}: parameters of shapes {missing[:4]} are not in the module")
+    return tuple(names[id(p)] for p in params)
 
 
 # ---------------- ZeRO-3 ----------------
-def _attach_zero3(opt: Any, client: torch.optim.Optimizer) -> dict[int, ShardedQuantOps]:
+def _attach_zero3(
+    opt: Any, client: torch.optim.Optimizer, names: dict[int, str]
+) -> dict[int, ShardedQuantOps]:
     if any(f is None for f in opt.fp16_partitioned_groups_flat):
         raise RuntimeError(
             "cage_ds.zero: ZeRO-3 without lp flat buffers (NVMe param offload?) is not supported"
@@ -160,8 +170,9 @@ def _attach_zero3(opt: Any, client: torch.optim.Optimizer) -> dict[int, ShardedQ
             raise RuntimeError(
                 f"{where}: flat partition has {hp.numel()} elements, map {maps[rank].numel}"
             )
-        ops = _ops(maps, rank, client.param_groups[gid], where, pg)
+        ops = _ops(maps, rank, client.param_groups[gid], where, pg, _names(params, names, where))
         registry[id(hp)] = by_sid[sid] = ops
+        opt.cage_zero_partitions.append((hp, ops))
     original = opt._reassign_or_swap_out_partitioned_parameters
 
     def reassign(self, sub_group_id):
@@ -200,8 +211,10 @@ def _attach_zero3(opt: Any, client: torch.optim.Optimizer) -> dict[int, ShardedQ
 
 
 # ---------------- ZeRO-1/2 and BF16_Optimizer ----------------
-def _flat_layout(opt: Any, i: int, bf16: bool) -> tuple[list, list[int], int, torch.Tensor, list]:
-    """(shapes, offsets, flat numel, fp32 partition, lp partitions) of flat group i."""
+def _flat_layout(
+    opt: Any, i: int, bf16: bool
+) -> tuple[list, list, list[int], int, torch.Tensor, list]:
+    """(params, shapes, offsets, flat numel, fp32 partition, lp partitions) of flat group i."""
     if bf16:
         params = opt.bf16_groups[i]
         shapes = [tuple(p.shape) for p in params]
@@ -209,6 +222,7 @@ def _flat_layout(opt: Any, i: int, bf16: bool) -> tuple[list, list[int], int, to
         for p in params[:-1]:
             offsets.append(offsets[-1] + p.numel())
         return (
+            params,
             shapes,
             offsets,
             opt.bf16_groups_flat[i].numel(),
@@ -217,6 +231,7 @@ def _flat_layout(opt: Any, i: int, bf16: bool) -> tuple[list, list[int], int, to
         )
     shapes = [tuple(m.shape) for m in opt.round_robin_bit16_meta[i]]
     return (
+        opt.round_robin_bit16_groups[i],
         shapes,
         list(opt.round_robin_bit16_offsets[i]),
         opt.bit16_groups_flat[i].numel(),
@@ -225,7 +240,9 @@ def _flat_layout(opt: Any, i: int, bf16: bool) -> tuple[list, list[int], int, to
     )
 
 
-def _attach_flat(opt: Any, client: torch.optim.Optimizer, bf16: bool) -> dict[int, ShardedQuantOps]:
+def _attach_flat(
+    opt: Any, client: torch.optim.Optimizer, bf16: bool, names: dict[int, str]
+) -> dict[int, ShardedQuantOps]:
     if not bf16 and getattr(opt, "cpu_offload", False):
         raise RuntimeError("cage_ds.zero: ZeRO-1/2 cpu_offload is not supported")
     registry, writers, group_of = {}, [], {}
@@ -234,7 +251,7 @@ def _attach_flat(opt: Any, client: torch.optim.Optimizer, bf16: bool) -> dict[in
         pg = opt.real_dp_process_group[i]
         world, rank = tdist.get_world_size(pg), tdist.get_rank(pg)
         where = f"{'BF16_Optimizer' if bf16 else 'ZeRO-1/2'} param group {i}"
-        shapes, offsets, numel, hp, lps = _flat_layout(opt, i, bf16)
+        params, shapes, offsets, numel, hp, lps = _flat_layout(opt, i, bf16)
         _check_alias(lps[rank], hp, where)
         if _quant_spec(client.param_groups[i], where) is None:
             continue
@@ -248,8 +265,9 @@ def _attach_flat(opt: Any, client: torch.optim.Optimizer, bf16: bool) -> dict[in
             first = min(maps[rank].pieces, key=lambda q: q.flat_start, default=None)
             if first is not None and first.elem_start != opt.first_offset[i]:
                 raise RuntimeError(f"{where}: DeepSpeed's first_offset differs from the shard map")
-        ops = _ops(maps, rank, client.param_groups[i], where, pg)
+        ops = _ops(maps, rank, client.param_groups[i], where, pg, _names(params, names, where))
         registry[id(hp)] = ops
+        opt.cage_zero_partitions.append((hp, ops))
         group_of[id(hp)] = i
         writers.append((ops, hp, lps[rank]))
 
@@ -335,12 +353,14 @@ def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, Sh
         raise RuntimeError("cage_ds.zero: hooks are already attached to this engine")
     if engine.fp16_enabled():
         raise ValueError("cage_ds.zero: fp16 (loss scaling) is not supported; use bf16 or fp32")
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    opt.cage_zero_partitions = []  # (fp32 master partition, its ops): cage_ds.zero.quant_stats
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        registry = _attach_zero3(opt, client_optimizer)
+        registry = _attach_zero3(opt, client_optimizer, names)
     elif isinstance(opt, DeepSpeedZeroOptimizer):
-        registry = _attach_flat(opt, client_optimizer, bf16=False)
+        registry = _attach_flat(opt, client_optimizer, False, names)
     elif isinstance(opt, BF16_Optimizer):
-        registry = _attach_flat(opt, client_optimizer, bf16=True)
+        registry = _attach_flat(opt, client_optimizer, True, names)
     else:
         raise TypeError(
             f"cage_ds.zero: unsupported DeepSpeed optimizer wrapper {type(opt).__name__}"

@@ -9,6 +9,7 @@ engine hooks write into the low-precision partition that DeepSpeed all-gathers.
 Cache: the last quantization (mask and error) is kept with the tensor's version counter,
 so the lp write at the end of step t serves step t+1's STE mask and coupled error without
 another exchange. Every rank runs the same in-place ops, so cache hits agree across ranks.
+``piece_sums`` reads the same cache for telemetry (cage_ds/zero/stats.py).
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ def all_gather_padded(payload: torch.Tensor, sizes: list[int], group: Any = None
 class ShardedQuantOps:
     """TensorQuantOps of one flat partition (see module docstring); counts exchanged bytes."""
 
-    def __init__(self, quantizer: ShardQuantizer, group: Any = None, name: str = "partition"):
+    def __init__(
+        self,
+        quantizer: ShardQuantizer,
+        group: Any = None,
+        name: str = "partition",
+        param_names: tuple[str, ...] = (),
+    ):
         self.quantizer = quantizer
         self.group = group
         self.name = name
+        self.param_names = param_names  # name of flat-group parameter j (telemetry keys)
         self._stats_sizes = quantizer.payload_sizes(with_rows=True)
         self._halo_sizes = quantizer.payload_sizes(with_rows=False)
         self._cache: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
@@ -115,6 +123,30 @@ class ShardedQuantOps:
         masked = q.masked_grad(g, mask)
         gathered = self._exchange(q.grad_payload(masked), self._halo_sizes)
         return q.rotate_grad(masked, gathered).to(g.dtype)
+
+    @torch.no_grad()
+    def piece_sums(self, w: torch.Tensor) -> torch.Tensor:
+        """float64 [len(slots), 4]: this rank's share of (sum e^2, sum w^2, masked entries,
+        entries) of every quantized parameter of the group, rows in ``slots()`` order, from
+        the cached quantization of w (a fresh one, collective, if w changed since)."""
+        self._check(w)
+        mask, error = self._cached(w)
+        slot = {j: i for i, j in enumerate(self.slots())}
+        out = torch.zeros(len(slot), 4, dtype=torch.float64, device=w.device)
+        for pl in self.quantizer.plans:
+            p = pl.piece
+            sl = slice(p.flat_start, p.flat_start + p.length)
+            row = out[slot[p.param]]
+            row[0] += error[sl].double().square().sum()
+            row[1] += w[sl].double().square().sum()
+            row[2] += (~mask[sl]).sum()
+            row[3] += p.length
+        return out
+
+    def slots(self) -> list[int]:
+        """Indices (in the flat group) of the quantized parameters, ascending: the same list
+        on every rank, whichever pieces this rank holds."""
+        return sorted(self.quantizer.quantized)
 
     @torch.no_grad()
     def write_lp(self, w: torch.Tensor, lp: torch.Tensor) -> None:

@@ -7,10 +7,12 @@ process: build the tiny Llama (fixed seed), prepare_model W4A4, CageAdamW, and
 cage_ds.zero.initialize; train STEPS steps on this rank's share of the fixed global batch.
 Before every forward the gathered quantized weights are compared with
 Quantizer.values(full fp32 latent) (deepspeed.utils.safe_get_full_fp32_param). Rank 0
-writes OUT_DIR/<stage>_<variant>.pt with the final latents, losses and those comparisons.
+writes OUT_DIR/<stage>_<variant>.pt with the final latents, losses, those comparisons and
+cage_ds.zero.quant_stats(engine) after the last step (result["quant_stats"]).
 With CAGE_ZERO_EXTRA=1 it also runs a bf16 smoke (BF16_Optimizer, ZeRO-3) and RTN weight
-quantizers (ZeRO-2, ZeRO-3). For stage 3 and 2 (decoupled) it also saves a checkpoint after
+quantizers (ZeRO-2, ZeRO-3). For every stage (decoupled) it also saves a checkpoint after
 CKPT_AT steps, reloads it into a fresh engine and continues (result["resumed"]).
+CAGE_ZERO_CASES="3:coupled,..." runs only those cases (the determinism re-launch).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from cage_ds.nn import quantized_modules
-from cage_ds.zero import initialize
+from cage_ds.zero import initialize, quant_stats
 
 sys.path.insert(0, os.path.dirname(__file__))
 from zero_case import (
@@ -165,6 +167,7 @@ def main() -> None:
             engine, opt = _engine(stage, variant, world)
             losses = _train(engine, steps, rank, world, 0, log, trace)
             final = _latents(engine)
+            telemetry = quant_stats(engine)  # collective: every rank, same point
             ops = list(opt.cage_zero_ops.values())
             stats = {
                 "exchanges": sum(o.exchanges for o in ops),
@@ -177,8 +180,10 @@ def main() -> None:
                 "losses": losses,
                 "gathered": log,
                 "stats": stats,
+                "quant_stats": telemetry,
+                "world": world,
             }
-            if variant == "decoupled" and stage in (2, 3):
+            if variant == "decoupled":
                 result["resumed"] = _resume(stage, variant, world, rank, steps, ckpt_at, out_dir)
             engine.destroy()
             if rank == 0 and os.environ.get("CAGE_ZERO_TIMING"):

@@ -550,3 +550,17 @@ def test_loaded_groups_are_validated():
     with pytest.raises(ValueError, match=r"param group 0 \(loaded\): cage_silence .* got 1.5"):
         opt.load_state_dict(state)
     assert opt.param_groups[0]["cage_silence"] == 0.8  # the optimizer was left as it was
+
+
+def test_last_lambda_survives_a_step_without_quantized_params():
+    """ZeRO-3 calls step() once per sub-group: a call that updates no quantized weight must
+    not reset the reported lambda."""
+    w = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = CageAdamW([{"params": [w], "quant": QUANT}, {"params": [b]}], cage_silence=0.0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert opt.last_lambda == 10.0
+    w.grad, b.grad = None, torch.randn_like(b)
+    opt.step()
+    assert opt.last_lambda == 10.0 and b in opt.state
