@@ -301,16 +301,6 @@ class Trainer:
             losses.append(float(loss.detach()))
         return self._mean(sum(losses) / len(losses))
 
-    def _cage_lambda(self, step: int) -> float:
-        """lambda_t of the quantized param groups' schedule at ``step`` (0 without any).
-
-        Not ``optimizer.last_lambda``: ZeRO-3 calls optimizer.step() once per sub-group, so
-        that ends as the last sub-group's value, 0 when it holds no quantized weight."""
-        from cage_ds.optim.cage_adamw import group_lambda
-
-        groups = self.optimizer.param_groups
-        return max((group_lambda(g, step) for g in groups if g.get("quant")), default=0.0)
-
     def _log_step(
         self, step: int, loss: float, lr: float, step_time: float, with_quant: bool
     ) -> dict[str, float]:
@@ -320,7 +310,7 @@ class Trainer:
         metrics = {
             "train/loss": loss,
             "train/lr": lr,
-            "train/lambda": self._cage_lambda(step),
+            "train/lambda": float(self.optimizer.last_lambda),
             "train/step_time_s": step_time,
             "train/tokens_per_s": tokens / step_time,
         }

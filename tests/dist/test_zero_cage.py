@@ -21,9 +21,9 @@ bound by orders of magnitude.
 
 Also checked here, sharing the launches: resume after save/load equals the uninterrupted run
 bit for bit (ZeRO-1/2/3); cage_ds.zero.quant_stats equals cage_ds.nn.quant_stats of the
-gathered latents (N in {1, 2, 4}, see QUANT_STATS_RTOL); and, at N = 2, a second launch
-(another PYTHONHASHSEED, fresh allocator) of the ZeRO-2/3 coupled cases reproduces the first
-bit for bit (run-to-run determinism).
+gathered latents (fp32 at N in {1, 2, 4}, bf16 at N = 3 within looser bounds, see
+QUANT_STATS_RTOL); and, at N = 2, a second launch (another PYTHONHASHSEED, fresh
+allocator) of the ZeRO-2/3 coupled cases reproduces the first bit for bit (run to run).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ REPEAT_WORLD, REPEAT_CASES = 2, ("2:coupled", "3:coupled")  # the determinism re
 # reference's float32 torch.sum over <= 2^18 squares, relative error <= (log2 n + 1) u
 # = 19 * 2^-24 ~ 1.1e-6 on numerator and denominator each, halved by the square root, plus
 # a few ulps adding the 7 layers: RTOL 4e-6. Masked fractions: exact (same mask, same counts).
-QUANT_STATS_RTOL = 4e-6
+# With cut rows (the bf16 cases at N = 3) the row step D may differ in its last bits and a
+# code or trust bit may flip at a tie (see _check_gathered): loose bounds there.
+QUANT_STATS_RTOL, QUANT_STATS_CUT_RTOL, MASKED_FRAC_CUT_ATOL = 4e-6, 1e-3, 1e-4
 
 
 def _free_port() -> int:
@@ -116,6 +118,7 @@ def _check_bf16(out) -> None:
         _check_gathered(res["gathered"], f"bf16 {wrapper}")
         assert all(res["moved"].values()), f"bf16 {wrapper}: some master weights did not move"
         assert all(torch.isfinite(torch.tensor(res["losses"]))), res["losses"]
+        _check_quant_stats(res["quant_stats"], res["latents"], f"bf16 {wrapper}", cut_rows=True)
 
 
 def _check_export(ckpt: str, world: int) -> None:
@@ -135,7 +138,7 @@ def _check_export(ckpt: str, world: int) -> None:
     assert torch.equal(got, want), f"N={world}: reloaded export loss {got} != latent loss {want}"
 
 
-def _check_quant_stats(got: dict, latents: dict, where: str) -> None:
+def _check_quant_stats(got: dict, latents: dict, where: str, cut_rows: bool = False) -> None:
     """cage_ds.zero.quant_stats vs cage_ds.nn.quant_stats of an unsharded fake-quant model
     holding the same latents (weight keys; the activation fraction depends on the batch)."""
     model, _ = make_model_and_optimizer("decoupled")
@@ -147,11 +150,10 @@ def _check_quant_stats(got: dict, latents: dict, where: str) -> None:
     want = {k: v for k, v in quant_stats(model).items() if k != "quant/masked_frac/act"}
     assert "quant/rel_error/down_proj" in want and "quant/masked_frac/weight" in want, want
     assert set(want) <= set(got), f"{where}: quant_stats keys {sorted(got)} lack {sorted(want)}"
+    rtol, atol = (QUANT_STATS_CUT_RTOL, MASKED_FRAC_CUT_ATOL) if cut_rows else (QUANT_STATS_RTOL, 0)
     for key, ref in want.items():
-        if key.startswith("quant/rel_error"):
-            assert abs(got[key] - ref) <= QUANT_STATS_RTOL * ref, f"{where}: {key} {got[key]} {ref}"
-        else:
-            assert got[key] == ref, f"{where}: {key} {got[key]} != {ref}"
+        bound = rtol * ref if key.startswith("quant/rel_error") else atol
+        assert abs(got[key] - ref) <= bound, f"{where}: {key} {got[key]} vs {ref}"
 
 
 def _check_repeat(first: dict, again: dict, where: str) -> None:

@@ -140,6 +140,8 @@ def _bf16_cases(steps: int, rank: int, world: int, out_dir: str) -> None:
         losses = _train(engine, steps, rank, world, 0, log)
         after = _latents(engine)
         out = {
+            "latents": after,
+            "quant_stats": quant_stats(engine),
             "wrapper": type(engine.optimizer).__name__,
             "gathered": log,
             "losses": losses,
