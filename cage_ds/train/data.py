@@ -50,7 +50,8 @@ def load_documents(cfg: DataConfig, streaming: bool):
             return load_dataset(name, cfg.hf_config, split=cfg.split, streaming=streaming)
         except Exception as err:  # datasets raises many types for a cache miss offline
             raise ConfigError(
-                f"data.source={cfg.source!r}: not loadable offline from the local HF cache ({err})"
+                f"data.source={cfg.source!r} (data.hf_config={cfg.hf_config!r}): not loadable "
+                f"offline from the local HF cache ({err}); data.hf_config names the configuration"
             ) from err
     files = resolve_data_files(cfg.source)
     if not files:

@@ -1,10 +1,15 @@
 """cage-train data: packing, validation split, deterministic per-rank sharding, exact resume,
-and local text / jsonl / parquet loading in map and streaming modes."""
+and loading (local text / jsonl / parquet files, hub datasets from an offline HF cache) in
+map and streaming modes."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +272,107 @@ def test_hf_source_loads_a_local_dataset_folder_offline(tmp_path, rng):
 def test_hf_source_missing_from_cache_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.source='hf:nobody/no-such-dataset'"):
         build_data(data_config(tmp_path, "hf:nobody/no-such-dataset"), seed=0)
+
+
+HUB_NAME = "cage-ds/tiny_corpus"
+"""A hub-style dataset name (namespace/name) that only exists in the test's HF cache."""
+
+CACHED_LOAD = """
+import json, sys
+import numpy as np
+import datasets
+from cage_ds.train.config import ConfigError, DataConfig
+from cage_ds.train.data import build_data
+
+assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE
+kw = json.loads(sys.argv[1])
+out = {}
+for streaming in (False, True):
+    data = build_data(DataConfig(**kw, streaming=streaming), seed=0)
+    out[f"val_{streaming}"] = data.val_blocks
+    out[f"train_{streaming}"] = data.train.get(range(10))
+np.savez(sys.argv[2], **out)
+errors = {}
+for config in (None, "realnewslike"):
+    try:
+        build_data(DataConfig(**{**kw, "hf_config": config}), seed=0)
+    except ConfigError as err:
+        errors[str(config)] = str(err)
+print(json.dumps(errors))
+"""
+
+
+def write_hub_cache(datasets_cache, name, config, jsonl, scratch):
+    """Write the cache an online ``load_dataset(name, config)`` of a hub dataset of jsonl files
+    leaves: the real json builder's Arrow files + dataset_info.json, in the folder a builder with
+    that repo_id / dataset_name / config / commit hash caches to
+    (<cache>/<namespace>___<name>/<config>/0.0.0/<commit>/)."""
+    from datasets.packaged_modules.json.json import Json
+
+    dataset_name = name.split("/")[-1]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    online = Json(
+        cache_dir=str(datasets_cache),
+        dataset_name=dataset_name,
+        repo_id=name,
+        config_name=config,
+        hash=commit,
+    )
+    # the repo_id builder accepts hf://datasets/<name>@<commit> data files only: a twin without
+    # repo_id reads the local jsonl and writes into the repo builder's cache folder
+    writer = Json(
+        cache_dir=str(scratch),
+        dataset_name=dataset_name,
+        config_name=config,
+        data_files={"train": [str(jsonl)]},
+    )
+    writer.download_and_prepare(output_dir=online.cache_dir)
+    return Path(online.cache_dir)
+
+
+def test_hf_source_loads_a_hub_dataset_from_the_offline_cache(tmp_path, rng):
+    docs = corpus(rng)
+    (tmp_path / "en").mkdir()
+    (tmp_path / "other").mkdir()
+    path = write_corpus(tmp_path / "en", docs, "jsonl")
+    other = write_corpus(tmp_path / "other", corpus(rng, 20), "jsonl")
+    hf_home = tmp_path / "hf"
+    cached = {
+        config: write_hub_cache(hf_home / "datasets", HUB_NAME, config, jsonl, tmp_path / "scratch")
+        for config, jsonl in (("en", path), ("other", other))
+    }
+    assert cached["en"].relative_to(hf_home / "datasets").parts[:3] == (
+        "cage-ds___tiny_corpus",
+        "en",
+        "0.0.0",
+    )
+    assert (cached["en"] / "tiny_corpus-train.arrow").is_file()
+
+    cfg = data_config(tmp_path, f"hf:{HUB_NAME}", hf_config="en")
+    fields = ("source", "hf_config", "seq_len", "val_fraction", "val_max_blocks")
+    kw = {k: getattr(cfg, k) for k in (*fields, "bpe_vocab_size", "shuffle", "cache_dir")}
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_DATASETS_CACHE": str(hf_home / "datasets"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", CACHED_LOAD, json.dumps(kw), str(tmp_path / "out.npz")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Using the latest cached version of the dataset" in proc.stderr
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "multiple 'cage-ds/tiny_corpus' configurations" in errors["None"]
+    assert "Available configs in the cache" in errors["realnewslike"]
+
+    local = build_data(data_config(tmp_path, path), seed=0)
+    got = np.load(tmp_path / "out.npz")
+    for streaming in (False, True):
+        np.testing.assert_array_equal(got[f"val_{streaming}"], local.val_blocks)
+        np.testing.assert_array_equal(got[f"train_{streaming}"], local.train.get(range(10)))
