@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh -k cage_adamw      # extra pytest arguments pass through
 #
 # With the benchmark, as one device command (~130 kernel variants compile on first use,
-# estimated 2-4 min; the benchmark itself < 2 min after its compiles):
+# spread over 8 xdist workers; the benchmark itself < 2 min after its compiles):
 #   timeout 360 bash benchmarks/gpu_check.sh; timeout 220 python benchmarks/gpu_kernels.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,7 @@ unset TRITON_INTERPRET CAGE_TRITON_INTERPRET
 export CAGE_KERNELS_DEVICE=cuda
 "$PYTHON" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-exec "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels -o addopts="" "$@"
+# First-use compiles dominate: spread the tests over pytest-xdist workers where it is installed.
+WORKERS=()
+"$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "${CAGE_GPU_CHECK_WORKERS:-8}")
+exec "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels -o addopts="" "${WORKERS[@]}" "$@"

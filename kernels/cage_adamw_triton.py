@@ -28,17 +28,19 @@ import triton.language as tl
 
 from .adamw_update import VARIANTS
 from .grid import ALPHA
-from .quest_triton import interpreting
 from .segments import COLUMNS, FLAG_STE, SegmentTable
 from .triton_lib import (
     CLIP,
     TRUST,
     cast_rne,
+    div_rn_by,
     fwht_tile,
     launch_opts,
     log2_exact,
     quest_grid,
     quest_step,
+    reduction_rows,
+    tree_opts,
     tree_row_sum,
 )
 
@@ -47,13 +49,16 @@ N_COLS = len(COLUMNS)
 
 @triton.jit
 def _quest_values(
-    w, cols, row_len_f, alpha, levels_m1, R: tl.constexpr, N: tl.constexpr,
-    LOG_N: tl.constexpr, LOG_B: tl.constexpr, hscale, MASK_RULE: tl.constexpr,
+    w, cols, row_len_f, alpha, levels_m1, hscale, R: tl.constexpr, N: tl.constexpr,
+    LOG_N: tl.constexpr, LOG_W: tl.constexpr, LOG_L: tl.constexpr, LOG_V: tl.constexpr,
+    LOG_B: tl.constexpr,
+    MASK_RULE: tl.constexpr,
 ):  # fmt: skip
     """Rows w [R, N] (cols: real columns) -> (q(w H) values, STE mask), zero past the row."""
     w = tl.where(cols, w, 0.0)
     y = fwht_tile(w, R, N, LOG_B, hscale)
-    step = quest_step(tree_row_sum(w * w, R, N, LOG_N), row_len_f, alpha, levels_m1)
+    sumsq = tree_row_sum(w * w, R, N, LOG_N, LOG_W, LOG_L, LOG_V)
+    step = quest_step(sumsq, row_len_f, alpha, levels_m1)
     _, v, m = quest_grid(y, step[:, None], levels_m1, MASK_RULE)
     return tl.where(cols, v, 0.0), m
 
@@ -61,10 +66,12 @@ def _quest_values(
 @triton.jit
 def _cage_adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, table_ptr, tiles_ptr, alpha_ptr,
-    decay, w1, c2, beta2, bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
-    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_B: tl.constexpr,
-    NCOL: tl.constexpr, STE_FLAG: tl.constexpr, MASK_RULE: tl.constexpr, COUPLED: tl.constexpr,
-    DECOUPLED: tl.constexpr, HAS_Q: tl.constexpr, UPDATE: tl.constexpr,
+    decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
+    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
+    LOG_L: tl.constexpr, LOG_V: tl.constexpr,
+    LOG_B: tl.constexpr, NCOL: tl.constexpr, STE_FLAG: tl.constexpr,
+    MASK_RULE: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
+    HAS_Q: tl.constexpr, UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """One tile of whole rows of one segment (module docstring); UPDATE=False only writes
     the quantized copy of the current W (grad / moment pointers are then never read)."""
@@ -81,6 +88,9 @@ def _cage_adamw_kernel(
     cols = tl.arange(0, N)[None, :] < row_len
     inb = (r < n_rows) & cols
     offs = start + r * row_len + tl.arange(0, N)[None, :]
+    if ALIGNED:  # rows start and end at multiples of 4 elements: 16-byte vector accesses
+        offs = tl.multiple_of(offs, [1, 4])
+        inb = tl.max_constancy(inb, [1, 4])
     p = tl.load(p_ptr + offs, mask=inb, other=0.0)
     quant = bits > 0
     row_len_f = row_len.to(tl.float32)
@@ -92,12 +102,12 @@ def _cage_adamw_kernel(
         v = tl.load(v_ptr + offs, mask=inb, other=0.0)
         if quant:
             if (flags & STE_FLAG) != 0:
-                _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N,
-                                        LOG_B, hscale, MASK_RULE)  # fmt: skip
+                _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
+                                        LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
                 g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
             if COUPLED:
-                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
-                                      hscale, MASK_RULE)  # fmt: skip
+                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
+                                      LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
                 g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
         p = p * decay
         if w1 < 0.5:
@@ -105,12 +115,12 @@ def _cage_adamw_kernel(
         else:
             m = tl.fma(w1 - 1.0, g - m, g)
         v = tl.fma(c2 * g, g, v * beta2)
-        denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias2_sqrt) + eps
+        denom = div_rn_by(tl.math.sqrt_rn(v), bias2_sqrt, inv_bias2_sqrt) + eps
         p = p + tl.math.div_rn(step_size * m, denom)
         if quant:
             if DECOUPLED:
-                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
-                                      hscale, MASK_RULE)  # fmt: skip
+                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
+                                      LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
                 p = tl.fma(neg_lr_lam, p - fwht_tile(qv, R, N, LOG_B, hscale), p)
         tl.store(p_ptr + offs, p, mask=inb)
         tl.store(m_ptr + offs, m, mask=inb)
@@ -118,8 +128,8 @@ def _cage_adamw_kernel(
     if HAS_Q:
         low = p
         if quant:
-            low, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, R, N, LOG_N, LOG_B,
-                                   hscale, MASK_RULE)  # fmt: skip
+            low, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
+                                   LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
         tl.store(q_ptr + offs, cast_rne(low, q_ptr.dtype.element_ty), mask=inb)
 
 
@@ -136,8 +146,8 @@ def device_table(table: SegmentTable, device: str, rows: int) -> tuple[torch.Ten
 
 
 def rows_per_tile(width: int) -> int:
-    """Rows per program: ~32K elements under the interpreter, ~2K compiled (registers)."""
-    return max(1, (1 << 15 if interpreting() else 1 << 11) // width)
+    """Rows per program: ~32K elements under the interpreter, one compiled (reduction_rows)."""
+    return reduction_rows(max(1, (1 << 15) // width))
 
 
 def cage_adamw_shard_triton(
@@ -166,11 +176,13 @@ def cage_adamw_shard_triton(
     if not table.segments:
         return
     bias1 = 1 - beta1**step
+    bias2_sqrt = torch.tensor((1 - beta2**step) ** 0.5, dtype=torch.float32)
+    inv_bias2_sqrt = (1.0 / bias2_sqrt).item()  # RN32(1 / fp32 divisor), for div_rn_by
     correct = lam > 0
     _launch(
         table, param, grad, exp_avg, exp_avg_sq, qout,
-        (1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, (1 - beta2**step) ** 0.5, eps,
-         -lr / bias1, lam, -lr * lam),
+        (1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, bias2_sqrt.item(), inv_bias2_sqrt,
+         eps, -lr / bias1, lam, -lr * lam),
         coupled=correct and variant == "coupled", decoupled=correct and variant == "decoupled",
         update=True,
     )  # fmt: skip
@@ -184,7 +196,7 @@ def quest_shard_quantize_triton(
     if qout is None:
         raise ValueError("quest_shard_quantize needs a qout buffer")
     if table.segments:
-        no_hp = (1.0, 0.1, 0.1, 0.9, 1.0, 1e-8, 0.0, 0.0, 0.0)  # unused without UPDATE
+        no_hp = (1.0, 0.1, 0.1, 0.9, 1.0, 1.0, 1e-8, 0.0, 0.0, 0.0)  # unused without UPDATE
         _launch(table, param, param, param, param, qout, no_hp, coupled=False, decoupled=False,
                 update=False)  # fmt: skip
 
@@ -209,9 +221,10 @@ def _launch(table, param, grad, exp_avg, exp_avg_sq, qout, scalars, coupled, dec
     _cage_adamw_kernel[(tiles.shape[0],)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
         table_tensor, tiles, alpha_table(str(dev)), *scalars, table.block**-0.5,
-        R=tile, N=width, LOG_N=log2_exact(width, "table width"),
+        R=tile, N=width, LOG_N=log2_exact(width, "table width"), **tree_opts(width, 4),
         LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
         MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,
         COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None, UPDATE=update,
+        ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in table.segments),
         **launch_opts(tile * width),
     )  # fmt: skip

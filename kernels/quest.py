@@ -66,8 +66,8 @@ def quest_quantize_ref(
     if mask_rule not in ("trust", "clip"):
         raise ValueError(f"mask_rule must be 'trust' or 'clip', got {mask_rule!r}")
     y = (x if rotated else fwht_ref(x, block)).float()
-    if sumsq is None:
-        sumsq = row_sumsq_ref(y if rotated else x)
+    if sumsq is None:  # of x as given (with rotated=True, x is y): the tree view of x.dtype
+        sumsq = row_sumsq_ref(x)
     step = grid_step(sumsq, x.shape[-1], bits)
     codes, values, mask = quest_grid(y, step, bits, mask_rule)
     return QuestOut(values.to(x.dtype), codes, step, mask)

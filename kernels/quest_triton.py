@@ -37,6 +37,8 @@ from .triton_lib import (
     pack_rows_store,
     quest_grid,
     quest_step,
+    reduction_rows,
+    tree_opts,
     tree_row_sum,
 )
 
@@ -47,9 +49,10 @@ STATS_GIVEN, STATS_OF_X, STATS_OF_Y = 0, 1, 2
 def _quest_rows_kernel(
     x_ptr, sumsq_ptr, values_ptr, codes_ptr, step_ptr, mask_ptr,
     rows, n, alpha, hscale, levels_m1,
-    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_B: tl.constexpr,
-    BITS: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr,
-    MASK_RULE: tl.constexpr, PACK: tl.constexpr, WRITE_CODES: tl.constexpr,
+    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
+    LOG_L: tl.constexpr, LOG_V: tl.constexpr,
+    LOG_B: tl.constexpr, BITS: tl.constexpr, ROTATE: tl.constexpr,
+    STATS: tl.constexpr, MASK_RULE: tl.constexpr, PACK: tl.constexpr, WRITE_CODES: tl.constexpr,
 ):  # fmt: skip
     """One tile of R rows: y = x H (rounded to x.dtype, as fwht_ref), step, codes, values, mask."""
     r1 = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
@@ -66,9 +69,9 @@ def _quest_rows_kernel(
     if STATS == 0:
         s = tl.load(sumsq_ptr + r1, mask=in_rows, other=1.0)
     elif STATS == 1:
-        s = tree_row_sum(xf * xf, R, N, LOG_N)
+        s = tree_row_sum(xf * xf, R, N, LOG_N, LOG_W, LOG_L, LOG_V)
     else:
-        s = tree_row_sum(y * y, R, N, LOG_N)
+        s = tree_row_sum(y * y, R, N, LOG_N, LOG_W, LOG_L, LOG_V)
     step1 = quest_step(s, n.to(tl.float32), alpha, levels_m1)
     step = step1[:, None]
     k, v, m = quest_grid(y, step, levels_m1, MASK_RULE)
@@ -112,7 +115,7 @@ def _launch(x, bits, block, sumsq, mask_rule, rotated, values, codes, step,
             mask, pack, write_codes=True):  # fmt: skip
     rows, n = x.shape
     width = max(next_pow2(n), 8)
-    tile = rows_per_program(width, rows)
+    tile = reduction_rows(rows_per_program(width, rows))
     if sumsq is not None:
         if sumsq.numel() != rows:
             raise ValueError(f"sumsq must hold one value per row ({rows}), got {sumsq.numel()}")
@@ -123,7 +126,8 @@ def _launch(x, bits, block, sumsq, mask_rule, rotated, values, codes, step,
     _quest_rows_kernel[(triton.cdiv(rows, tile),)](
         x, sumsq if sumsq is not None else step, values, codes if write_codes else mask, step, mask,
         rows, n, ALPHA[bits], block**-0.5, float(2**bits - 1),
-        R=tile, N=width, LOG_N=log2_exact(width, "row width"), LOG_B=log2_exact(block, "block"),
+        R=tile, N=width, LOG_N=log2_exact(width, "row width"), **tree_opts(width, x.element_size()),
+        LOG_B=log2_exact(block, "block"),
         BITS=bits if pack else 0, ROTATE=not rotated, STATS=stats,
         MASK_RULE=TRUST if mask_rule == "trust" else CLIP, PACK=pack, WRITE_CODES=write_codes,
         **launch_opts(tile * width),

@@ -7,26 +7,33 @@ Every function works on a register tile x [R, N] (N a power of two, rows = token
 rows, zero-padded past the real row length) and reproduces its reference bit-for-bit:
   fwht_tile        the butterfly of ``hadamard.fwht_ref`` (same stage order, same adds),
                    then one multiply by fp32(1/sqrt(B))
-  tree_row_sum     the pairwise halving sum of ``sumsq.row_sumsq_tree_ref`` (zero padding to
-                   any larger power of two adds exact zeros, so the sum does not change)
-  round_half_even  torch.round from floor (libdevice rint does not run in the interpreter)
+  tree_row_sum     the fixed-order sum of ``sumsq.row_sumsq_tree_ref`` (zero padding adds
+                   exact zeros), as reductions over axes of size 2 (a + b, exact either way)
+  round_half_even  torch.round by the 1.5 * 2^23 trick (libdevice rint does not run in the
+                   interpreter)
   quest_grid       grid.grid_step / grid_codes / grid_values and the trust / clip mask
   cast_rne         torch's round-to-nearest-even .to(dtype) (bf16 done on the bits)
   pack_rows_store  pack.pack_ref's little-endian bit stream, 8 codes -> ``bits`` bytes
-Divisions and square roots use div_rn / sqrt_rn (IEEE, as torch on CPU); launchers pass
+Divisions and square roots are correctly rounded (div_rn / sqrt_rn, or div_rn_by for a
+divisor shared by a row), as torch on CPU; launchers pass
 ``enable_fp_fusion=False`` so the compiler contracts no mul+add that torch rounds twice.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 from .grid import RMS_FLOOR
+from .sumsq import next_pow2, row_warps, tree_dims
 
 TRUST = 0  # mask rule codes used by the kernels (QuantSpec.mask 'trust' / 'clip')
 CLIP = 1
 RMS_FLOOR_F32 = tl.constexpr(RMS_FLOOR)
+ROUND_MAGIC = tl.constexpr(1.5 * 2**23)
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -44,9 +51,10 @@ def fwht_tile(x, R: tl.constexpr, N: tl.constexpr, LOG_B: tl.constexpr, hscale):
 
 @triton.jit
 def cast_rne(x, DTYPE: tl.constexpr):
-    """fp32 x -> DTYPE rounding to nearest even, as torch's .to(). bf16 is rounded on the bits
-    first (the interpreter's own fp32->bf16 cast truncates), then the exact value is cast."""
-    if DTYPE == tl.bfloat16:
+    """fp32 x -> DTYPE rounding to nearest even, as torch's .to(). Compiled, that is the
+    native cast (cvt.rn); the interpreter's fp32->bf16 cast truncates, so there bf16 is
+    rounded on the bits first, then the exact value is cast."""
+    if DTYPE == tl.bfloat16 and INTERPRETED:
         b = x.to(tl.uint32, bitcast=True)
         b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
         return b.to(tl.float32, bitcast=True).to(tl.bfloat16)
@@ -55,24 +63,48 @@ def cast_rne(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def tree_row_sum(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
-    """[R, N] fp32 -> [R]: repeatedly add the right half of the row onto the left half."""
-    for s in tl.static_range(LOG_N):
-        x = tl.reshape(x, [R, 2, N >> (s + 1)])
-        x = tl.permute(x, (0, 2, 1))
-        a, b = tl.split(x)
-        x = a + b
+def _add(a, b):
+    """The combine function of _halve's reduction."""
+    return a + b
+
+
+@triton.jit
+def _halve(x, R: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+    """x [R, A 2 B] -> [R, A B]: element (a, 0, b) + (a, 1, b). Compiled, a reduction over
+    an axis of size 2 (in-thread, shuffle or shared memory, wherever that axis lives); the
+    interpreter runs a custom reduction element by element in Python, so there it splits."""
+    x = tl.reshape(x, [R, A, 2, B])
+    if INTERPRETED:
+        lo, hi = tl.split(tl.permute(x, (0, 1, 3, 2)))
+        x = lo + hi
+    else:
+        x = tl.reduce(x, 2, _add)
+    return tl.reshape(x, [R, A * B])
+
+
+@triton.jit
+def tree_row_sum(
+    x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
+    LOG_L: tl.constexpr, LOG_V: tl.constexpr,
+):  # fmt: skip
+    """[R, N] fp32 -> [R] in sumsq.row_sumsq_tree_ref's order: the row as [H, W, L, V]
+    (sumsq.tree_dims; W, L, V = 2^LOG_W, 2^LOG_L, 2^LOG_V), halving V, H, L, then W."""
+    for s in tl.static_range(LOG_V):
+        x = _halve(x, R, N >> LOG_V, (1 << LOG_V) >> (s + 1))
+    for s in tl.static_range(LOG_N - LOG_W - LOG_L - LOG_V):
+        x = _halve(x, R, 1, (N >> LOG_V) >> (s + 1))
+    for s in tl.static_range(LOG_L):
+        x = _halve(x, R, 1 << LOG_W, (1 << LOG_L) >> (s + 1))
+    for s in tl.static_range(LOG_W):
+        x = _halve(x, R, 1, (1 << LOG_W) >> (s + 1))
     return tl.reshape(x, [R])
 
 
 @triton.jit
 def round_half_even(t):
-    """torch.round of fp32 t: nearest integer, ties to even (t - floor(t) is exact in fp32)."""
-    f = tl.math.floor(t)
-    d = t - f
-    odd = (f - 2.0 * tl.math.floor(f * 0.5)) == 1.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, f + 1.0, f)
+    """torch.round of fp32 t, |t| < 2^22: adding 1.5 * 2^23 leaves a sum whose ulp is 1, so
+    the fp32 add itself rounds t to the nearest integer, ties to even; subtracting is exact."""
+    return (t + ROUND_MAGIC) - ROUND_MAGIC
 
 
 @triton.jit
@@ -84,6 +116,18 @@ def quest_step(sumsq, row_len_f, alpha, levels_m1):
 
 
 @triton.jit
+def div_rn_by(a, b, inv_b):
+    """a / b rounded to nearest, given inv_b = RN(1 / b) (one division per row, not per
+    element): q = RN(a inv_b) is within an ulp, r = a - b q is exact in an fma, and
+    RN(q + r inv_b) is the correctly rounded quotient (Markstein) while r cannot underflow,
+    i.e. for |a| >= 2^-100 or a = 0. quest_grid: RMS_FLOOR keeps D >= 2^-45, so any a below
+    that moves a / D + h by far less than half an ulp of h >= 1/2. Adam: a = sqrt(v) >= 2^-75.
+    """
+    q = a * inv_b
+    return tl.fma(tl.fma(-b, q, a), inv_b, q)
+
+
+@triton.jit
 def quest_grid(y, step, levels_m1, MASK_RULE: tl.constexpr):
     """y [R, N] fp32, step [R, 1] -> (codes fp32 in [0, 2^b), values fp32, mask bool).
 
@@ -92,7 +136,7 @@ def quest_grid(y, step, levels_m1, MASK_RULE: tl.constexpr):
     """
     half = levels_m1 * 0.5
     clip = step * half
-    t = tl.math.div_rn(tl.clamp(y, -clip, clip), step) + half
+    t = div_rn_by(tl.clamp(y, -clip, clip), step, tl.math.div_rn(1.0, step)) + half
     k = tl.clamp(round_half_even(t), 0.0, levels_m1)
     v = (k - half) * step
     if MASK_RULE == 0:
@@ -131,9 +175,21 @@ def log2_exact(n: int, what: str) -> int:
     return n.bit_length() - 1
 
 
+def reduction_rows(rows_interpreted: int) -> int:
+    """Rows per program of a kernel that reduces rows (tree_row_sum): compiled, one row (the
+    layout solver of triton 3.6-3.9 does not finish on [R > 1, N] tiles with the size-2
+    reductions); under the interpreter, the given count (its cost is per program)."""
+    return rows_interpreted if INTERPRETED else 1
+
+
 def launch_opts(tile_elements: int = 1024) -> dict:
     """Keyword options every launcher passes: no mul+add contraction (bit-exact vs torch) and
-    the warp count that spilled least for sm_90a (tests/kernels/sm90_compile.py): 4 warps
-    up to 1K-element tiles, 8 up to 4K, 16 above (8K-wide rows still spill some)."""
-    warps = 4 if tile_elements <= 1024 else 8 if tile_elements <= 4096 else 16
-    return {"enable_fp_fusion": False, "num_warps": warps}
+    sumsq.row_warps of the tile (tests/kernels/sm90_compile.py shows the spills)."""
+    return {"enable_fp_fusion": False, "num_warps": row_warps(next_pow2(tile_elements))}
+
+
+def tree_opts(width: int, itemsize: int) -> dict:
+    """The constexprs LOG_W, LOG_L, LOG_V of tree_row_sum for rows of ``width`` (a power of
+    two) of ``itemsize``-byte elements (the element size of the tensor the twin is given)."""
+    _, warps, lanes, vector = tree_dims(width, itemsize)
+    return {f"LOG_{k}": log2_exact(v, k) for k, v in (("W", warps), ("L", lanes), ("V", vector))}

@@ -58,9 +58,12 @@ def load_documents(cfg: DataConfig, streaming: bool):
         raise ConfigError(f"data.source={cfg.source!r}: no such file, folder or glob match")
     fmt = data_format(files)
     kw: dict[str, Any] = {"sample_by": cfg.text_sample_by} if fmt == "text" else {}
-    return load_dataset(
+    ds = load_dataset(
         fmt, data_files=[str(f) for f in files], split="train", streaming=streaming, **kw
     )
+    if fmt == "text":  # a file's last paragraph / document keeps the file's final newline
+        ds = ds.map(lambda row: {"text": row["text"].rstrip("\n")})
+    return ds
 
 
 def data_identity(cfg: DataConfig) -> str:

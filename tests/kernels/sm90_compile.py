@@ -22,7 +22,7 @@ import cage_kernels.hadamard_triton as hadamard
 import cage_kernels.pack_triton as pack
 import cage_kernels.quest_triton as quest
 import triton
-from cage_kernels.triton_lib import launch_opts
+from cage_kernels.triton_lib import launch_opts, reduction_rows, tree_opts
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -57,11 +57,12 @@ def main() -> int:
               step_ptr="*fp32", mask_ptr="*u8", rows="i32", n="i32", alpha=F32, hscale=F32,
               levels_m1=F32)  # fmt: skip
     for width in (512, 4096, 8192):
-        r = quest.rows_per_program(width, 1 << 20)
+        r = reduction_rows(quest.rows_per_program(width, 1 << 20))
         log_n = width.bit_length() - 1
         for pack_mode in (False, True):
-            c = dict(R=r, N=width, LOG_N=log_n, LOG_B=7, BITS=3 if pack_mode else 0, ROTATE=True,
-                     STATS=1, MASK_RULE=0, PACK=pack_mode, WRITE_CODES=True)  # fmt: skip
+            c = dict(R=r, N=width, LOG_N=log_n, **tree_opts(width, 2), LOG_B=7,
+                     BITS=3 if pack_mode else 0, ROTATE=True, STATS=1, MASK_RULE=0,
+                     PACK=pack_mode, WRITE_CODES=True)  # fmt: skip
             spills.append(compile_one(f"quest N={width} pack={pack_mode}",
                                       quest._quest_rows_kernel, qt, c, r * width))  # fmt: skip
     ht = dict(x_ptr="*bf16", mask_ptr="*u8", y_ptr="*bf16", rows="i32", n="i32", hscale=F32)
@@ -78,15 +79,16 @@ def main() -> int:
                                    n="i32", half=F32), dict(R=2, W=2048), 4096))  # fmt: skip
     at = dict(p_ptr="*fp32", g_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", q_ptr="*bf16",
               table_ptr="*i64", tiles_ptr="*i64", alpha_ptr="*fp32")  # fmt: skip
-    for scalar in ("decay", "w1", "c2", "beta2", "bias2_sqrt", "eps", "step_size", "lam",
-                   "neg_lr_lam", "hscale"):  # fmt: skip
+    for scalar in ("decay", "w1", "c2", "beta2", "bias2_sqrt", "inv_bias2_sqrt", "eps",
+                   "step_size", "lam", "neg_lr_lam", "hscale"):  # fmt: skip
         at[scalar] = F32
     for width in (2048, 8192):
         r = adamw.rows_per_tile(width)
         for coupled, update in ((False, True), (True, True), (False, False)):
-            c = dict(R=r, N=width, LOG_N=width.bit_length() - 1, LOG_B=7, NCOL=7, STE_FLAG=1,
-                     MASK_RULE=0, COUPLED=coupled, DECOUPLED=update and not coupled, HAS_Q=True,
-                     UPDATE=update)  # fmt: skip
+            c = dict(R=r, N=width, LOG_N=width.bit_length() - 1, **tree_opts(width, 4), LOG_B=7,
+                     NCOL=7, STE_FLAG=1, MASK_RULE=0, COUPLED=coupled,
+                     DECOUPLED=update and not coupled, HAS_Q=True, UPDATE=update,
+                     ALIGNED=True)  # fmt: skip
             name = f"cage_adamw N={width} coupled={coupled} update={update}"
             spills.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))
     spilled = [u for u in spills if "STACK:0 " not in u]

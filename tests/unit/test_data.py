@@ -28,9 +28,9 @@ from cage_ds.train.data import (
 
 @pytest.fixture
 def rng(request):
-    seed = random.SystemRandom().randrange(2**31)
+    seed = int(os.environ.get("CAGE_TEST_SEED") or random.SystemRandom().randrange(2**31))
     request.node.user_properties.append(("seed", seed))
-    print(f"seed={seed}")
+    print(f"seed={seed} (replay with CAGE_TEST_SEED={seed})")
     return np.random.default_rng(seed)
 
 

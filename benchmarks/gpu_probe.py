@@ -1,0 +1,149 @@
+"""Locate the cost inside the QuEST row kernel and the fused CAGE-AdamW step on a GPU: time
+variants that leave one stage out, side by side in one process (notes in
+docs/benchmarks/kernel_tuning.md).
+
+    python3 benchmarks/gpu_probe.py                 # all variants, a table of p50 times
+    python3 benchmarks/gpu_probe.py --once act      # one launch each (for ncu -k ...)
+
+Each line: variant, p50 ms, GB/s over the bytes the variant must move, and that as a fraction
+of the card's copy rate measured first.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+from cage_kernels import ops
+from cage_kernels.quest_triton import quest_quantize_packed_triton, quest_quantize_triton
+from cage_kernels.segments import Segment, SegmentTable
+from cage_kernels.triton_lib import launch_opts, tree_opts, tree_row_sum
+
+HP = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def p50(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
+
+
+def copy_rate(numel: int) -> float:
+    """The card's copy bandwidth in GB/s (numel fp32 read + written)."""
+    src = torch.randn(numel, device="cuda")
+    dst = torch.empty_like(src)
+    return 8 * numel / (p50(lambda: dst.copy_(src)) * 1e6)
+
+
+def act_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
+    """(name, bytes moved, fn) for the activation / weight row kernel and its parts."""
+    out = []
+    for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
+        x = torch.randn(tokens, width, device="cuda", dtype=dtype)
+        sumsq = x.float().square().sum(1)
+        n = x.numel()
+        tag = str(dtype).removeprefix("torch.")
+        out += [
+            (f"fwht {tag}", 2 * size * n, lambda x=x: ops.fwht(x, 128)),
+            (f"act fwd {tag} v+mask", (2 * size + 1) * n,
+             lambda x=x: quest_quantize_triton(x, 4, 128, with_codes=False)),
+            (f"act fwd {tag} v+mask, sumsq given", (2 * size + 1) * n,
+             lambda x=x, s=sumsq: quest_quantize_triton(x, 4, 128, s, with_codes=False)),
+            (f"quest {tag} v+codes+mask", (2 * size + 2) * n,
+             lambda x=x: quest_quantize_triton(x, 4, 128)),
+            (f"quest {tag} packed", (2 * size + 0.625) * n,
+             lambda x=x: quest_quantize_packed_triton(x, 4, 128)),
+        ]  # fmt: skip
+    return out
+
+
+@triton.jit
+def _row_sumsq_kernel(x_ptr, out_ptr, n, N: tl.constexpr, LOG_N: tl.constexpr,
+                      LOG_W: tl.constexpr, LOG_L: tl.constexpr, LOG_V: tl.constexpr,
+                      HOW: tl.constexpr):  # fmt: skip
+    """One row's sum of squares: HOW 0 tree_row_sum, 1 tl.sum, 2 load + store only."""
+    r = tl.program_id(0).to(tl.int64)
+    x = tl.load(x_ptr + r * n + tl.arange(0, N)[None, :]).to(tl.float32)
+    if HOW == 0:
+        s = tree_row_sum(x * x, 1, N, LOG_N, LOG_W, LOG_L, LOG_V)
+    elif HOW == 1:
+        s = tl.sum(x * x, axis=1)
+    else:
+        s = tl.reshape(tl.max(x, axis=1), [1])
+    tl.store(out_ptr + r + tl.arange(0, 1), s)
+
+
+def tree_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
+    """The row statistics alone: the fixed-order tree against tl.sum and a bare max."""
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(tokens, device="cuda")
+    log_n = width.bit_length() - 1
+    return [
+        (f"row sumsq {name}", 2 * x.numel(),
+         lambda how=how: _row_sumsq_kernel[(tokens,)](x, out, width, N=width, LOG_N=log_n,
+                                                      **tree_opts(width, 2), HOW=how,
+                                                      **launch_opts(width)))
+        for name, how in (("tree", 0), ("tl.sum", 1), ("max only", 2))
+    ]  # fmt: skip
+
+
+def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
+    """(name, bytes moved, fn) for the fused step variants and torch's fused AdamW."""
+    rows = numel // row
+    numel = rows * row
+    p = torch.randn(numel, device="cuda") * 0.02
+    g = torch.randn(numel, device="cuda") * 1e-3
+    m = torch.zeros(numel, device="cuda")
+    v = torch.zeros(numel, device="cuda")
+    q = torch.empty(numel, device="cuda", dtype=torch.bfloat16)
+    plain = SegmentTable((Segment(0, 0, 0, rows, row, 0),), 128)
+    quant = SegmentTable((Segment(0, 0, 0, rows, row, 4),), 128)
+
+    def step(table, lam, variant, qout):
+        return lambda: ops.cage_adamw_shard_step(p, g, m, v, table, step=10, lam=lam,
+                                                 variant=variant, qout=qout, **HP)  # fmt: skip
+
+    param = torch.nn.Parameter(p)
+    param.grad = g
+    adamw = torch.optim.AdamW([param], betas=(HP["beta1"], HP["beta2"]), lr=HP["lr"],
+                              eps=HP["eps"], weight_decay=HP["weight_decay"],
+                              fused=True)  # fmt: skip
+    return [
+        ("torch AdamW fused", 28 * numel, adamw.step),
+        ("step unquantized rows, no copy", 28 * numel, step(plain, 0.0, "decoupled", None)),
+        ("step lambda=0, no copy", 28 * numel, step(quant, 0.0, "decoupled", None)),
+        ("step lambda=0 + copy (1 quest)", 30 * numel, step(quant, 0.0, "decoupled", q)),
+        ("step decoupled + copy", 30 * numel, step(quant, 10.0, "decoupled", q)),
+        ("step coupled + copy", 30 * numel, step(quant, 10.0, "coupled", q)),
+        ("quest_shard_quantize (copy only)", 6 * numel,
+         lambda: ops.quest_shard_quantize(p, quant, q)),
+    ]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--step-numel", type=int, default=1 << 28)
+    ap.add_argument("--row", type=int, default=2048)
+    ap.add_argument("--once", choices=["act", "step", "tree"], default=None)
+    args = ap.parse_args()
+    if args.once:
+        pick = {"act": act_variants, "tree": tree_variants, "step": step_variants}[args.once]
+        sizes = (args.step_numel, args.row) if args.once == "step" else (args.tokens, args.width)
+        for _, _, fn in pick(*sizes):
+            fn()
+        torch.cuda.synchronize()
+        return
+    copy = copy_rate(1 << 28)
+    print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
+    points = tree_variants(args.tokens, args.width) + act_variants(args.tokens, args.width)
+    for name, nbytes, fn in points + step_variants(args.step_numel, args.row):
+        ms = p50(fn)
+        gbs = nbytes / (ms * 1e6)
+        print(f"{name:40} {ms:9.4f} ms {gbs:8.0f} GB/s {gbs / copy:6.3f} of copy", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The arithmetic building blocks of triton_lib against torch, element for element:
+div_rn_by (one reciprocal per row, then a Markstein correction) must equal IEEE division, and
+round_half_even (the 1.5 * 2^23 trick) must equal torch.round, on fresh random inputs with
+the hard cases mixed in (ties, divisors whose significand is all ones, powers of two)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from cage_kernels.triton_lib import div_rn_by, launch_opts, round_half_even
+
+pytestmark = pytest.mark.interpret
+BLOCK = 1 << 14
+
+
+@triton.jit
+def _lib_kernel(a_ptr, b_ptr, inv_ptr, t_ptr, q_ptr, r_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    a = tl.load(a_ptr + i, mask=ok, other=1.0)
+    b = tl.load(b_ptr + i, mask=ok, other=1.0)
+    inv = tl.load(inv_ptr + i, mask=ok, other=1.0)
+    tl.store(q_ptr + i, div_rn_by(a, b, inv), mask=ok)
+    tl.store(r_ptr + i, round_half_even(tl.load(t_ptr + i, mask=ok, other=0.0)), mask=ok)
+
+
+def _divisors(gen: torch.Generator, n: int) -> torch.Tensor:
+    """Random fp32 divisors over a wide exponent range, a third with an all-ones significand
+    (the hardest case for a reciprocal) and some exact powers of two."""
+    exp = torch.randint(-40, 40, (n,), generator=gen).float()
+    b = torch.rand(n, generator=gen).add(1.0) * torch.exp2(exp)
+    ones = torch.exp2(exp + 1) * (1 - 2.0**-24)  # 1.11...1 x 2^exp in fp32
+    pick = torch.randint(0, 6, (n,), generator=gen)
+    b = torch.where(pick < 2, ones, torch.where(pick == 2, torch.exp2(exp), b))
+    return b.float()
+
+
+def test_div_rn_by_and_round_half_even_match_torch(gen, dev):
+    n = 3 * BLOCK + 77
+    b = _divisors(gen, n)
+    inv = 1.0 / b  # correctly rounded fp32 reciprocal, as the kernels take it per row
+    quotient = (torch.rand(n, generator=gen) * 256 - 128) * torch.exp2(
+        -torch.randint(0, 50, (n,), generator=gen).float() * (torch.rand(n, generator=gen) < 0.1)
+    )  # mostly |a / b| <= 128, a tenth down to 2^-50, so |a| >= 2^-90 (div_rn_by's domain)
+    a = (quotient * b).float()
+    half_steps = torch.randint(-(1 << 22), 1 << 22, (n,), generator=gen).float() / 2  # ties
+    t = torch.where(torch.rand(n, generator=gen) < 0.5, half_steps,
+                    (torch.rand(n, generator=gen) - 0.5) * 2**22)  # fmt: skip
+    q = torch.empty(n, device=dev)
+    r = torch.empty(n, device=dev)
+    _lib_kernel[(triton.cdiv(n, BLOCK),)](
+        a.to(dev), b.to(dev), inv.to(dev), t.to(dev), q, r, n, BLOCK=BLOCK, **launch_opts()
+    )
+    exact = a / b
+    bad = (q.cpu() != exact).nonzero()
+    assert bad.numel() == 0, f"div_rn_by differs at {bad[:5].flatten().tolist()}"
+    assert torch.equal(r.cpu(), torch.round(t))
