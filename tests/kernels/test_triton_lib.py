@@ -1,14 +1,20 @@
 """The arithmetic building blocks of triton_lib against torch, element for element:
 div_rn_by (one reciprocal per row, then a Markstein correction) must equal IEEE division, and
 round_half_even (the 1.5 * 2^23 trick) must equal torch.round, on fresh random inputs with
-the hard cases mixed in (ties, divisors whose significand is all ones, powers of two)."""
+the hard cases mixed in (ties, divisors whose significand is all ones, powers of two); the
+in-kernel row statistics must follow the twin's tree order at every width."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import triton
 import triton.language as tl
+from cage_kernels.grid import grid_step
+from cage_kernels.quest_triton import quest_quantize_triton
+from cage_kernels.sumsq import next_pow2, row_sumsq_tree_ref, tree_dims
 from cage_kernels.triton_lib import div_rn_by, launch_opts, round_half_even
 
 pytestmark = pytest.mark.interpret
@@ -57,3 +63,15 @@ def test_div_rn_by_and_round_half_even_match_torch(gen, dev):
     bad = (q.cpu() != exact).nonzero()
     assert bad.numel() == 0, f"div_rn_by differs at {bad[:5].flatten().tolist()}"
     assert torch.equal(r.cpu(), torch.round(t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_kernel_row_statistics_follow_the_tree_order(gen, dev, dtype):
+    """The quest kernel's own row sums of squares give exactly the twin's step, for widths
+    that exercise every part of the [H, W, L, V] view (sumsq.tree_dims), down to one element."""
+    for n in (1, 3, 8, 24, 100, 256, 640, 1500, 4096, 5000):
+        assert math.prod(tree_dims(next_pow2(n), dtype.itemsize)) == next_pow2(n)
+        block = min(n & -n, 128)  # the largest power of two dividing n
+        x = (torch.randn(5, n, generator=gen) * 3).to(dtype)
+        step = quest_quantize_triton(x.to(dev), 4, block).step.cpu()
+        assert torch.equal(step, grid_step(row_sumsq_tree_ref(x), n, 4)), n
