@@ -28,7 +28,7 @@ class QuestOut(NamedTuple):
 
 
 def row_sumsq_ref(x: torch.Tensor) -> torch.Tensor:
-    """s[r] = sum_j x[r, j]^2 in fp32, [rows, n] -> [rows, 1], in the fixed pairwise order of
+    """s[r] = sum_j x[r, j]^2 in fp32, [rows, n] -> [rows, 1], in the fixed tree order of
     sumsq.row_sumsq_tree_ref that the kernels reproduce bit for bit."""
     return row_sumsq_tree_ref(x)
 

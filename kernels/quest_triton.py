@@ -9,7 +9,7 @@ Kernel ``_quest_rows_kernel`` holds a tile of R whole rows [R, N] (N = next powe
 Twin: ``quest.quest_quantize_ref`` (and ``quest_packed.quest_quantize_packed_ref``).
 
 Row statistics: a given ``sumsq`` [rows, 1] is used as is (bit-identical to the reference
-given the same sumsq). Without one the kernel computes the pairwise tree sum
+given the same sumsq). Without one the kernel computes the fixed-order tree sum
 (``sumsq.row_sumsq_tree_ref``), which can differ from torch.sum by a few ulps: step then
 matches grid_step(row_sumsq_tree_ref(x)) exactly, and the reference within that ulp bound.
 """

@@ -5,7 +5,7 @@ half-to-even rounding) with an IEEE square root where torch's CPU sqrt may be 1 
 (kernel_oracles): every output equals the twin's grid functions at the IEEE step exactly,
 equals quest_quantize_ref exactly in every row whose step agrees, and the step agrees with
 the twin's within 6u (u = 2^-24; derivation in assert_matches_twin_where_steps_agree).
-Without statistics the kernel takes the pairwise tree sum (row_sumsq_tree_ref); torch.sum
+Without statistics the kernel takes the fixed-order tree sum (row_sumsq_tree_ref); torch.sum
 differs from it by at most 2 n u relative (two fp32 summations of n positive terms), halved
 by the square root, plus the 6u above: the twin's step lies within (n + 6) u D.
 """
