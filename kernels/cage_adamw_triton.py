@@ -221,7 +221,8 @@ def _launch(table, param, grad, exp_avg, exp_avg_sq, qout, scalars, coupled, dec
     _cage_adamw_kernel[(tiles.shape[0],)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
         table_tensor, tiles, alpha_table(str(dev)), *scalars, table.block**-0.5,
-        R=tile, N=width, LOG_N=log2_exact(width, "table width"), **tree_opts(width, 4),
+        R=tile, N=width, LOG_N=log2_exact(width, "table width"),
+        **tree_opts(width, param.element_size()),
         LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
         MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,
         COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None, UPDATE=update,
