@@ -1,11 +1,12 @@
 """CageAdamW: torch.optim.AdamW plus the CAGE correction (cage-method.md section 2).
 
-Per parameter with gradient g at its own step k (1-based):
-    g <- ops.ste_grad(W, g)                    (quantized params only)
-    cage_adamw_update(..., lam = lambda_at(k, ...), error_fn = ops.error)
-where ops = self.quant_ops(group, W) is None for params whose group has "quant": None, so
-they get plain AdamW. Group keys: lr, betas, eps, weight_decay, cage_lambda, cage_silence,
-cage_schedule, cage_variant, total_steps, quant (QuantSpec fields as a plain dict, or None).
+Per parameter with gradient g at its own step k (1-based), ops = self.quant_ops(group, W):
+    ops.fused_step(W, g, m, v, ..., lam = lambda_at(k, ...))   one kernel pass, when the
+                                                               ops have it and can, else
+    g <- ops.ste_grad(W, g);  cage_adamw_update(..., lam, error_fn = ops.error)
+ops is None for params whose group has "quant": None, so they get plain AdamW.
+Group keys: lr, betas, eps, weight_decay, cage_lambda, cage_silence, cage_schedule,
+cage_variant, total_steps, quant (QuantSpec fields as a plain dict, or None).
 Per-param state: step (scalar fp32 tensor), exp_avg, exp_avg_sq, as torch.optim.AdamW.
 """
 
@@ -16,10 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from cage_kernels import ops as kernel_ops
 from cage_kernels.adamw_update import VARIANTS, cage_adamw_update
 
-from .quant_ops import DenseQuantOps, TensorQuantOps, dense_quant_ops, quant_spec_from_group
+from .quant_ops import TensorQuantOps, dense_quant_ops, quant_spec_from_group
 from .schedule import check_schedule, lambda_at
 
 
@@ -170,9 +170,8 @@ class CageAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 k = int(state["step"].item())
                 ops = self.quant_ops(group, p)
-                grad, lam = p.grad, 0.0
+                lam = 0.0
                 if ops is not None:
-                    grad = ops.ste_grad(p, grad)
                     lam = group_lambda(group, k)
                     applied.append(lam)
                 hyper = dict(
@@ -185,16 +184,14 @@ class CageAdamW(torch.optim.Optimizer):
                     lam=lam,
                     variant=group["cage_variant"],
                 )
-                table = ops.fused_table(p) if isinstance(ops, DenseQuantOps) else None
-                if table is not None:  # one Triton pass: Adam + Q + correction
-                    flat = [t.view(-1) for t in (p, grad, state["exp_avg"], state["exp_avg_sq"])]
-                    kernel_ops.cage_adamw_shard_step(*flat, table, **hyper)
+                moments = (state["exp_avg"], state["exp_avg_sq"])
+                fused_step = getattr(ops, "fused_step", None)
+                if fused_step is not None and fused_step(p, p.grad, *moments, **hyper):
                     continue
                 cage_adamw_update(
                     p,
-                    grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
+                    p.grad if ops is None else ops.ste_grad(p, p.grad),
+                    *moments,
                     error_fn=None if ops is None else ops.error,
                     **hyper,
                 )

@@ -4,6 +4,10 @@ A param group's ``"quant"`` entry is plain data (the fields of a QuantSpec, or N
 each quantized tensor the optimizer asks for a ``TensorQuantOps``:
   error(w)       e = w - Q(w), Q(w) = q(w H) H^T (fresh row scales), same shape as w
   ste_grad(w, g) the gradient w.r.t. the latent w, given the gradient g it received
+  fused_step(w, g, exp_avg, exp_avg_sq, **hyper)     (optional)
+                 the whole CAGE-AdamW step in one kernel pass, in place, when these ops can
+                 (True), else False and nothing done; hyper = cage_kernels.ops.
+                 cage_adamw_shard_step's keywords (CageAdamW tries it first)
 ``DenseQuantOps`` serves an unsharded 2-D weight [out, in]; a sharded caller (the ZeRO
 adapter) supplies its own ops for a flat partition.
 """
@@ -14,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from cage_kernels import ops as kernel_ops
 from cage_kernels.dispatch import use_triton
 from cage_kernels.segments import Segment, SegmentTable
 
@@ -48,18 +53,23 @@ class DenseQuantOps:
     def ste_grad(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return g
 
-    def fused_table(self, w: torch.Tensor) -> SegmentTable | None:
-        """The one-segment table that lets the fused CAGE-AdamW kernel update all of w [out, in]
-        in one pass, when the kernels serve w (CUDA, or the interpreter) and the grid is QuEST;
-        else None (the composed torch path)."""
+    def fused_step(
+        self, w: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+        **hyper: Any,
+    ) -> bool:  # fmt: skip
+        """All of w [out, in] in one fused CAGE-AdamW pass (a one-segment table), when the
+        kernels serve w (CUDA, or the interpreter) and the grid is QuEST; else False."""
         spec = self.quantizer.spec
         if spec.method != "quest" or w.dtype != torch.float32 or not w.is_contiguous():
-            return None
+            return False
         if not use_triton(w):
-            return None
+            return False
         rows, row_len = w.shape
-        segment = Segment(0, 0, 0, rows, row_len, spec.bits)
-        return SegmentTable((segment,), spec.hadamard_block, spec.mask)
+        table = SegmentTable((Segment(0, 0, 0, rows, row_len, spec.bits),), spec.hadamard_block,
+                             spec.mask)  # fmt: skip
+        flat = [t.view(-1) for t in (w, g, exp_avg, exp_avg_sq)]
+        kernel_ops.cage_adamw_shard_step(*flat, table, **hyper)
+        return True
 
 
 def quant_spec_from_group(quant: Any, where: str) -> QuantSpec | None:

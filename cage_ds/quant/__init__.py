@@ -1,6 +1,13 @@
 """Quantizers and their specs: what a quantized number is, with no distribution."""
 
-from .quantizer import QuantizedTensor, Quantizer
+from .quantizer import Quantization, QuantizedTensor, Quantizer
 from .spec import DEFAULT_TARGETS, QuantConfig, QuantSpec
 
-__all__ = ["DEFAULT_TARGETS", "QuantConfig", "QuantSpec", "QuantizedTensor", "Quantizer"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "QuantConfig",
+    "QuantSpec",
+    "Quantization",
+    "QuantizedTensor",
+    "Quantizer",
+]

@@ -31,6 +31,15 @@ class QuantizedTensor(NamedTuple):
         return ops.pack(self.codes, self.bits)
 
 
+class Quantization(NamedTuple):
+    """One quantization of x [rows, n]: values q(x H) (x.dtype), the STE mask (bool; all
+    True for RTN) and the CAGE error x - Q(x) (x.dtype), all [rows, n]."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    error: torch.Tensor
+
+
 class _Rotate(torch.autograd.Function):
     """y = x (I ⊗ H); H symmetric orthonormal, so the backward is the same rotation."""
 
@@ -118,6 +127,14 @@ class Quantizer:
     def error(self, x: torch.Tensor) -> torch.Tensor:
         """CAGE's e = x - Q(x)."""
         return x - self.dequantize(x)
+
+    def evaluate(self, x: torch.Tensor) -> Quantization:
+        """values(x), mask(x) and error(x) of x [rows, n] from one quantization."""
+        out = self._quantize_rows(x, None, rotated=False)
+        if self.spec.method != "quest":
+            return Quantization(out.values, torch.ones_like(x, dtype=torch.bool), x - out.values)
+        deq = ops.fwht(out.values, self.spec.hadamard_block)
+        return Quantization(out.values, out.mask, x - deq)
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         """Integer codes and scales of x [rows, n] (rotated domain for QuEST)."""

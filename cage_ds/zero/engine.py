@@ -39,7 +39,6 @@ from cage_ds.nn import set_weight_prequantized
 from cage_ds.optim.quant_ops import quant_spec_from_group
 
 from .optimizer import ShardedQuantOps, install_quant_ops
-from .sharded_quest import ShardQuantizer
 from .shardmap import PartitionMap, zero3_maps, zero12_maps
 
 _FLAT_WRITERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -120,13 +119,18 @@ def _check_2d(shapes: list[tuple[int, ...]], where: str) -> None:
 
 
 def _ops(
-    maps: list[PartitionMap], rank: int, group: dict, where: str, pg: Any, names: tuple[str, ...]
+    maps: list[PartitionMap],
+    rank: int,
+    group: dict,
+    lp: torch.Tensor,
+    where: str,
+    pg: Any,
+    names: tuple[str, ...],
 ) -> ShardedQuantOps | None:
     spec = _quant_spec(group, where)
     if spec is None:
         return None
-    quantized = frozenset(p.param for m in maps for p in m.pieces)
-    return ShardedQuantOps(ShardQuantizer(maps, rank, spec, quantized), pg, where, names)
+    return ShardedQuantOps(maps, rank, spec, lp.dtype, pg, where, names)
 
 
 def _names(params: list, names: dict[int, str], where: str) -> tuple[str, ...]:
@@ -170,7 +174,9 @@ def _attach_zero3(
             raise RuntimeError(
                 f"{where}: flat partition has {hp.numel()} elements, map {maps[rank].numel}"
             )
-        ops = _ops(maps, rank, client.param_groups[gid], where, pg, _names(params, names, where))
+        ops = _ops(
+            maps, rank, client.param_groups[gid], lp, where, pg, _names(params, names, where)
+        )
         registry[id(hp)] = by_sid[sid] = ops
         opt.cage_zero_partitions.append((hp, ops))
     original = opt._reassign_or_swap_out_partitioned_parameters
@@ -265,7 +271,9 @@ def _attach_flat(
             first = min(maps[rank].pieces, key=lambda q: q.flat_start, default=None)
             if first is not None and first.elem_start != opt.first_offset[i]:
                 raise RuntimeError(f"{where}: DeepSpeed's first_offset differs from the shard map")
-        ops = _ops(maps, rank, client.param_groups[i], where, pg, _names(params, names, where))
+        ops = _ops(
+            maps, rank, client.param_groups[i], lps[rank], where, pg, _names(params, names, where)
+        )
         registry[id(hp)] = ops
         opt.cage_zero_partitions.append((hp, ops))
         group_of[id(hp)] = i

@@ -1,15 +1,22 @@
 """Shard-aware CAGE ops for the flat ZeRO partitions a CageAdamW instance is handed.
 
 ``ShardedQuantOps`` is the TensorQuantOps of one flat fp32 partition (see
-cage_ds/optim/quant_ops.py): error(w) = w - Q(w) and ste_grad(w, g) = (M ⊙ g) H, with the
-quantization of each piece made exact by one all-gather of every rank's cut-row partial
-sums and cut-block elements (sharded_quest.py). ``lp_values(w)`` gives q(w H), which the
-engine hooks write into the low-precision partition that DeepSpeed all-gathers.
+cage_ds/optim/quant_ops.py), computed on whole rows (rows.py: the runs a rank holds in
+place, its cut rows assembled whole from their holders):
+  fused_step   QuEST: one fused CAGE-AdamW kernel launch (cage_kernels.ops.
+               cage_adamw_shard_step) over the runs and one over the cut rows, after one
+               point-to-point exchange of the cut rows' (W, dL/dq, m, v); it also writes
+               cast_lp(q(W H)) of the updated W into a low-precision copy of the partition
+               that ``write_lp`` hands to the buffer DeepSpeed all-gathers.
+  error / ste_grad   the composed path (RTN weights): e = W - Q(W), g as is (plain STE).
+  quantize     values, mask and error of the current W (lp writes after a checkpoint load,
+               the clipping mask, telemetry); one exchange of the cut rows of W.
+Every rank computes the rows it touches exactly as the unsharded CageAdamW computes them.
 
-Cache: the last quantization (mask and error) is kept with the tensor's version counter,
-so the lp write at the end of step t serves step t+1's STE mask and coupled error without
-another exchange. Every rank runs the same in-place ops, so cache hits agree across ranks.
-``piece_sums`` reads the same cache for telemetry (cage_ds/zero/stats.py).
+Caches, keyed by the tensor's address and version counter: the last ``quantize`` (mask and
+error; RTN's lp write at step t serves step t+1's error) and the lp copy of the last fused
+step. A fused step invalidates the quantization cache itself: Triton kernels write in place
+without bumping the version counter. Every rank runs the same ops, so cache hits agree.
 """
 
 from __future__ import annotations
@@ -18,84 +25,149 @@ import types
 from typing import Any
 
 import torch
-import torch.distributed as tdist
+from cage_kernels import ops as kernel_ops
+from cage_kernels.segments import SegmentTable
 
-from .sharded_quest import ShardQuant, ShardQuantizer
+from cage_ds.quant import Quantization, Quantizer, QuantSpec
 
-
-def all_gather_padded(payload: torch.Tensor, sizes: list[int], group: Any = None) -> torch.Tensor:
-    """Stack every rank's 1-D float64 payload (lengths ``sizes``) into [world, max(sizes)]."""
-    width = max(1, max(sizes))
-    mine = torch.zeros(width, dtype=torch.float64, device=payload.device)
-    mine[: payload.numel()] = payload
-    if len(sizes) == 1:
-        return mine.unsqueeze(0)
-    out = [torch.empty_like(mine) for _ in sizes]
-    tdist.all_gather(out, mine, group=group)
-    return torch.stack(out)
+from .rows import RowLayout, exchange_rows
+from .shardmap import PartitionMap
 
 
 class ShardedQuantOps:
-    """TensorQuantOps of one flat partition (see module docstring); counts exchanged bytes."""
+    """TensorQuantOps of one flat partition (module docstring); counts exchanged bytes.
+
+    maps: every rank's segment table of this flat group, all of whose parameters carry
+    ``spec``; lp_dtype: the dtype of the buffer DeepSpeed all-gathers.
+    """
 
     def __init__(
         self,
-        quantizer: ShardQuantizer,
+        maps: list[PartitionMap],
+        rank: int,
+        spec: QuantSpec,
+        lp_dtype: torch.dtype,
         group: Any = None,
         name: str = "partition",
         param_names: tuple[str, ...] = (),
     ):
-        self.quantizer = quantizer
-        self.group = group
-        self.name = name
+        for p in maps[rank].pieces:
+            spec.check_row_len(p.row_len, f"{name}: parameter {p.param}")
+        self.quantizer = Quantizer(spec)
+        quest = spec.method == "quest"
+        self.layout = RowLayout(maps, rank, spec.bits, ste=quest)
+        self.tables = None
+        if quest:
+            self.tables = tuple(
+                SegmentTable(segs, spec.hadamard_block, spec.mask)
+                for segs in (self.layout.runs, self.layout.side_segments)
+            )
+        self.lp_dtype, self.group, self.name = lp_dtype, group, name
         self.param_names = param_names  # name of flat-group parameter j (telemetry keys)
-        self._stats_sizes = quantizer.payload_sizes(with_rows=True)
-        self._halo_sizes = quantizer.payload_sizes(with_rows=False)
-        self._cache: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
+        self._slots = sorted({p.param for m in maps for p in m.pieces})
+        self._cache: tuple[int, int, Quantization, Quantization] | None = None
+        self._lp: torch.Tensor | None = None
+        self._lp_of: tuple[int, int] | None = None
         self.exchanges = 0
         self.bytes_received = 0
         self.elements_quantized = 0
 
     def __repr__(self) -> str:
-        return f"ShardedQuantOps({self.name}, rank {self.quantizer.rank}/{self.quantizer.world})"
+        lay = self.layout
+        return f"ShardedQuantOps({self.name}, rank {lay.rank}/{lay.world})"
+
+    @property
+    def numel(self) -> int:
+        return self.layout.map.numel
 
     def _check(self, w: torch.Tensor) -> None:
-        if w.dim() != 1 or w.numel() != self.quantizer.map.numel:
+        if w.dim() != 1 or w.numel() != self.numel:
             raise ValueError(
-                f"{self.name}: expected the flat partition of {self.quantizer.map.numel} elements, "
+                f"{self.name}: expected the flat partition of {self.numel} elements, "
                 f"got shape {tuple(w.shape)}"
             )
 
-    def _exchange(self, payload: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        gathered = all_gather_padded(payload, sizes, self.group)
-        self.exchanges += 1
-        self.bytes_received += gathered.numel() * gathered.element_size()
-        return gathered
+    def _exchange(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        side, received = exchange_rows(self.layout, tensors, self.group)
+        if self.layout.peers:
+            self.exchanges += 1
+            self.bytes_received += received
+        return side
 
-    def quantize(self, w: torch.Tensor) -> ShardQuant:
-        """Fresh exact quantization of the partition w (one all-gather); refreshes the cache."""
+    def _count_quantized(self) -> None:
+        self.elements_quantized += self.layout.run_numel + self.layout.side_numel
+
+    def _rows(self, t: torch.Tensor, segs) -> list[torch.Tensor]:
+        return [t[s.shard_start : s.shard_start + s.numel].view(s.n_rows, s.row_len) for s in segs]
+
+    # ---- the fused step (QuEST) ----
+    def fused_step(
+        self, w: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+        **hyper: Any,
+    ) -> bool:  # fmt: skip
+        """One CAGE-AdamW step of the partition in place (hyper: cage_adamw_shard_step's
+        keywords), g = dL/dq of the gathered q(W H); False (nothing done) for RTN."""
+        if self.tables is None:
+            return False
         self._check(w)
-        q = self.quantizer
-        out = q.quantize(w, self._exchange(q.stats_payload(w), self._stats_sizes))
-        self.elements_quantized += sum(pl.hull[1] - pl.hull[0] for pl in q.plans)
-        self._cache = (w.data_ptr(), w._version, out.mask, out.error)
-        return out
+        runs, cut = self.tables
+        side = self._exchange([w, g, exp_avg, exp_avg_sq])
+        self._count_quantized()
+        if self._lp is None or self._lp.device != w.device:
+            self._lp = torch.zeros(self.numel, dtype=self.lp_dtype, device=w.device)
+        self._cache = None
+        if runs.segments:
+            kernel_ops.cage_adamw_shard_step(w, g, exp_avg, exp_avg_sq, runs, qout=self._lp,
+                                             **hyper)  # fmt: skip
+        if cut.segments:
+            side_q = side.new_empty(1, self.layout.side_numel, dtype=self.lp_dtype)
+            kernel_ops.cage_adamw_shard_step(*side, cut, qout=side_q[0], **hyper)
+            self.layout.scatter(side[[0, 2, 3]], [w, exp_avg, exp_avg_sq])
+            self.layout.scatter(side_q, [self._lp])
+        self._lp_of = (w.data_ptr(), w._version)
+        return True
 
-    def _cached(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # ---- quantization of the current W ----
+    def quantize(self, w: torch.Tensor) -> Quantization:
+        """Values, mask, error of the partition w, [numel] each (values / error 0 and mask
+        True on padding); one exchange; refreshes the cache."""
+        self._check(w)
+        side = self._exchange([w])
+        self._count_quantized()
+        values, error = torch.zeros_like(w), torch.zeros_like(w)
+        mask = torch.ones_like(w, dtype=torch.bool)
+        for s, rows in zip(self.layout.runs, self._rows(w, self.layout.runs), strict=True):
+            q = self.quantizer.evaluate(rows)
+            span = slice(s.shard_start, s.shard_start + s.numel)
+            values[span], mask[span], error[span] = (
+                q.values.view(-1),
+                q.mask.view(-1),
+                q.error.view(-1),
+            )
+        cut = [self.quantizer.evaluate(r) for r in self._rows(side[0], self.layout.side_segments)]
+        side_q = Quantization(*(torch.cat([getattr(q, f).view(-1) for q in cut]) if cut
+                                else side.new_zeros(0) for f in Quantization._fields))  # fmt: skip
+        for part, out in zip(side_q, (values, mask, error), strict=True):
+            self.layout.scatter(part[None], [out])
+        full = Quantization(values, mask, error)
+        self._cache = (w.data_ptr(), w._version, full, side_q)
+        return full
+
+    def _cached(self, w: torch.Tensor) -> tuple[Quantization, Quantization]:
         c = self._cache
         if c is None or c[0] != w.data_ptr() or c[1] != w._version:
-            out = self.quantize(w)
-            return out.mask, out.error
+            self.quantize(w)
+            c = self._cache
         return c[2], c[3]
 
     def invalidate(self) -> None:
-        """Forget the cached quantization (after the master was rewritten from outside)."""
-        self._cache = None
+        """Forget cached quantizations and the lp copy (the master was rewritten outside)."""
+        self._cache = self._lp_of = None
 
     def mask(self, w: torch.Tensor) -> torch.Tensor:
-        """The STE mask M of q(w H) (True on padding and unquantized pieces)."""
+        """The STE mask M of q(w H) (True on padding)."""
         self._check(w)
-        return self._cached(w)[0]
+        return self._cached(w)[0].mask
 
     @torch.no_grad()
     def mask_grads_(self, w: torch.Tensor, grads: list[torch.Tensor]) -> None:
@@ -109,53 +181,60 @@ class ShardedQuantOps:
             off += n
 
     def error(self, w: torch.Tensor) -> torch.Tensor:
-        """e = w - Q(w) on quantized pieces, 0 on padding and unquantized pieces."""
+        """e = w - Q(w) on the parameters' elements, 0 on padding."""
         self._check(w)
-        return self._cached(w)[1].to(w.dtype)
+        return self._cached(w)[0].error
 
     def ste_grad(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """dL/dw = (M ⊙ dL/dq) H from the rotated-domain gradient g of the gathered q(w H)."""
+        """dL/dw = (M ⊙ dL/dq) H from the rotated-domain gradient g of the gathered q(w H)
+        (RTN: g, plain STE); one exchange of g's cut rows."""
         self._check(w)
-        q = self.quantizer
-        if not q.quest:  # RTN: plain STE in the original domain
+        if self.tables is None:
             return g
-        mask = self._cached(w)[0]
-        masked = q.masked_grad(g, mask)
-        gathered = self._exchange(q.grad_payload(masked), self._halo_sizes)
-        return q.rotate_grad(masked, gathered).to(g.dtype)
+        full, side_q = self._cached(w)
+        block = self.quantizer.spec.hadamard_block
+        out = torch.where(full.mask, g, torch.zeros((), dtype=g.dtype))
+        for rows in self._rows(out, self.layout.runs):
+            rows.copy_(kernel_ops.fwht(rows, block))
+        side = self._exchange([g])[0] * side_q.mask
+        rot = [kernel_ops.fwht(r, block) for r in self._rows(side, self.layout.side_segments)]
+        if rot:
+            self.layout.scatter(torch.cat(rot, 1), [out])
+        return out
 
     @torch.no_grad()
     def piece_sums(self, w: torch.Tensor) -> torch.Tensor:
         """float64 [len(slots), 4]: this rank's share of (sum e^2, sum w^2, masked entries,
-        entries) of every quantized parameter of the group, rows in ``slots()`` order, from
-        the cached quantization of w (a fresh one, collective, if w changed since)."""
+        entries) of every parameter of the group, rows in ``slots()`` order, from the cached
+        quantization of w (a fresh one, collective, if w changed since)."""
         self._check(w)
-        mask, error = self._cached(w)
+        q = self._cached(w)[0]
         slot = {j: i for i, j in enumerate(self.slots())}
         out = torch.zeros(len(slot), 4, dtype=torch.float64, device=w.device)
-        for pl in self.quantizer.plans:
-            p = pl.piece
+        for p in self.layout.map.pieces:
             sl = slice(p.flat_start, p.flat_start + p.length)
             row = out[slot[p.param]]
-            row[0] += error[sl].double().square().sum()
+            row[0] += q.error[sl].double().square().sum()
             row[1] += w[sl].double().square().sum()
-            row[2] += (~mask[sl]).sum()
+            row[2] += (~q.mask[sl]).sum()
             row[3] += p.length
         return out
 
     def slots(self) -> list[int]:
-        """Indices (in the flat group) of the quantized parameters, ascending: the same list
-        on every rank, whichever pieces this rank holds."""
-        return sorted(self.quantizer.quantized)
+        """Indices (in the flat group) of the parameters, ascending: the same list on every
+        rank, whichever pieces this rank holds."""
+        return list(self._slots)
 
     @torch.no_grad()
     def write_lp(self, w: torch.Tensor, lp: torch.Tensor) -> None:
-        """lp[quantized pieces] = cast(q(w H)); the rest of lp is left as DeepSpeed wrote it."""
-        out = self.quantize(w)
-        for pl in self.quantizer.plans:
-            p = pl.piece
+        """lp[parameter elements] = cast(q(w H)): the fused step's copy when it is of this w,
+        else a fresh quantization; lp's padding is left as DeepSpeed wrote it."""
+        self._check(w)
+        fresh = self._lp_of == (w.data_ptr(), w._version) and self._lp.dtype == lp.dtype
+        values = self._lp if fresh else self.quantize(w).values
+        for p in self.layout.map.pieces:
             sl = slice(p.flat_start, p.flat_start + p.length)
-            lp[sl].copy_(out.values[sl])
+            lp[sl].copy_(values[sl])
 
 
 def install_quant_ops(

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from cage_ds.quant import Quantizer, QuantSpec
-from cage_ds.zero.sharded_quest import ShardQuantizer
 from cage_ds.zero.shardmap import Piece, zero3_maps, zero12_maps
 
 GARBAGE = 3.7e28
@@ -111,75 +110,6 @@ def test_piece_rows_and_blocks_by_element():
         assert [e for lo, hi in pc.partial_blocks(block) for e in range(lo, hi)] == partial
         ea, eb = pc.block_hull(block)
         assert ea == (a // block) * block and eb == -(-b // block) * block
-
-
-def _simulate(maps, flats, spec, quantized):
-    shard = [ShardQuantizer(maps, r, spec, quantized) for r in range(len(maps))]
-    payloads = [q.stats_payload(f) for q, f in zip(shard, flats, strict=True)]
-    width = max(1, max(p.numel() for p in payloads))
-    gathered = torch.stack([torch.cat([p, p.new_zeros(width - p.numel())]) for p in payloads])
-    return shard, [q.quantize(f, gathered) for q, f in zip(shard, flats, strict=True)]
-
-
-def _exact_rows_params(shapes, gen):
-    """Entries k/32, |k| <= 32: every sum of squares is exact in fp32 and fp64, so the
-    sharded cut-row statistics equal the unsharded ones bit for bit."""
-    return [torch.randint(-32, 33, s, generator=gen).float() / 32 for s in shapes]
-
-
-@pytest.mark.parametrize("layout", ["zero3", "zero12"])
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
-def test_sharded_quest_equals_unsharded(layout, world):
-    seed = _seed()
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    for spec in [
-        QuantSpec(bits=4, hadamard_block=8, mask="trust"),
-        QuantSpec(bits=3, hadamard_block=8, mask="clip"),
-        QuantSpec(bits=2, hadamard_block=8, mask="trust"),
-        QuantSpec(method="rtn", bits=4, group_size=8),
-    ]:
-        quant = Quantizer(spec)
-        shapes = _shapes(rng, 8)
-        params = _exact_rows_params(shapes, gen)
-        quantized = frozenset(j for j, s in enumerate(shapes) if len(s) == 2)
-        if layout == "zero3":
-            maps = zero3_maps(shapes, world)
-            flats = _zero3_flats(params, world)
-        else:
-            offsets, numel = _zero12_layout(params, world, align=4)
-            maps = zero12_maps(shapes, offsets, numel, world)
-            flats = _zero12_flats(params, offsets, numel, world)
-        shard, outs = _simulate(maps, flats, spec, quantized)
-        for m, out, _flat in zip(maps, outs, flats, strict=True):
-            for pc in m.pieces:
-                dst = slice(pc.flat_start, pc.flat_start + pc.length)
-                src = slice(pc.elem_start, pc.elem_end)
-                if pc.param not in quantized:
-                    assert torch.equal(out.error[dst], torch.zeros(pc.length))
-                    assert out.mask[dst].all()
-                    continue
-                w = params[pc.param]
-                assert torch.equal(out.values[dst], quant.values(w).flatten()[src])
-                assert torch.equal(out.mask[dst], quant.mask(w).flatten()[src])
-                assert torch.equal(out.error[dst], quant.error(w).flatten()[src])
-        # the STE gradient: (M ⊙ g) H on every piece, halo of the masked gradient included
-        grads = [torch.randn(f.shape, generator=gen) for f in flats]
-        masked = [q.masked_grad(g, o.mask) for q, g, o in zip(shard, grads, outs, strict=True)]
-        payloads = [q.grad_payload(mg) for q, mg in zip(shard, masked, strict=True)]
-        width = max(1, max(p.numel() for p in payloads))
-        gathered = torch.stack([torch.cat([p, p.new_zeros(width - p.numel())]) for p in payloads])
-        full_g = _reassemble(maps, grads, shapes)
-        for r, (m, q) in enumerate(zip(maps, shard, strict=True)):
-            rot = q.rotate_grad(masked[r], gathered)
-            for pc in m.pieces:
-                dst = slice(pc.flat_start, pc.flat_start + pc.length)
-                src = slice(pc.elem_start, pc.elem_end)
-                g = full_g[pc.param]
-                if pc.param in quantized:
-                    want = quant.rotate(g * quant.mask(params[pc.param])).flatten()[src]
-                else:
-                    want = g.flatten()[src]
-                assert torch.equal(rot[dst], want)
 
 
 def _reassemble(maps, flats, shapes):
