@@ -5,14 +5,13 @@
 For the paper's 30M and 800M Llama presets (cage-method.md: SwiGLU hidden 8/3 d rounded up
 to 256, head dim 128, vocab 32000, untied embeddings) and several world sizes, for ZeRO-3
 (each weight cut on its own) and ZeRO-1/2 (the quantized weights flattened into one group
-and cut evenly), the busiest rank's:
-  quantized elements per Q evaluation (its pieces widened to whole Hadamard blocks),
-  exchange bytes received per Q evaluation (all-gather of every rank's float64 payload:
-    cut-row partial sums + cut-block elements) and per STE-gradient halo exchange,
+and cut evenly), the busiest rank's (cage_ds/zero/rows.py):
+  elements the fused step computes (its whole rows in place + its cut rows assembled whole),
+  bytes received per fused step (point to point: the peers' parts of its cut rows, for W,
+    dL/dq, m and v, fp32) and per quantization of W alone (lp write after a load, the
+    clipping mask, telemetry),
 and the bf16 all-gather of all parameters that ZeRO does anyway ((world-1)/world * 2 bytes
 * numel per gather; ZeRO-3 gathers in forward and again in backward, ZeRO-1/2 once).
-A step costs Q evaluations: decoupled 2 (corrected W and the lp write) + 1 halo exchange,
-coupled 1 (the lp write; the coupled error reuses it) + 1 halo exchange.
 ``--measured DIR`` adds the counters of a tests/dist/zero_worker.py run (the tiny model).
 """
 
@@ -23,7 +22,7 @@ import math
 import os
 import sys
 
-from cage_ds.zero.sharded_quest import send_of
+from cage_ds.zero.rows import RowLayout, split_rows
 from cage_ds.zero.shardmap import PartitionMap, zero3_maps, zero12_maps
 
 BLOCK = 128
@@ -42,15 +41,14 @@ def llama_shapes(layers: int, d: int) -> tuple[list[tuple[int, int]], int]:
 
 
 def busiest(maps: list[PartitionMap]) -> dict[str, int]:
-    """Max over ranks of quantized hull elements and of payload lengths (float64 elements)."""
-    quantized = frozenset(range(max(p.param for m in maps for p in m.pieces) + 1))
-    sends = [send_of(m, quantized, BLOCK) for m in maps]
-    hull = max(sum(b - a for a, b in (p.block_hull(BLOCK) for p in m.pieces)) for m in maps)
-    world = len(maps)
-    stats_w = max(1, max(s.n_rows + s.n_halo for s in sends))
-    halo_w = max(1, max(s.n_halo for s in sends))
-    rx = 0 if world == 1 else world * 8
-    return {"hull": hull, "stats_bytes": rx * stats_w, "halo_bytes": rx * halo_w}
+    """Max over ranks of the elements computed per step and of the elements received per
+    exchanged tensor."""
+    splits = split_rows(maps)
+    lays = [RowLayout(maps, r, 4, True, splits) for r in range(len(maps))]
+    return {
+        "computed": max(lay.run_numel + lay.side_numel for lay in lays),
+        "received": max(lay.received_per_tensor for lay in lays),
+    }
 
 
 def layouts(shapes: list[tuple[int, int]], world: int) -> dict[str, list[PartitionMap]]:
@@ -75,10 +73,10 @@ def fmt_bytes(b: float) -> str:
 
 def table() -> list[str]:
     rows = [
-        "| preset | world | layout | quantized elems / Q eval (rank) | unsharded elems | "
-        "stats all-gather / Q eval | grad halo / step | extra per step (decoupled) | "
-        "bf16 all-gather / step | extra / all-gather |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | world | layout | elems computed / step (rank) | unsharded elems | "
+        "received / fused step | received / Q eval | bf16 all-gather / step | "
+        "extra / all-gather |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (layers, d) in PRESETS.items():
         shapes, total = llama_shapes(layers, d)
@@ -87,12 +85,12 @@ def table() -> list[str]:
             gather = (world - 1) / world * 2 * total
             for layout, maps in layouts(shapes, world).items():
                 c = busiest(maps)
-                extra = 2 * c["stats_bytes"] + c["halo_bytes"]
+                step, q_eval = 4 * 4 * c["received"], 4 * c["received"]
                 ag = gather * (2 if layout == "ZeRO-3" else 1)
                 rows.append(
-                    f"| {name} | {world} | {layout} | {c['hull']:,} | {qnumel:,} | "
-                    f"{fmt_bytes(c['stats_bytes'])} | {fmt_bytes(c['halo_bytes'])} | "
-                    f"{fmt_bytes(extra)} | {fmt_bytes(ag)} | {extra / ag:.2e} |"
+                    f"| {name} | {world} | {layout} | {c['computed']:,} | {qnumel:,} | "
+                    f"{fmt_bytes(step)} | {fmt_bytes(q_eval)} | {fmt_bytes(ag)} | "
+                    f"{step / ag:.2e} |"
                 )
     return rows
 

@@ -18,8 +18,10 @@ call order below were read from its source and are re-checked by tests/dist):
     partition gradients in place (M is idempotent, the client step applies it again).
     BF16_Optimizer takes the norm over full unpartitioned gradients: clipping is refused there.
 QuantLinear layers are switched to ``weight_prequantized``: the gathered weight is the
-ROTATED q(W H) and the gradient DeepSpeed reduces is dL/dq, turned into the latent
-gradient (M ⊙ dL/dq) H by ShardedQuantOps.ste_grad inside the client step.
+ROTATED q(W H) and the gradient DeepSpeed reduces is dL/dq; the client step turns it into
+the latent gradient (M ⊙ dL/dq) H (inside ShardedQuantOps.fused_step's kernel for QuEST).
+The hooks copy the step's cast_lp(q(W H)) (ShardedQuantOps.write_lp), or quantize afresh
+when the master changed since (checkpoint loads).
 Refused: ZeRO stage 0, fp16 loss scaling, ZeRO++ (qwZ, qgZ, hpZ), MiCS, any offload, and a
 low-precision buffer that aliases the fp32 master (torch autocast without bf16/fp16 section).
 """

@@ -81,10 +81,17 @@ class RowLayout:
     """Rank ``rank``'s partition as whole rows (module docstring).
 
     bits / ste fill the segments' fields (kernel tables; ste: the gradient arrives as
-    dL/dq in the rotated domain).
+    dL/dq in the rotated domain); splits: ``split_rows(maps)`` when already computed.
     """
 
-    def __init__(self, maps: list[PartitionMap], rank: int, bits: int, ste: bool):
+    def __init__(
+        self,
+        maps: list[PartitionMap],
+        rank: int,
+        bits: int,
+        ste: bool,
+        splits: list[SplitRow] | None = None,
+    ):
         self.rank, self.world = rank, len(maps)
         self.map = maps[rank]
         runs = []
@@ -100,7 +107,7 @@ class RowLayout:
         own: list[tuple[int, int, int]] = []  # (flat_start, side position, length)
         send: dict[int, list[tuple[int, int]]] = defaultdict(list)
         recv: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for s in split_rows(maps):
+        for s in split_rows(maps) if splits is None else splits:
             mine = [q for q in s.parts if q.rank == rank]
             if not mine:
                 continue
@@ -142,6 +149,11 @@ class RowLayout:
                 "recv": {r: t.to(device) for r, t in self._recv.items()},
             }
         return self._on[device]
+
+    @property
+    def received_per_tensor(self) -> int:
+        """Elements the peers send for each exchanged tensor."""
+        return sum(t.numel() for t in self._recv.values())
 
     def incoming_numel(self, peer: int, k: int) -> int:
         """Elements of the payload ``peer`` sends for k tensors."""

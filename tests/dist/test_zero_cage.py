@@ -16,9 +16,9 @@ near zero; and, rarely, a weight/activation code or trust-mask bit that flips at
 tie because of those ulps, which changes single elements by up to one Adam step (the
 outliers). The quantization itself has no tolerance: every rank computes whole rows (cut
 rows assembled from their holders), so the gathered weights must equal
-cast(Quantizer.values(full latent)) element for element (_check_gathered). Measured bulk ratios are <= 5e-4 (docs/zero_sharding_costs.md); a wrong halo,
-row statistic, mask or rotation moves whole rows/blocks by O(update) and fails the bulk
-bound by orders of magnitude.
+cast(Quantizer.values(full latent)) element for element (_check_gathered). Measured bulk
+ratios are <= 5e-4; a wrong cut row, row statistic, mask or rotation moves whole rows/blocks
+by O(update) and fails the bulk bound by orders of magnitude.
 
 Also checked here, sharing the launches: resume after save/load equals the uninterrupted run
 bit for bit (ZeRO-1/2/3); cage_ds.zero.quant_stats equals cage_ds.nn.quant_stats of the
