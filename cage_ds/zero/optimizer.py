@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from cage_kernels import ops as kernel_ops
-from cage_kernels.segments import SegmentTable
+from cage_kernels.segments import Segment, SegmentTable
 
 from cage_ds.quant import Quantization, Quantizer, QuantSpec
 
@@ -97,7 +97,7 @@ class ShardedQuantOps:
     def _count_quantized(self) -> None:
         self.elements_quantized += self.layout.run_numel + self.layout.side_numel
 
-    def _rows(self, t: torch.Tensor, segs) -> list[torch.Tensor]:
+    def _rows(self, t: torch.Tensor, segs: tuple[Segment, ...]) -> list[torch.Tensor]:
         return [t[s.shard_start : s.shard_start + s.numel].view(s.n_rows, s.row_len) for s in segs]
 
     # ---- the fused step (QuEST) ----
@@ -117,8 +117,9 @@ class ShardedQuantOps:
             self._lp = torch.zeros(self.numel, dtype=self.lp_dtype, device=w.device)
         self._cache = None
         if runs.segments:
-            kernel_ops.cage_adamw_shard_step(w, g, exp_avg, exp_avg_sq, runs, qout=self._lp,
-                                             **hyper)  # fmt: skip
+            kernel_ops.cage_adamw_shard_step(
+                w, g, exp_avg, exp_avg_sq, runs, qout=self._lp, **hyper
+            )
         if cut.segments:
             side_q = side.new_empty(1, self.layout.side_numel, dtype=self.lp_dtype)
             kernel_ops.cage_adamw_shard_step(*side, cut, qout=side_q[0], **hyper)
@@ -128,29 +129,32 @@ class ShardedQuantOps:
         return True
 
     # ---- quantization of the current W ----
+    def _evaluate(self, t: torch.Tensor, segs: tuple[Segment, ...]) -> Quantization:
+        """Quantizer.evaluate of every segment's rows of t, fields flattened and concatenated."""
+        qs = [self.quantizer.evaluate(r) for r in self._rows(t, segs)]
+        if not qs:
+            empty = t.new_zeros(0)
+            return Quantization(empty, empty.bool(), empty)
+        fields = zip(*qs, strict=True)  # (values...), (masks...), (errors...)
+        return Quantization(*(torch.cat([f.reshape(-1) for f in parts]) for parts in fields))
+
     def quantize(self, w: torch.Tensor) -> Quantization:
         """Values, mask, error of the partition w, [numel] each (values / error 0 and mask
         True on padding); one exchange; refreshes the cache."""
         self._check(w)
         side = self._exchange([w])
         self._count_quantized()
-        values, error = torch.zeros_like(w), torch.zeros_like(w)
-        mask = torch.ones_like(w, dtype=torch.bool)
-        for s, rows in zip(self.layout.runs, self._rows(w, self.layout.runs), strict=True):
-            q = self.quantizer.evaluate(rows)
-            span = slice(s.shard_start, s.shard_start + s.numel)
-            values[span], mask[span], error[span] = (
-                q.values.view(-1),
-                q.mask.view(-1),
-                q.error.view(-1),
-            )
-        cut = [self.quantizer.evaluate(r) for r in self._rows(side[0], self.layout.side_segments)]
-        side_q = Quantization(*(torch.cat([getattr(q, f).view(-1) for q in cut]) if cut
-                                else side.new_zeros(0) for f in Quantization._fields))  # fmt: skip
-        for part, out in zip(side_q, (values, mask, error), strict=True):
+        full = Quantization(torch.zeros_like(w), torch.ones_like(w, dtype=torch.bool),
+                            torch.zeros_like(w))  # fmt: skip
+        runs, at = self._evaluate(w, self.layout.runs), 0
+        for s in self.layout.runs:
+            for out, part in zip(full, runs, strict=True):
+                out[s.shard_start : s.shard_start + s.numel] = part[at : at + s.numel]
+            at += s.numel
+        cut = self._evaluate(side[0], self.layout.side_segments)  # side rows are back to back
+        for out, part in zip(full, cut, strict=True):
             self.layout.scatter(part[None], [out])
-        full = Quantization(values, mask, error)
-        self._cache = (w.data_ptr(), w._version, full, side_q)
+        self._cache = (w.data_ptr(), w._version, full, cut)
         return full
 
     def _cached(self, w: torch.Tensor) -> tuple[Quantization, Quantization]:

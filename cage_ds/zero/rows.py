@@ -195,13 +195,11 @@ def exchange_rows(
     incoming = {
         r: tensors[0].new_empty(layout.incoming_numel(r, len(tensors))) for r in layout.peers
     }
-    if layout.peers:
-        requests = []
-        for r in layout.peers:
-            peer = tdist.get_global_rank(group, r) if group is not None else r
-            requests.append(tdist.isend(sent[r], peer, group=group))
-            requests.append(tdist.irecv(incoming[r], peer, group=group))
-        for req in requests:
-            req.wait()
+    ops = []
+    for r in layout.peers:  # batched: NCCL groups the pairs' sends and receives (no deadlock)
+        ops.append(tdist.P2POp(tdist.isend, sent[r], group=group, group_peer=r))
+        ops.append(tdist.P2POp(tdist.irecv, incoming[r], group=group, group_peer=r))
+    for req in tdist.batch_isend_irecv(ops) if ops else ():
+        req.wait()
     received = sum(t.numel() * t.element_size() for t in incoming.values())
     return layout.assemble(tensors, incoming), received
