@@ -5,6 +5,7 @@ Per segment of the SegmentTable, on its rows W [n_rows, row_len] (views into the
     Q(W) = fwht(q(fwht(W))),  q with row statistics row_sumsq_tree_ref(W)  (bits > 0 only)
     then ``adamw_update.cage_adamw_update`` (the same update cage_ds.optim.CageAdamW runs)
     qout <- q(W H) values (bits > 0) or W, cast to qout.dtype    (the gathered low-precision copy)
+    mask_out <- the STE mask of that q(W H) (True for bits = 0)  (the next step's mask)
 ``quest_shard_quantize_ref`` is the qout part alone (the copy of the current W, no update).
 """
 
@@ -40,6 +41,7 @@ def cage_adamw_shard_ref(
     lam: float,
     variant: str,
     qout: torch.Tensor | None = None,
+    mask_out: torch.Tensor | None = None,
 ) -> None:
     """One step over every segment of a flat fp32 shard, in place (module docstring)."""
     shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -65,16 +67,25 @@ def cage_adamw_shard_ref(
             w, g, rows(exp_avg), rows(exp_avg_sq), step=step, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, lam=lam, variant=variant, error_fn=error_fn,
         )  # fmt: skip
-    if qout is not None:
-        quest_shard_quantize_ref(param, table, qout)
+    if qout is not None or mask_out is not None:
+        quest_shard_quantize_ref(param, table, qout, mask_out)
 
 
-def quest_shard_quantize_ref(param: torch.Tensor, table: SegmentTable, qout: torch.Tensor) -> None:
-    """qout <- q(W H) values (bits > 0) or W, cast to qout.dtype, for every segment's rows:
-    the low-precision copy of the current latent shard (e.g. after a checkpoint load)."""
+def quest_shard_quantize_ref(
+    param: torch.Tensor,
+    table: SegmentTable,
+    qout: torch.Tensor | None,
+    mask_out: torch.Tensor | None = None,
+) -> None:
+    """qout <- q(W H) values (bits > 0) or W, cast to qout.dtype, and mask_out <- its STE
+    mask (True for bits = 0), for every segment's rows: the low-precision copy of the current
+    latent shard (e.g. after a checkpoint load)."""
     table.check_shard(param.numel(), "param")
     for seg in table.segments:
         span = slice(seg.shard_start, seg.shard_start + seg.numel)
         w = param[span].view(seg.n_rows, seg.row_len)
-        low = quest_rows_ref(w, seg.bits, table.block, table.mask_rule).values if seg.bits else w
-        qout[span].view_as(w).copy_(low)
+        out = quest_rows_ref(w, seg.bits, table.block, table.mask_rule) if seg.bits else None
+        if qout is not None:
+            qout[span].view_as(w).copy_(w if out is None else out.values)
+        if mask_out is not None:
+            mask_out[span].view_as(w).copy_(True if out is None else out.mask)

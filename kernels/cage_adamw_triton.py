@@ -9,12 +9,14 @@ read of param, grad, exp_avg, exp_avg_sq it computes, for quantized segments, in
     W <- W + (-lr / bias1) m / (sqrt(v) / sqrt(bias2) + eps)
     decoupled:  W <- fma(-lr lam, W - Q(W), W)      (fresh statistics of the updated W)
     qout <- q(W H) in qout.dtype (rotated domain), or W for unquantized segments
-and writes param, exp_avg, exp_avg_sq, qout once. Q(W) = fwht(q(fwht(W))) with the tree row
-sum of squares, all in registers. The fma / rounding placement mirrors what torch's CPU
+    mask_out <- the STE mask of that q(W H) (uint8 0/1; 1 for unquantized segments)
+and writes param, exp_avg, exp_avg_sq, qout, mask_out once. Q(W) = fwht(q(fwht(W))) with the
+tree row sum of squares, all in registers. The fma / rounding placement mirrors what torch's CPU
 kernels do for the twin's ops (lerp_, add(alpha), addcmul_ are fused multiply-adds there),
 so the interpreter matches cage_adamw_ref bit-for-bit on such CPUs; tests still allow the
 derived ulp tolerance (see tests/kernels/test_cage_adamw.py).
-With UPDATE=False the same kernel only writes qout of the current W (quest_shard_quantize).
+With UPDATE=False the same kernel only writes qout (and mask_out) of the current W
+(quest_shard_quantize).
 Twins: ``cage_adamw_ref.cage_adamw_shard_ref`` / ``quest_shard_quantize_ref``.
 """
 
@@ -65,13 +67,13 @@ def _quest_values(
 
 @triton.jit
 def _cage_adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, table_ptr, tiles_ptr, alpha_ptr,
+    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr,
     decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
     R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
     LOG_L: tl.constexpr, LOG_V: tl.constexpr,
     LOG_B: tl.constexpr, NCOL: tl.constexpr, STE_FLAG: tl.constexpr,
     MASK_RULE: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
-    HAS_Q: tl.constexpr, UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """One tile of whole rows of one segment (module docstring); UPDATE=False only writes
     the quantized copy of the current W (grad / moment pointers are then never read)."""
@@ -125,12 +127,16 @@ def _cage_adamw_kernel(
         tl.store(p_ptr + offs, p, mask=inb)
         tl.store(m_ptr + offs, m, mask=inb)
         tl.store(v_ptr + offs, v, mask=inb)
-    if HAS_Q:
+    if HAS_Q or HAS_MASK:
         low = p
+        keep = inb
         if quant:
-            low, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
-                                   LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
-        tl.store(q_ptr + offs, cast_rne(low, q_ptr.dtype.element_ty), mask=inb)
+            low, keep = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
+                                      LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
+        if HAS_Q:
+            tl.store(q_ptr + offs, cast_rne(low, q_ptr.dtype.element_ty), mask=inb)
+        if HAS_MASK:
+            tl.store(mask_ptr + offs, keep.to(tl.uint8), mask=inb)
 
 
 @functools.lru_cache(maxsize=16)
@@ -166,13 +172,14 @@ def cage_adamw_shard_triton(
     lam: float,
     variant: str,
     qout: torch.Tensor | None = None,
+    mask_out: torch.Tensor | None = None,
 ) -> None:
     """Triton twin of cage_adamw_shard_ref (same arguments); the device copies of the table
     and its tile list are cached per (table, device)."""
     if variant not in VARIANTS:
         raise ValueError(f"cage_variant must be one of {VARIANTS}, got {variant!r}")
     shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    _check_shard(shard, table, qout)
+    _check_shard(shard, table, qout, mask_out)
     if not table.segments:
         return
     bias1 = 1 - beta1**step
@@ -180,7 +187,7 @@ def cage_adamw_shard_triton(
     inv_bias2_sqrt = (1.0 / bias2_sqrt).item()  # RN32(1 / fp32 divisor), for div_rn_by
     correct = lam > 0
     _launch(
-        table, param, grad, exp_avg, exp_avg_sq, qout,
+        table, param, grad, exp_avg, exp_avg_sq, qout, mask_out,
         (1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, bias2_sqrt.item(), inv_bias2_sqrt,
          eps, -lr / bias1, lam, -lr * lam),
         coupled=correct and variant == "coupled", decoupled=correct and variant == "decoupled",
@@ -189,19 +196,23 @@ def cage_adamw_shard_triton(
 
 
 def quest_shard_quantize_triton(
-    param: torch.Tensor, table: SegmentTable, qout: torch.Tensor
+    param: torch.Tensor,
+    table: SegmentTable,
+    qout: torch.Tensor,
+    mask_out: torch.Tensor | None = None,
 ) -> None:
-    """Triton twin of quest_shard_quantize_ref: qout <- q(W H) (or W) over the table's rows."""
-    _check_shard({"param": param}, table, qout)
+    """Triton twin of quest_shard_quantize_ref: qout <- q(W H) (or W) over the table's rows,
+    mask_out <- its STE mask."""
+    _check_shard({"param": param}, table, qout, mask_out)
     if qout is None:
         raise ValueError("quest_shard_quantize needs a qout buffer")
     if table.segments:
         no_hp = (1.0, 0.1, 0.1, 0.9, 1.0, 1.0, 1e-8, 0.0, 0.0, 0.0)  # unused without UPDATE
-        _launch(table, param, param, param, param, qout, no_hp, coupled=False, decoupled=False,
-                update=False)  # fmt: skip
+        _launch(table, param, param, param, param, qout, mask_out, no_hp, coupled=False,
+                decoupled=False, update=False)  # fmt: skip
 
 
-def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout) -> None:
+def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout, mask_out) -> None:
     for name, t in shard.items():
         if t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 1:
             raise ValueError(
@@ -211,21 +222,36 @@ def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout) -> N
     if qout is not None:
         if qout.dim() != 1 or not qout.is_contiguous() or qout.numel() < table.end:
             raise ValueError(f"qout must be a contiguous 1-D buffer of >= {table.end} elements")
+    if mask_out is not None:
+        if (
+            mask_out.dtype != torch.bool
+            or mask_out.dim() != 1
+            or not mask_out.is_contiguous()
+            or mask_out.numel() < table.end
+        ):
+            raise ValueError(
+                f"mask_out must be a contiguous 1-D bool buffer of >= {table.end} "
+                f"elements, got {mask_out.dtype} {tuple(mask_out.shape)}"
+            )
 
 
-def _launch(table, param, grad, exp_avg, exp_avg_sq, qout, scalars, coupled, decoupled, update):
+def _launch(
+    table, param, grad, exp_avg, exp_avg_sq, qout, mask_out, scalars, coupled, decoupled, update
+):
     dev = param.device
     width = table.width
     tile = rows_per_tile(width)
     table_tensor, tiles = device_table(table, str(dev), tile)
     _cage_adamw_kernel[(tiles.shape[0],)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
+        mask_out.view(torch.uint8) if mask_out is not None else param,
         table_tensor, tiles, alpha_table(str(dev)), *scalars, table.block**-0.5,
         R=tile, N=width, LOG_N=log2_exact(width, "table width"),
         **tree_opts(width, param.element_size()),
         LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
         MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,
-        COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None, UPDATE=update,
+        COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None,
+        HAS_MASK=mask_out is not None, UPDATE=update,
         ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in table.segments),
         **launch_opts(tile * width),
     )  # fmt: skip

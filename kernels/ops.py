@@ -134,14 +134,17 @@ def cage_adamw_shard_step(
     lam: float,
     variant: str,
     qout: torch.Tensor | None = None,
+    mask_out: torch.Tensor | None = None,
 ) -> None:
     """One CAGE-AdamW step over the whole rows a flat fp32 shard holds (segments.py), in place.
 
     param, grad, exp_avg, exp_avg_sq: fp32 [L]; qout: [L] in the compute dtype or None,
-    receives q(W H) (quantized segments, rotated domain) or W; uncovered elements untouched.
+    receives q(W H) (quantized segments, rotated domain) or W; mask_out: bool [L] or None,
+    receives the STE mask of that q(W H) (True on unquantized segments); elements no segment
+    covers are untouched.
     """
     kw = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-              lam=lam, variant=variant, qout=qout)  # fmt: skip
+              lam=lam, variant=variant, qout=qout, mask_out=mask_out)  # fmt: skip
     if use_triton(param):
         from .cage_adamw_triton import cage_adamw_shard_triton
 
@@ -149,11 +152,17 @@ def cage_adamw_shard_step(
     return cage_adamw_shard_ref(param, grad, exp_avg, exp_avg_sq, table, **kw)
 
 
-def quest_shard_quantize(param: torch.Tensor, table: SegmentTable, qout: torch.Tensor) -> None:
-    """qout [L] <- q(W H) (quantized segments, rotated domain) or W, for the whole rows a flat
-    fp32 shard param [L] holds: the low-precision copy without an update (checkpoint load)."""
+def quest_shard_quantize(
+    param: torch.Tensor,
+    table: SegmentTable,
+    qout: torch.Tensor,
+    mask_out: torch.Tensor | None = None,
+) -> None:
+    """qout [L] <- q(W H) (quantized segments, rotated domain) or W, and mask_out (bool [L] or
+    None) <- its STE mask, for the whole rows a flat fp32 shard param [L] holds: the
+    low-precision copy without an update (checkpoint load)."""
     if use_triton(param):
         from .cage_adamw_triton import quest_shard_quantize_triton
 
-        return quest_shard_quantize_triton(param, table, qout)
-    return quest_shard_quantize_ref(param, table, qout)
+        return quest_shard_quantize_triton(param, table, qout, mask_out)
+    return quest_shard_quantize_ref(param, table, qout, mask_out)

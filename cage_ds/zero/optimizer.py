@@ -7,16 +7,18 @@ place, its cut rows assembled whole from their holders):
                cage_adamw_shard_step) over the runs and one over the cut rows, after one
                point-to-point exchange of the cut rows' (W, dL/dq, m, v); it also writes
                cast_lp(q(W H)) of the updated W into a low-precision copy of the partition
-               that ``write_lp`` hands to the buffer DeepSpeed all-gathers.
+               that ``write_lp`` hands to the buffer DeepSpeed all-gathers, and its STE mask,
+               which the next step's clipping mask (``mask``) reuses.
   error / ste_grad   the composed path (RTN weights): e = W - Q(W), g as is (plain STE).
   quantize     values, mask and error of the current W (lp writes after a checkpoint load,
-               the clipping mask, telemetry); one exchange of the cut rows of W.
+               the clipping mask of RTN weights, telemetry); one exchange of W's cut rows.
 Every rank computes the rows it touches exactly as the unsharded CageAdamW computes them.
 
 Caches, keyed by the tensor's address and version counter: the last ``quantize`` (mask and
-error; RTN's lp write at step t serves step t+1's error) and the lp copy of the last fused
-step. A fused step invalidates the quantization cache itself: Triton kernels write in place
-without bumping the version counter. Every rank runs the same ops, so cache hits agree.
+error; RTN's lp write at step t serves step t+1's error) and the lp copy and mask of the
+last fused step. A fused step invalidates the quantization cache itself: Triton kernels
+write in place without bumping the version counter. Every rank runs the same ops, so cache
+hits agree.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class ShardedQuantOps:
         self._slots = sorted({p.param for m in maps for p in m.pieces})
         self._cache: tuple[int, int, Quantization, Quantization] | None = None
         self._lp: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._lp_of: tuple[int, int] | None = None
         self.exchanges = 0
         self.bytes_received = 0
@@ -115,16 +118,21 @@ class ShardedQuantOps:
         self._count_quantized()
         if self._lp is None or self._lp.device != w.device:
             self._lp = torch.zeros(self.numel, dtype=self.lp_dtype, device=w.device)
+            self._mask = torch.ones(self.numel, dtype=torch.bool, device=w.device)  # padding: 1
         self._cache = None
         if runs.segments:
             kernel_ops.cage_adamw_shard_step(
-                w, g, exp_avg, exp_avg_sq, runs, qout=self._lp, **hyper
+                w, g, exp_avg, exp_avg_sq, runs, qout=self._lp, mask_out=self._mask, **hyper
             )
         if cut.segments:
             side_q = side.new_empty(1, self.layout.side_numel, dtype=self.lp_dtype)
-            kernel_ops.cage_adamw_shard_step(*side, cut, qout=side_q[0], **hyper)
+            side_mask = torch.empty_like(side_q, dtype=torch.bool)
+            kernel_ops.cage_adamw_shard_step(
+                *side, cut, qout=side_q[0], mask_out=side_mask[0], **hyper
+            )
             self.layout.scatter(side[[0, 2, 3]], [w, exp_avg, exp_avg_sq])
             self.layout.scatter(side_q, [self._lp])
+            self.layout.scatter(side_mask, [self._mask])
         self._lp_of = (w.data_ptr(), w._version)
         return True
 
@@ -168,10 +176,14 @@ class ShardedQuantOps:
         """Forget cached quantizations and the lp copy (the master was rewritten outside)."""
         self._cache = self._lp_of = None
 
+    def _fused_of(self, w: torch.Tensor) -> bool:
+        """Whether the last fused step's lp copy and mask are those of this w."""
+        return self._lp_of == (w.data_ptr(), w._version)
+
     def mask(self, w: torch.Tensor) -> torch.Tensor:
-        """The STE mask M of q(w H) (True on padding)."""
+        """The STE mask M of q(w H) (True on padding): the last fused step's, when of this w."""
         self._check(w)
-        return self._cached(w)[0].mask
+        return self._mask if self._fused_of(w) else self._cached(w)[0].mask
 
     @torch.no_grad()
     def mask_grads_(self, w: torch.Tensor, grads: list[torch.Tensor]) -> None:
@@ -234,7 +246,7 @@ class ShardedQuantOps:
         """lp[parameter elements] = cast(q(w H)): the fused step's copy when it is of this w,
         else a fresh quantization; lp's padding is left as DeepSpeed wrote it."""
         self._check(w)
-        fresh = self._lp_of == (w.data_ptr(), w._version) and self._lp.dtype == lp.dtype
+        fresh = self._fused_of(w) and self._lp.dtype == lp.dtype
         values = self._lp if fresh else self.quantize(w).values
         for p in self.layout.map.pieces:
             sl = slice(p.flat_start, p.flat_start + p.length)

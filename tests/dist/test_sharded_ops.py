@@ -6,9 +6,11 @@ it holds, checks against the whole-tensor computation:
   quantize      values, mask, error == Quantizer.evaluate(W)
   ste_grad      == (M ⊙ g) H of the whole rotated-domain gradient
   fused_step    two CAGE-AdamW steps (decoupled and coupled) == CageAdamW on the whole
-                weights fed the latent gradient (M ⊙ g) H; W, m, v and the lp copy
-                (write_lp, fp32 and bf16) == cast(Quantizer.values(W_new))
+                weights fed the latent gradient (M ⊙ g) H; W, m, v, the lp copy
+                (write_lp, fp32 and bf16) == cast(Quantizer.values(W_new)) and the STE
+                mask == Quantizer.mask(W_new) (QuEST: the step's own, no re-quantization)
 Cut rows are assembled whole from their holders (point-to-point), so no tolerance is needed.
+On the torch twins (CPU) at N = 1, 2, 3, 5, and on the Triton kernels (interpreter) at N = 3.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 from test_shardmap import _zero3_flats, _zero12_flats, _zero12_layout
+
+from cage_kernels.dispatch import use_triton
 
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import Quantizer, QuantSpec
@@ -118,20 +122,28 @@ def _check_steps(rank, ops, quant, spec, params, shapes, flats_of, gen, variant)
         for key in ("exp_avg", "exp_avg_sq"):
             want = [oracle.state[p][key] for p in dense]
             _equal(sharded.state[w][key], want, ops, f"{key} after {where}")
+        quantized = ops.elements_quantized
+        _equal(ops.mask(w), [quant.mask(p) for p in dense], ops, f"mask after {where}")
+        if spec.method == "quest":  # the fused step's own mask, no second quantization
+            assert ops.elements_quantized == quantized, f"{ops!r}: mask re-quantized W"
         lp = torch.full_like(w, float("nan"), dtype=ops.lp_dtype)
         ops.write_lp(w, lp)
         _equal(lp, [quant.values(p) for p in dense], ops, f"lp copy after {where}")
 
 
-def _worker(rank: int, world: int, port: int, seed: int) -> None:
+def _worker(
+    rank: int, world: int, port: int, seed: int, specs: list[QuantSpec], cases: int
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    kernels = os.environ.get("CAGE_TRITON_INTERPRET") == "1"
+    assert use_triton(torch.zeros(1)) == kernels, "the dispatch does not serve the intended path"
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         rng = random.Random(seed)
-        for spec in SPECS:
+        for spec in specs:
             for layout in ("zero3", "zero12"):
-                for _ in range(3):
+                for _ in range(cases):
                     _check_case(rank, world, spec, layout, rng.randrange(2**31))
     finally:
         tdist.destroy_process_group()
@@ -142,4 +154,16 @@ def _worker(rank: int, world: int, port: int, seed: int) -> None:
 def test_sharded_ops_equal_unsharded(world):
     seed = random.randrange(2**31)
     print(f"seed={seed}")
-    mp.spawn(_worker, args=(world, _free_port(), seed), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), seed, SPECS, 3), nprocs=world, join=True)
+
+
+@pytest.mark.slow
+def test_sharded_ops_on_the_triton_kernels(monkeypatch):
+    """The same checks with the Triton kernels (interpreter) on both sides at N = 3 (cuts
+    inside rows and blocks): the fused step over runs and cut rows, its mask output and the
+    sharded quantization, against the dense path's kernels."""
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks' first triton import
+    monkeypatch.setenv("CAGE_TRITON_INTERPRET", "1")
+    mp.spawn(_worker, args=(3, _free_port(), seed, SPECS[:2], 1), nprocs=3, join=True)

@@ -78,7 +78,7 @@ def main() -> int:
                               dict(codes_ptr="*u8", step_ptr="*fp32", out_ptr="*bf16", rows="i32",
                                    n="i32", half=F32), dict(R=2, W=2048), 4096))  # fmt: skip
     at = dict(p_ptr="*fp32", g_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", q_ptr="*bf16",
-              table_ptr="*i64", tiles_ptr="*i64", alpha_ptr="*fp32")  # fmt: skip
+              mask_ptr="*u8", table_ptr="*i64", tiles_ptr="*i64", alpha_ptr="*fp32")  # fmt: skip
     for scalar in ("decay", "w1", "c2", "beta2", "bias2_sqrt", "inv_bias2_sqrt", "eps",
                    "step_size", "lam", "neg_lr_lam", "hscale"):  # fmt: skip
         at[scalar] = F32
@@ -87,7 +87,8 @@ def main() -> int:
         for coupled, update in ((False, True), (True, True), (False, False)):
             c = dict(R=r, N=width, LOG_N=width.bit_length() - 1, **tree_opts(width, 4), LOG_B=7,
                      NCOL=7, STE_FLAG=1, MASK_RULE=0, COUPLED=coupled,
-                     DECOUPLED=update and not coupled, HAS_Q=True, UPDATE=update,
+                     DECOUPLED=update and not coupled, HAS_Q=True, HAS_MASK=update,
+                     UPDATE=update,
                      ALIGNED=True)  # fmt: skip
             name = f"cage_adamw N={width} coupled={coupled} update={update}"
             spills.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))

@@ -29,7 +29,7 @@ from cage_kernels.segments import (
     halo_segments,
     shard_segments,
 )
-from kernel_oracles import expected_quest
+from kernel_oracles import as_bytes, expected_quest
 
 pytestmark = pytest.mark.interpret
 
@@ -75,7 +75,12 @@ def torch_fuses_lerp() -> bool:
     return torch.equal(m.clone().lerp_(x, 0.1), fused)
 
 
-def run_twin_ieee(state, table, qout, variant, monkeypatch) -> None:
+def poisoned_mask(n: int) -> torch.Tensor:
+    """bool [n] whose bytes are 0xFF: neither a written True (1) nor a written False (0)."""
+    return torch.full((n,), 0xFF, dtype=torch.uint8).view(torch.bool)
+
+
+def run_twin_ieee(state, table, qout, mask_out, variant, monkeypatch) -> None:
     """cage_adamw_shard_ref with torch.sqrt / Tensor.sqrt correctly rounded (float64 sqrt)."""
     with monkeypatch.context() as mp:
         plain = torch.Tensor.sqrt
@@ -85,7 +90,7 @@ def run_twin_ieee(state, table, qout, variant, monkeypatch) -> None:
 
         mp.setattr(torch.Tensor, "sqrt", sqrt)
         mp.setattr(torch, "sqrt", sqrt)
-        cage_adamw_shard_ref(*state, table, qout=qout, variant=variant, **HP)
+        cage_adamw_shard_ref(*state, table, qout=qout, mask_out=mask_out, variant=variant, **HP)
 
 
 @pytest.mark.parametrize("variant", ["decoupled", "coupled"])
@@ -106,11 +111,12 @@ def test_fused_step_matches_twin(gen, dev, monkeypatch, variant, qdtype, rule):
         t[~inside] = float("nan")
     qout = torch.full((n,), float("nan"), dtype=qdtype)
     kern = [t.clone().to(dev) for t in state]
-    kq = qout.clone().to(dev)
-    cage_adamw_shard_triton(*kern, table, qout=kq, variant=variant, **HP)
-    kern, kq = [t.cpu() for t in kern], kq.cpu()
-    twin, tq = [t.clone() for t in state], qout.clone()
-    run_twin_ieee(twin, table, tq, variant, monkeypatch)
+    kq, kmask = qout.clone().to(dev), poisoned_mask(n).to(dev)
+    cage_adamw_shard_triton(*kern, table, qout=kq, mask_out=kmask, variant=variant, **HP)
+    kern, kq, kmask = [t.cpu() for t in kern], kq.cpu(), kmask.cpu()
+    twin, tq, tmask = [t.clone() for t in state], qout.clone(), poisoned_mask(n)
+    run_twin_ieee(twin, table, tq, tmask, variant, monkeypatch)
+    assert (as_bytes(kmask)[~inside] == 0xFF).all() and (as_bytes(tmask)[~inside] == 0xFF).all()
 
     for k, t0 in zip([*kern, kq], [*state, qout], strict=True):  # uncovered: untouched NaN
         assert torch.equal(bits_of(k[~inside]), bits_of(t0[~inside]))
@@ -123,12 +129,21 @@ def test_fused_step_matches_twin(gen, dev, monkeypatch, variant, qdtype, rule):
             assert torch.equal(k, t), f"{name}: {(k != t).sum().item()} of {k.numel()} differ"
         else:
             torch.testing.assert_close(k, t, rtol=16 * 2.0**-24, atol=16 * 2.0**-24 * HP["lr"])
-    # The quantized copy is q(W H) of the kernel's own new W, exactly (any platform).
+    if exact:
+        assert torch.equal(as_bytes(kmask), as_bytes(tmask)), "mask_out differs from the twin"
+    # The quantized copy and its mask are those of q(W H) of the kernel's own new W, exactly
+    # (any platform).
     for s in table.segments:
         span = slice(s.shard_start, s.shard_start + s.numel)
         w = kern[0][span].view(s.n_rows, s.row_len)
-        want = expected_quest(w, s.bits, BLOCK, None, rule).values if s.bits else w
-        assert torch.equal(kq[span].view_as(w), want.to(qdtype)), f"qout of param {s.param_id}"
+        want = expected_quest(w, s.bits, BLOCK, None, rule) if s.bits else None
+        assert torch.equal(kq[span].view_as(w), (w if want is None else want.values).to(qdtype)), (
+            f"qout of param {s.param_id}"
+        )
+        want_mask = torch.ones_like(w, dtype=torch.bool) if want is None else want.mask
+        assert torch.equal(as_bytes(kmask[span].view_as(w)), as_bytes(want_mask)), (
+            f"mask_out of param {s.param_id}"
+        )
 
 
 @pytest.mark.parametrize("variant", ["decoupled", "coupled"])
@@ -195,14 +210,19 @@ def test_shard_quantize_only(gen, dev, qdtype):
     inside = covered(table, hi - lo)
     param[~inside] = float("nan")
     qout = torch.full((hi - lo,), float("nan"), dtype=qdtype).to(dev)
-    ops.quest_shard_quantize(param.to(dev), table, qout)
-    qout = qout.cpu()
+    mask = poisoned_mask(hi - lo).to(dev)
+    ops.quest_shard_quantize(param.to(dev), table, qout, mask)
+    qout, mask = qout.cpu(), mask.cpu()
     assert torch.isnan(qout[~inside]).all()
+    assert (as_bytes(mask)[~inside] == 0xFF).all()  # bytes first: indexing a bool normalizes
     for s in table.segments:
         span = slice(s.shard_start, s.shard_start + s.numel)
         w = param[span].view(s.n_rows, s.row_len)
-        want = expected_quest(w, s.bits, BLOCK, None, "clip").values if s.bits else w
-        assert torch.equal(qout[span].view_as(w), want.to(qdtype)), f"param {s.param_id}"
+        want = expected_quest(w, s.bits, BLOCK, None, "clip") if s.bits else None
+        low = w if want is None else want.values
+        assert torch.equal(qout[span].view_as(w), low.to(qdtype)), f"param {s.param_id}"
+        want_mask = torch.ones_like(w, dtype=torch.bool) if want is None else want.mask
+        assert torch.equal(as_bytes(mask[span].view_as(w)), as_bytes(want_mask))
 
 
 @pytest.mark.parametrize("variant", ["decoupled", "coupled"])
