@@ -1,5 +1,5 @@
-"""Segment tables and exact sharded QuEST, checked in one process against brute-force slicing
-and the unsharded Quantizer (every rank simulated; the exchange is a stack of payloads)."""
+"""Segment tables and whole-row layouts, checked in one process against brute-force slicing
+(every rank simulated; the point-to-point payloads are routed by hand)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from cage_ds.quant import Quantizer, QuantSpec
+from cage_ds.zero.rows import RowLayout
 from cage_ds.zero.shardmap import Piece, zero3_maps, zero12_maps
 
 GARBAGE = 3.7e28
@@ -112,11 +112,39 @@ def test_piece_rows_and_blocks_by_element():
         assert ea == (a // block) * block and eb == -(-b // block) * block
 
 
-def _reassemble(maps, flats, shapes):
-    full = [torch.zeros(s).flatten() for s in shapes]
-    for m, f in zip(maps, flats, strict=True):
-        for pc in m.pieces:
-            full[pc.param][pc.elem_start : pc.elem_end] = f[
-                pc.flat_start : pc.flat_start + pc.length
-            ]
-    return [t.view(s) for t, s in zip(full, shapes, strict=True)]
+@pytest.mark.parametrize("layout", ["zero3", "zero12"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_row_layout_sees_whole_rows(layout, world):
+    """Every rank's runs and cut rows (rows.py), the peers' payloads routed in one process:
+    each element of each piece is in exactly one run or one cut-row part of its holder, and
+    every assembled side row equals the parameter's whole row."""
+    rng = random.Random(_seed())
+    for _ in range(10):
+        shapes = [(rng.randint(1, 7), 8 * rng.randint(1, 3)) for _ in range(rng.randint(1, 4))]
+        params = [torch.randn(s) for s in shapes]
+        if layout == "zero3":
+            maps, flats = zero3_maps(shapes, world), _zero3_flats(params, world)
+        else:
+            offsets, numel = _zero12_layout(params, world, align=rng.choice([1, 4]))
+            maps = zero12_maps(shapes, offsets, numel, world)
+            flats = _zero12_flats(params, offsets, numel, world)
+        lays = [RowLayout(maps, r, 4, True) for r in range(world)]
+        sent = [lay.outgoing([f, -f]) for lay, f in zip(lays, flats, strict=True)]
+        for r, (lay, flat) in enumerate(zip(lays, flats, strict=True)):
+            side = lay.assemble([flat, -flat], {q: sent[q][r] for q in lay.peers})
+            seen = torch.zeros(flat.numel(), dtype=torch.int64)
+            for s in lay.runs:
+                got = flat[s.shard_start : s.shard_start + s.numel]
+                want = params[s.param_id].flatten()[s.param_offset : s.param_offset + s.numel]
+                assert torch.equal(got, want)
+                seen[s.shard_start : s.shard_start + s.numel] += 1
+            for s in lay.side_segments:
+                want = params[s.param_id].flatten()[s.param_offset : s.param_offset + s.row_len]
+                assert torch.equal(side[0, s.shard_start : s.shard_start + s.row_len], want)
+                assert torch.equal(side[1, s.shard_start : s.shard_start + s.row_len], -want)
+            marker = torch.zeros(flat.numel())
+            lay.scatter(torch.ones(1, lay.side_numel), [marker])
+            seen += marker.long()
+            for pc in lay.map.pieces:
+                assert (seen[pc.flat_start : pc.flat_start + pc.length] == 1).all()
+            assert int(seen.sum()) == sum(pc.length for pc in lay.map.pieces)

@@ -334,6 +334,21 @@ def test_codes_and_scales_round_trip(gen, bits, block, rows, n):
         assert torch.equal(ops.unpack(packed, bits), qt.codes)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(bits=4, hadamard_block=32, mask="trust"), QuantSpec(bits=2, hadamard_block=16,
+     mask="clip"), QuantSpec(method="rtn", bits=3, group_size=32)],
+)  # fmt: skip
+def test_evaluate_is_values_mask_and_error_of_one_quantization(gen, spec):
+    x = rows_with_scales(gen, 5, 96)
+    quantizer = Quantizer(spec)
+    q = quantizer.evaluate(x)
+    assert torch.equal(q.values, quantizer.values(x))
+    assert torch.equal(q.mask, quantizer.mask(x))
+    assert torch.equal(q.error, quantizer.error(x))
+    assert (not q.mask.all()) if spec.method == "quest" else q.mask.all()
+
+
 def pack_python(codes: list[int], bits: int) -> list[int]:
     """Bit stream: code i at bits [i*b, (i+1)*b), stream bit j -> bit j % 8 of byte j // 8."""
     stream = [(code >> j) & 1 for code in codes for j in range(bits)]
