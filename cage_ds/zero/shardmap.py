@@ -14,7 +14,7 @@ row-major [rows, row_len]) covers elements [elem_start, elem_end) of it and sits
           P = flat_numel // world; rank r holds [r P, (r+1) P) of the flat group.
 
 Pure Python over metadata (shapes, offsets, world size): built identically on every rank
-for every rank, so halo exchange plans need no communication.
+for every rank, so the cut-row exchange plans (rows.py) need no communication.
 """
 
 from __future__ import annotations
