@@ -102,7 +102,6 @@ class RowLayout:
                 start = p.flat_start + first * n - p.elem_start
                 runs.append(Segment(p.param, start, first * n, last - first, n, bits, ste))
         self.runs = tuple(runs)
-        self.cut: list[SplitRow] = []
         side, at = [], 0
         own: list[tuple[int, int, int]] = []  # (flat_start, side position, length)
         send: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -111,7 +110,6 @@ class RowLayout:
             mine = [q for q in s.parts if q.rank == rank]
             if not mine:
                 continue
-            self.cut.append(s)
             side.append(Segment(s.param, at, s.row * s.row_len, 1, s.row_len, bits, ste))
             for q in s.parts:
                 if q.rank == rank:
@@ -132,7 +130,7 @@ class RowLayout:
     def __repr__(self) -> str:
         return (
             f"RowLayout(rank {self.rank}/{self.world}: {len(self.runs)} runs, "
-            f"{len(self.cut)} cut rows, peers {self.peers})"
+            f"{len(self.side_segments)} cut rows, peers {self.peers})"
         )
 
     @property
@@ -178,7 +176,7 @@ class RowLayout:
 
     def scatter(self, side: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         """tensors[i][my parts] <- side[i] at those parts (side: [len(tensors), side_numel])."""
-        if not self.cut:
+        if not self.side_numel:
             return
         ix = self._index(side.device)
         for i, t in enumerate(tensors):
