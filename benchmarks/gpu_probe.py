@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
-from cage_kernels import ops
+from cage_kernels import ops, quest_triton
 from cage_kernels.quest_triton import quest_quantize_packed_triton, quest_quantize_triton
 from cage_kernels.segments import Segment, SegmentTable
 from cage_kernels.triton_lib import launch_opts, tree_opts, tree_row_sum
@@ -36,6 +36,15 @@ def copy_rate(numel: int) -> float:
     return 8 * numel / (p50(lambda: dst.copy_(src)) * 1e6)
 
 
+def _act_fwd_vec(x: torch.Tensor, vec: int) -> None:
+    """The activation forward with the launcher's access width overridden (A/B of VEC)."""
+    rows, n = x.shape
+    values, step = torch.empty_like(x), torch.empty(rows, device=x.device)
+    mask = torch.empty(rows, n, dtype=torch.uint8, device=x.device)
+    quest_triton._launch(x, 4, 128, None, "trust", False, values, None, step, mask,
+                         pack=False, write_codes=False, vec=vec)  # fmt: skip
+
+
 def act_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
     """(name, bytes moved, fn) for the activation / weight row kernel and its parts."""
     out = []
@@ -48,6 +57,8 @@ def act_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
             (f"fwht {tag}", 2 * size * n, lambda x=x: ops.fwht(x, 128)),
             (f"act fwd {tag} v+mask", (2 * size + 1) * n,
              lambda x=x: quest_quantize_triton(x, 4, 128, with_codes=False)),
+            (f"act fwd {tag} v+mask, uncapped vec (grid in 2 layouts)", (2 * size + 1) * n,
+             lambda x=x: _act_fwd_vec(x, x.shape[1])),
             (f"act fwd {tag} v+mask, sumsq given", (2 * size + 1) * n,
              lambda x=x, s=sumsq: quest_quantize_triton(x, 4, 128, s, with_codes=False)),
             (f"quest {tag} v+codes+mask", (2 * size + 2) * n,

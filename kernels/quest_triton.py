@@ -8,6 +8,11 @@ Kernel ``_quest_rows_kernel`` holds a tile of R whole rows [R, N] (N = next powe
   mask   bool [rows, n]   or packed bits [rows, n / 8]  (trust or clip STE mask)
 Twin: ``quest.quest_quantize_ref`` (and ``quest_packed.quest_quantize_packed_ref``).
 
+Every load and store addresses the tile through one offset tensor capped at one 16-byte
+access per thread (VEC elements): otherwise the uint8 code and mask stores take a wider
+register layout than the values store and the compiler computes the grid once per layout
+(tests/kernels/sm90_compile.py counts such duplicates).
+
 Row statistics: a given ``sumsq`` [rows, 1] is used as is (bit-identical to the reference
 given the same sumsq). Without one the kernel computes the fixed-order tree sum
 (``sumsq.row_sumsq_tree_ref``), which can differ from torch.sum by a few ulps: step then
@@ -51,7 +56,7 @@ def _quest_rows_kernel(
     rows, n, alpha, hscale, levels_m1,
     R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
     LOG_L: tl.constexpr, LOG_V: tl.constexpr,
-    LOG_B: tl.constexpr, BITS: tl.constexpr, ROTATE: tl.constexpr,
+    LOG_B: tl.constexpr, VEC: tl.constexpr, BITS: tl.constexpr, ROTATE: tl.constexpr,
     STATS: tl.constexpr, MASK_RULE: tl.constexpr, PACK: tl.constexpr, WRITE_CODES: tl.constexpr,
 ):  # fmt: skip
     """One tile of R rows: y = x H (rounded to x.dtype, as fwht_ref), step, codes, values, mask."""
@@ -60,7 +65,8 @@ def _quest_rows_kernel(
     c = tl.arange(0, N)[None, :]
     in_rows = r1 < rows
     inb = (r < rows) & (c < n)
-    x = tl.load(x_ptr + r * n + c, mask=inb, other=0.0)
+    offs = tl.max_contiguous(r * n + c, [1, VEC])  # one register layout for every store
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     xf = x.to(tl.float32)
     if ROTATE:
         y = cast_rne(fwht_tile(xf, R, N, LOG_B, hscale), x.dtype).to(tl.float32)
@@ -75,7 +81,7 @@ def _quest_rows_kernel(
     step1 = quest_step(s, n.to(tl.float32), alpha, levels_m1)
     step = step1[:, None]
     k, v, m = quest_grid(y, step, levels_m1, MASK_RULE)
-    tl.store(values_ptr + r * n + c, cast_rne(v, values_ptr.dtype.element_ty), mask=inb)
+    tl.store(values_ptr + offs, cast_rne(v, values_ptr.dtype.element_ty), mask=inb)
     tl.store(step_ptr + r1, step1, mask=in_rows)
     if PACK:
         groups = (r < rows) & (tl.arange(0, N // 8)[None, :] < n // 8)
@@ -83,8 +89,8 @@ def _quest_rows_kernel(
         pack_rows_store(m.to(tl.int32), mask_ptr, r * (n // 8), groups, R, N, 1)
     else:
         if WRITE_CODES:
-            tl.store(codes_ptr + r * n + c, k.to(tl.uint8), mask=inb)
-        tl.store(mask_ptr + r * n + c, m.to(tl.uint8), mask=inb)
+            tl.store(codes_ptr + offs, k.to(tl.uint8), mask=inb)
+        tl.store(mask_ptr + offs, m.to(tl.uint8), mask=inb)
 
 
 def interpreting() -> bool:
@@ -112,7 +118,10 @@ def _check_rows(x: torch.Tensor, bits: int, block: int, mask_rule: str) -> None:
 
 
 def _launch(x, bits, block, sumsq, mask_rule, rotated, values, codes, step,
-            mask, pack, write_codes=True):  # fmt: skip
+            mask, pack, write_codes=True, vec=None):  # fmt: skip
+    """vec: contiguous elements per access of every load and store; default one 16-byte
+    access of x, which puts all stores in x's register layout (a wider vec lets the u8
+    stores ask for a second layout, and the compiler then recomputes the grid in it)."""
     rows, n = x.shape
     width = max(next_pow2(n), 8)
     tile = reduction_rows(rows_per_program(width, rows))
@@ -127,7 +136,7 @@ def _launch(x, bits, block, sumsq, mask_rule, rotated, values, codes, step,
         x, sumsq if sumsq is not None else step, values, codes if write_codes else mask, step, mask,
         rows, n, ALPHA[bits], block**-0.5, float(2**bits - 1),
         R=tile, N=width, LOG_N=log2_exact(width, "row width"), **tree_opts(width, x.element_size()),
-        LOG_B=log2_exact(block, "block"),
+        LOG_B=log2_exact(block, "block"), VEC=vec or 16 // x.element_size(),
         BITS=bits if pack else 0, ROTATE=not rotated, STATS=stats,
         MASK_RULE=TRUST if mask_rule == "trust" else CLIP, PACK=pack, WRITE_CODES=write_codes,
         **launch_opts(tile * width),

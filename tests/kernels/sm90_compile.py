@@ -3,15 +3,20 @@
 The interpreter runs kernels as numpy and accepts code the compiler rejects (e.g. a
 reassigned tl.constexpr); this compiles the real kernels, with the launchers' tile and warp
 settings, through Triton's bundled ptxas, and prints each kernel's register and stack use
-(STACK > 0 = register spills to local memory). Run without TRITON_INTERPRET
-(test_sm90_compile.py does):
+(STACK > 0 = register spills to local memory), its static SASS instruction count, and the
+floating-point operations that Triton's layout pass duplicated: when two stores want
+different register layouts, the compiler may recompute a whole chain in each layout
+instead of converting once (that doubled the activation kernel's grid arithmetic). Run
+without TRITON_INTERPRET (test_sm90_compile.py does):
 
     .venv/bin/python tests/kernels/sm90_compile.py
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,23 +35,46 @@ TARGET = GPUTarget("cuda", 90, 32)
 F32 = "fp32"
 
 
-def compile_one(name: str, fn, types: dict[str, str], consts: dict, tile: int) -> str:
-    """Compile fn with pointer/scalar types and constexprs; return the cubin's resource line."""
+FLOAT_OP = re.compile(r"= (arith\.\w+f|math\.\w+|tt\.clampf|tt\.precise_\w+) ")
+
+
+def float_ops(ir: str) -> collections.Counter:
+    """Floating-point operations of a Triton IR text, by name."""
+    return collections.Counter(m.group(1) for m in FLOAT_OP.finditer(ir))
+
+
+def duplicated_float_ops(kernel) -> int:
+    """Float ops in the layout-assigned IR (ttgir) beyond those of the source IR (ttir)."""
+    before, after = float_ops(kernel.asm["ttir"]), float_ops(kernel.asm["ttgir"])
+    return sum((after - before).values())
+
+
+def compile_one(name: str, fn, types: dict[str, str], consts: dict, tile: int) -> dict:
+    """Compile fn with pointer/scalar types and constexprs; print and return its resource
+    line, static SASS instruction count and duplicated float ops."""
     names = fn.arg_names
     signature = {n: ("constexpr" if n in consts else types[n]) for n in names}
     constexprs = {(names.index(k),): v for k, v in consts.items()}
     opts = launch_opts(tile)
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=TARGET, options=opts)  # fmt: skip
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    # As on the device, where torch's pointers are 16-byte aligned and Triton specialises
+    # integer arguments divisible by 16 (the common shapes): that fixes the access widths.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in consts and (types[n].startswith("*") or types[n] == "i32")}  # fmt: skip
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=TARGET, options=opts)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
-    res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True)
+    res = subprocess.run([f"{tools}/cuobjdump", "-res-usage", f.name], capture_output=True,
+                         text=True)  # fmt: skip
+    sass = subprocess.run([f"{tools}/nvdisasm", "-c", f.name], capture_output=True, text=True)
     os.unlink(f.name)
     usage = next((line.strip() for line in res.stdout.splitlines() if "REG:" in line), "?")
-    line = f"{name:40} warps={opts['num_warps']:2} {usage}"
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass.stdout, re.M))
+    dup = duplicated_float_ops(kernel)
+    line = f"{name:40} warps={opts['num_warps']:2} sass={instructions:5} dup={dup:2} {usage}"
     print(line, flush=True)
-    return usage
+    return {"name": name, "usage": usage, "dup": dup}
 
 
 def main() -> int:
@@ -60,7 +88,7 @@ def main() -> int:
         r = reduction_rows(quest.rows_per_program(width, 1 << 20))
         log_n = width.bit_length() - 1
         for pack_mode in (False, True):
-            c = dict(R=r, N=width, LOG_N=log_n, **tree_opts(width, 2), LOG_B=7,
+            c = dict(R=r, N=width, LOG_N=log_n, **tree_opts(width, 2), LOG_B=7, VEC=8,
                      BITS=3 if pack_mode else 0, ROTATE=True, STATS=1, MASK_RULE=0,
                      PACK=pack_mode, WRITE_CODES=True)  # fmt: skip
             spills.append(compile_one(f"quest N={width} pack={pack_mode}",
@@ -92,8 +120,9 @@ def main() -> int:
                      ALIGNED=True)  # fmt: skip
             name = f"cage_adamw N={width} coupled={coupled} update={update}"
             spills.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))
-    spilled = [u for u in spills if "STACK:0 " not in u]
+    spilled = [k for k in spills if "STACK:0 " not in k["usage"]]
     print(f"{len(spills)} kernels compiled for sm_90a, {len(spilled)} with a stack frame (spills)")
+    print("duplicated float ops in:", ", ".join(k["name"] for k in spills if k["dup"]) or "none")
     return 0
 
 
