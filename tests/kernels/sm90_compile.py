@@ -80,7 +80,7 @@ def compile_one(name: str, fn, types: dict[str, str], consts: dict, tile: int) -
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
-    spills = []
+    compiled = []
     qt = dict(x_ptr="*bf16", sumsq_ptr="*fp32", values_ptr="*bf16", codes_ptr="*u8",
               step_ptr="*fp32", mask_ptr="*u8", rows="i32", n="i32", alpha=F32, hscale=F32,
               levels_m1=F32)  # fmt: skip
@@ -91,18 +91,18 @@ def main() -> int:
             c = dict(R=r, N=width, LOG_N=log_n, **tree_opts(width, 2), LOG_B=7, VEC=8,
                      BITS=3 if pack_mode else 0, ROTATE=True, STATS=1, MASK_RULE=0,
                      PACK=pack_mode, WRITE_CODES=True)  # fmt: skip
-            spills.append(compile_one(f"quest N={width} pack={pack_mode}",
+            compiled.append(compile_one(f"quest N={width} pack={pack_mode}",
                                       quest._quest_rows_kernel, qt, c, r * width))  # fmt: skip
     ht = dict(x_ptr="*bf16", mask_ptr="*u8", y_ptr="*bf16", rows="i32", n="i32", hscale=F32)
-    spills.append(compile_one("fwht masked W=2048", hadamard._fwht_kernel, ht,
+    compiled.append(compile_one("fwht masked W=2048", hadamard._fwht_kernel, ht,
                               dict(R=2, W=2048, LOG_B=7, HAS_MASK=True), 4096))  # fmt: skip
-    spills.append(compile_one("pack 3-bit", pack._pack_kernel,
+    compiled.append(compile_one("pack 3-bit", pack._pack_kernel,
                               dict(codes_ptr="*u8", out_ptr="*u8", n_codes="i32"),
                               dict(G=128, BITS=3), 1024))  # fmt: skip
-    spills.append(compile_one("unpack 3-bit", pack._unpack_kernel,
+    compiled.append(compile_one("unpack 3-bit", pack._unpack_kernel,
                               dict(packed_ptr="*u8", out_ptr="*u8", n_codes="i32", n_bytes="i32"),
                               dict(BLOCK=1024, BITS=3), 1024))  # fmt: skip
-    spills.append(compile_one("dequantize", dequant._dequant_kernel,
+    compiled.append(compile_one("dequantize", dequant._dequant_kernel,
                               dict(codes_ptr="*u8", step_ptr="*fp32", out_ptr="*bf16", rows="i32",
                                    n="i32", half=F32), dict(R=2, W=2048), 4096))  # fmt: skip
     at = dict(p_ptr="*fp32", g_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", q_ptr="*bf16",
@@ -119,10 +119,10 @@ def main() -> int:
                      UPDATE=update,
                      ALIGNED=True)  # fmt: skip
             name = f"cage_adamw N={width} coupled={coupled} update={update}"
-            spills.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))
-    spilled = [k for k in spills if "STACK:0 " not in k["usage"]]
-    print(f"{len(spills)} kernels compiled for sm_90a, {len(spilled)} with a stack frame (spills)")
-    print("duplicated float ops in:", ", ".join(k["name"] for k in spills if k["dup"]) or "none")
+            compiled.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))
+    spilled = [k for k in compiled if "STACK:0 " not in k["usage"]]
+    print(f"{len(compiled)} kernels compiled for sm_90a, {len(spilled)} with a stack frame")
+    print("duplicated float ops in:", ", ".join(k["name"] for k in compiled if k["dup"]) or "none")
     return 0
 
 
