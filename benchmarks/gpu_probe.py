@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 import triton.testing
 from cage_kernels import ops, quest_triton
+from cage_kernels.cage_adamw_triton import Schedule, cage_adamw_shard_triton
 from cage_kernels.quest_triton import quest_quantize_packed_triton, quest_quantize_triton
 from cage_kernels.segments import Segment, SegmentTable
 from cage_kernels.triton_lib import launch_opts, tree_opts, tree_row_sum
@@ -111,9 +112,13 @@ def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
     plain = SegmentTable((Segment(0, 0, 0, rows, row, 0),), 128)
     quant = SegmentTable((Segment(0, 0, 0, rows, row, 4),), 128)
 
-    def step(table, lam, variant, qout):
-        return lambda: ops.cage_adamw_shard_step(p, g, m, v, table, step=10, lam=lam,
-                                                 variant=variant, qout=qout, **HP)  # fmt: skip
+    def step(table, lam, variant, qout, schedule=None):
+        return lambda: cage_adamw_shard_triton(p, g, m, v, table, step=10, lam=lam,
+                                               variant=variant, qout=qout, schedule=schedule,
+                                               **HP)  # fmt: skip
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    looping, pipelined = Schedule(2 * sms), Schedule(2 * sms, stages=2)
 
     param = torch.nn.Parameter(p)
     param.grad = g
@@ -126,6 +131,12 @@ def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
         ("step lambda=0, no copy", 28 * numel, step(quant, 0.0, "decoupled", None)),
         ("step lambda=0 + copy (1 quest)", 30 * numel, step(quant, 0.0, "decoupled", q)),
         ("step decoupled + copy", 30 * numel, step(quant, 10.0, "decoupled", q)),
+        ("step decoupled + copy, 2 looping programs per SM", 30 * numel,
+         step(quant, 10.0, "decoupled", q, looping)),
+        ("step decoupled + copy, looping + next tile's loads pipelined", 30 * numel,
+         step(quant, 10.0, "decoupled", q, pipelined)),
+        ("step lambda=0 + copy, looping + pipelined", 30 * numel,
+         step(quant, 0.0, "decoupled", q, pipelined)),
         ("step coupled + copy", 30 * numel, step(quant, 10.0, "coupled", q)),
         ("quest_shard_quantize (copy only)", 6 * numel,
          lambda: ops.quest_shard_quantize(p, quant, q)),

@@ -1,8 +1,9 @@
 """Fused CAGE-AdamW step over a flat fp32 shard: one launch per ZeRO partition.
 
-Program = one tile of R whole rows of one segment (tile list from SegmentTable.tiles), held
-in registers [R, N] (N = the table's width, zero-padded; padding is never loaded). From one
-read of param, grad, exp_avg, exp_avg_sq it computes, for quantized segments, in order:
+A tile = R whole rows of one segment (tile list from SegmentTable.tiles; one program per
+tile unless a Schedule says otherwise), held in registers [R, N] (N = the table's width,
+zero-padded; padding is never loaded). From one read of param, grad, exp_avg, exp_avg_sq
+it computes, for quantized segments, in order:
     ste:        g <- fwht(M(W) ⊙ g)                 (mask of q(W H) of the old W)
     coupled:    g <- fma(lam, W - Q(W), g)
     W <- W (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- fma((1-b2) g, g, v b2)
@@ -23,6 +24,7 @@ Twins: ``cage_adamw_ref.cage_adamw_shard_ref`` / ``quest_shard_quantize_ref``.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -66,8 +68,8 @@ def _quest_values(
 
 
 @triton.jit
-def _cage_adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr,
+def _cage_adamw_tile(
+    t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr,
     decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
     R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
     LOG_L: tl.constexpr, LOG_V: tl.constexpr,
@@ -75,11 +77,9 @@ def _cage_adamw_kernel(
     MASK_RULE: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """One tile of whole rows of one segment (module docstring); UPDATE=False only writes
-    the quantized copy of the current W (grad / moment pointers are then never read)."""
-    pid = tl.program_id(0)
-    seg = tl.load(tiles_ptr + 2 * pid)
-    row0 = tl.load(tiles_ptr + 2 * pid + 1)
+    """Tile t of the tile list: the step (or, UPDATE=False, the copy) of its rows."""
+    seg = tl.load(tiles_ptr + 2 * t)
+    row0 = tl.load(tiles_ptr + 2 * t + 1)
     entry = table_ptr + seg * NCOL
     start = tl.load(entry + 1)
     n_rows = tl.load(entry + 3)
@@ -139,6 +139,47 @@ def _cage_adamw_kernel(
             tl.store(mask_ptr + offs, keep.to(tl.uint8), mask=inb)
 
 
+@triton.jit
+def _cage_adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr, n_tiles,
+    decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
+    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
+    LOG_L: tl.constexpr, LOG_V: tl.constexpr,
+    LOG_B: tl.constexpr, NCOL: tl.constexpr, STE_FLAG: tl.constexpr,
+    MASK_RULE: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
+    LOOP: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Each program takes tile pid, or with LOOP tiles pid, pid + programs, ... (Schedule);
+    STAGES > 1 lets Triton's pipeliner load the next tile (cp.async) while this one computes.
+    A tile is whole rows of one segment (module docstring). UPDATE=False only writes the
+    quantized copy of the current W (grad / moment pointers are then never read)."""
+    if LOOP:
+        for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+            _cage_adamw_tile(
+                t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr,
+                decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam,
+                neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL, STE_FLAG,
+                MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, UPDATE, ALIGNED,
+            )  # fmt: skip
+    else:
+        _cage_adamw_tile(
+            tl.program_id(0), p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr,
+            alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam,
+            neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL, STE_FLAG,
+            MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, UPDATE, ALIGNED,
+        )  # fmt: skip
+
+
+class Schedule(NamedTuple):
+    """How the tiles map to programs. The default, Schedule(n_tiles), is one program per
+    tile. Fewer programs loop over the tiles; with stages > 1 each program's loads of its
+    next tile overlap the arithmetic of this one (benchmarks/gpu_probe.py measures both)."""
+
+    programs: int
+    stages: int = 1
+
+
 @functools.lru_cache(maxsize=16)
 def alpha_table(device: str) -> torch.Tensor:
     """fp32 [9]: ALPHA[b] at index b (index 0 unused), the grid's clip table for the kernel."""
@@ -173,9 +214,10 @@ def cage_adamw_shard_triton(
     variant: str,
     qout: torch.Tensor | None = None,
     mask_out: torch.Tensor | None = None,
+    schedule: Schedule | None = None,
 ) -> None:
-    """Triton twin of cage_adamw_shard_ref (same arguments); the device copies of the table
-    and its tile list are cached per (table, device)."""
+    """Triton twin of cage_adamw_shard_ref (same arguments, and the Schedule of the launch);
+    the device copies of the table and its tile list are cached per (table, device)."""
     if variant not in VARIANTS:
         raise ValueError(f"cage_variant must be one of {VARIANTS}, got {variant!r}")
     shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -191,7 +233,7 @@ def cage_adamw_shard_triton(
         (1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, bias2_sqrt.item(), inv_bias2_sqrt,
          eps, -lr / bias1, lam, -lr * lam),
         coupled=correct and variant == "coupled", decoupled=correct and variant == "decoupled",
-        update=True,
+        update=True, schedule=schedule,
     )  # fmt: skip
 
 
@@ -209,7 +251,7 @@ def quest_shard_quantize_triton(
     if table.segments:
         no_hp = (1.0, 0.1, 0.1, 0.9, 1.0, 1.0, 1e-8, 0.0, 0.0, 0.0)  # unused without UPDATE
         _launch(table, param, param, param, param, qout, mask_out, no_hp, coupled=False,
-                decoupled=False, update=False)  # fmt: skip
+                decoupled=False, update=False, schedule=None)  # fmt: skip
 
 
 def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout, mask_out) -> None:
@@ -236,16 +278,19 @@ def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout, mask
 
 
 def _launch(
-    table, param, grad, exp_avg, exp_avg_sq, qout, mask_out, scalars, coupled, decoupled, update
-):
+    table, param, grad, exp_avg, exp_avg_sq, qout, mask_out, scalars, coupled, decoupled, update,
+    schedule,
+):  # fmt: skip
     dev = param.device
     width = table.width
     tile = rows_per_tile(width)
     table_tensor, tiles = device_table(table, str(dev), tile)
-    _cage_adamw_kernel[(tiles.shape[0],)](
+    n_tiles = tiles.shape[0]
+    schedule = schedule or Schedule(n_tiles)
+    _cage_adamw_kernel[(min(schedule.programs, n_tiles),)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
         mask_out.view(torch.uint8) if mask_out is not None else param,
-        table_tensor, tiles, alpha_table(str(dev)), *scalars, table.block**-0.5,
+        table_tensor, tiles, alpha_table(str(dev)), n_tiles, *scalars, table.block**-0.5,
         R=tile, N=width, LOG_N=log2_exact(width, "table width"),
         **tree_opts(width, param.element_size()),
         LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
@@ -253,5 +298,5 @@ def _launch(
         COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None,
         HAS_MASK=mask_out is not None, UPDATE=update,
         ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in table.segments),
-        **launch_opts(tile * width),
+        LOOP=schedule.programs < n_tiles, STAGES=schedule.stages, **launch_opts(tile * width),
     )  # fmt: skip

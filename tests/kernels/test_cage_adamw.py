@@ -21,7 +21,7 @@ import pytest
 import torch
 from cage_kernels import ops
 from cage_kernels.cage_adamw_ref import cage_adamw_shard_ref
-from cage_kernels.cage_adamw_triton import cage_adamw_shard_triton
+from cage_kernels.cage_adamw_triton import Schedule, cage_adamw_shard_triton, rows_per_tile
 from cage_kernels.segments import (
     ParamLayout,
     Segment,
@@ -181,6 +181,28 @@ def test_sharded_with_halo_rows_equals_unsharded(gen, dev, variant):
     for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout"), [*out, out_q],
                           [*ref, ref_q], strict=True):  # fmt: skip
         assert torch.equal(a, b.cpu()), f"{name}: sharded+halo differs from unsharded"
+
+
+@pytest.mark.parametrize("schedule", [Schedule(2), Schedule(4, stages=2)])
+def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
+    """Programs that loop over several tiles (with the next tile's loads pipelined when
+    stages > 1) write exactly what one program per tile writes."""
+    lay = layouts()
+    total = lay[-1].start + lay[-1].numel
+    table = SegmentTable(tuple(shard_segments(lay, 0, total)[0]), BLOCK)
+    assert table.tiles(rows_per_tile(table.width)).shape[0] > schedule.programs  # loops
+    state = stream_state(gen, total)
+    outs = []
+    for sched in (None, schedule):
+        run = [t.clone().to(dev) for t in state]
+        q = torch.full((total,), float("nan"), dtype=torch.bfloat16, device=dev)
+        mask = poisoned_mask(total).to(dev)
+        cage_adamw_shard_triton(*run, table, qout=q, mask_out=mask, variant="decoupled",
+                                schedule=sched, **HP)  # fmt: skip
+        outs.append([bits_of(t.cpu()) for t in [*run, q]] + [as_bytes(mask.cpu())])
+    for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout", "mask_out"),
+                          *outs, strict=True):  # fmt: skip
+        assert torch.equal(a, b), f"{name} differs under {schedule}"
 
 
 def test_ops_dispatch_and_bad_input(gen, dev, monkeypatch):
