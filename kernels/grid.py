@@ -46,11 +46,13 @@ def grid_step(sumsq: torch.Tensor, row_len: int, bits: int) -> torch.Tensor:
 
 
 def grid_codes(y: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """k = round_half_even(clamp(y, -c, c) / D + (n-1)/2) as uint8; y, step broadcast, fp32."""
+    """k = round_half_even(clamp(y, -c, c) / D + h) as uint8, h = (n-1)/2; y, step broadcast,
+    fp32. k needs no clamp to [0, n): c = RN(D h) and |clamp(y)| <= c give |RN(.. / D)| <=
+    h (1 + 2^-22), so t lies within (n-1) 2^-21 of [0, n-1] and rounds into it."""
     half = (2**bits - 1) / 2.0
     clip = step * half
     t = torch.clamp(y, -clip, clip) / step + half
-    return torch.round(t).clamp_(0, 2**bits - 1).to(torch.uint8)
+    return torch.round(t).to(torch.uint8)
 
 
 def grid_values(codes: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:

@@ -132,12 +132,12 @@ def quest_grid(y, step, levels_m1, MASK_RULE: tl.constexpr):
     """y [R, N] fp32, step [R, 1] -> (codes fp32 in [0, 2^b), values fp32, mask bool).
 
     k = round_half_even(clamp(y, -c, c) / D + h), h = (2^b-1)/2, c = D h; v = (k - h) D;
-    mask: trust |y - v| <= D/2, clip |y| <= c.
+    mask: trust |y - v| <= D/2, clip |y| <= c. As grid.grid_codes, no clamp of k is needed.
     """
     half = levels_m1 * 0.5
     clip = step * half
     t = div_rn_by(tl.clamp(y, -clip, clip), step, tl.math.div_rn(1.0, step)) + half
-    k = tl.clamp(round_half_even(t), 0.0, levels_m1)
+    k = round_half_even(t)
     v = (k - half) * step
     if MASK_RULE == 0:
         m = tl.abs(y - v) <= step * 0.5

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from cage_kernels.grid import grid_step
+from cage_kernels.quest import quest_quantize_ref
 from cage_kernels.quest_triton import quest_quantize_triton
 from cage_kernels.sumsq import next_pow2, row_sumsq_tree_ref, tree_dims
 from cage_kernels.triton_lib import div_rn_by, launch_opts, round_half_even
@@ -75,3 +76,30 @@ def test_in_kernel_row_statistics_follow_the_tree_order(gen, dev, dtype):
         x = (torch.randn(5, n, generator=gen) * 3).to(dtype)
         step = quest_quantize_triton(x.to(dev), 4, block).step.cpu()
         assert torch.equal(step, grid_step(row_sumsq_tree_ref(x), n, 4)), n
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_codes_stay_on_the_grid_at_and_beyond_the_clip(gen, dev, bits):
+    """Neither the twin nor the kernel clamps k: the clip of y alone keeps k in [0, 2^b).
+    Rows of y (rotated=True, row statistics given over 18 decades) hold +-c exactly, the
+    floats next to +-c, values far beyond it and infinities; codes must equal those of the
+    clamped formula round(clamp(y, -c, c) / D + h).clamp(0, 2^b - 1), bit for bit."""
+    rows, n = 64, 32
+    sumsq = (torch.rand(rows, 1, generator=gen) + 0.5) * 10.0 ** torch.randint(
+        -12, 6, (rows, 1), generator=gen
+    ).float()
+    step = grid_step(sumsq, n, bits)
+    half = (2**bits - 1) / 2
+    c = step * half
+    edge = torch.cat([c, -c, c.nextafter(c * 2), (-c).nextafter(-c * 2), c.nextafter(c * 0),
+                      (-c).nextafter(c * 0), c * 1e6, -c * 1e30,
+                      torch.full_like(c, math.inf), torch.full_like(c, -math.inf)], 1)  # fmt: skip
+    y = torch.randn(rows, n, generator=gen) * c
+    y[:, : edge.shape[1]] = edge
+    t = torch.clamp(y, -c, c) / step + half
+    clamped = torch.round(t).clamp(0, 2**bits - 1).to(torch.uint8)
+    twin = quest_quantize_ref(y, bits, n, sumsq, rotated=True)
+    kernel = quest_quantize_triton(y.to(dev), bits, n, sumsq.to(dev), rotated=True)
+    assert torch.equal(twin.codes, clamped)
+    assert torch.equal(kernel.codes.cpu(), clamped)
+    assert int(clamped.max()) == 2**bits - 1 and int(clamped.min()) == 0
