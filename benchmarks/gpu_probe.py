@@ -21,7 +21,7 @@ from cage_kernels import ops, quest_triton
 from cage_kernels.cage_adamw_triton import Schedule, cage_adamw_shard_triton
 from cage_kernels.quest_triton import quest_quantize_packed_triton, quest_quantize_triton
 from cage_kernels.segments import Segment, SegmentTable
-from cage_kernels.triton_lib import launch_opts, tree_opts, tree_row_sum
+from cage_kernels.triton_lib import _add, fwht_tile, launch_opts, tree_opts, tree_row_sum
 
 HP = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
@@ -100,6 +100,57 @@ def tree_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
     ]  # fmt: skip
 
 
+@triton.jit
+def _lane_stage_by_reductions(x, R: tl.constexpr, N: tl.constexpr, s: tl.constexpr):
+    """Butterfly stage h = 2^s as two reductions over the pair axis (sum, and difference by
+    negating the upper element): warp shuffles wherever the pair lives, never shared memory.
+    Same adds as fwht_tile's stage (a + b, a - b), so bit-identical."""
+    x4 = tl.reshape(x, [R, N >> (s + 1), 2, 1 << s])
+    lower = tl.arange(0, 2)[None, None, :, None] == 0
+    total = tl.reduce(x4, 2, _add)
+    diff = tl.reduce(tl.where(lower, x4, -x4), 2, _add)
+    x4 = tl.where(lower, tl.expand_dims(total, 2), tl.expand_dims(diff, 2))
+    return tl.reshape(x4, [R, N])
+
+
+@triton.jit
+def _fwht_probe_kernel(x_ptr, y_ptr, hscale, N: tl.constexpr, LOG_V: tl.constexpr,
+                       HOW: tl.constexpr):  # fmt: skip
+    """One row's block-128 fwht: HOW 0 fwht_tile; 1 its in-thread stages (s < LOG_V) as
+    there, the lane stages by reductions (no shared-memory transposes or barriers)."""
+    offs = tl.program_id(0).to(tl.int64) * N + tl.arange(0, N)[None, :]
+    x = tl.load(x_ptr + offs).to(tl.float32)
+    if HOW == 0:
+        y = fwht_tile(x, 1, N, 7, hscale)
+    else:
+        y = fwht_tile(x, 1, N, LOG_V, 1.0)
+        for s in tl.static_range(LOG_V, 7):
+            y = _lane_stage_by_reductions(y, 1, N, s)
+        y = y * hscale
+    tl.store(y_ptr + offs, y)
+
+
+def fwht_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
+    """The rotation alone, fp32 out, with its lane stages as layout transposes or shuffles;
+    both outputs are checked equal before timing."""
+    out = []
+    for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
+        x = torch.randn(tokens, width, device="cuda", dtype=dtype)
+        ys = [torch.empty(tokens, width, device="cuda") for _ in range(2)]
+        log_v = (16 // size).bit_length() - 1
+        runs = [lambda how=how, x=x, y=y, log_v=log_v: _fwht_probe_kernel[(tokens,)](
+                    x, y, 128**-0.5, N=width, LOG_V=log_v, HOW=how, **launch_opts(width))
+                for how, y in enumerate(ys)]  # fmt: skip
+        for run in runs:
+            run()
+        assert torch.equal(ys[0], ys[1]), "lane stages by reductions changed the rotation"
+        tag = str(dtype).removeprefix("torch.")
+        names = ("split/join", "lane stages by shuffles")
+        out += [(f"fwht {tag}->fp32 {name}", (size + 4) * x.numel(), run)
+                for name, run in zip(names, runs, strict=True)]  # fmt: skip
+    return out
+
+
 def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
     """(name, bytes moved, fn) for the fused step variants and torch's fused AdamW."""
     rows = numel // row
@@ -149,10 +200,11 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--step-numel", type=int, default=1 << 28)
     ap.add_argument("--row", type=int, default=2048)
-    ap.add_argument("--once", choices=["act", "step", "tree"], default=None)
+    ap.add_argument("--once", choices=["act", "step", "tree", "fwht"], default=None)
     args = ap.parse_args()
     if args.once:
-        pick = {"act": act_variants, "tree": tree_variants, "step": step_variants}[args.once]
+        pick = {"act": act_variants, "tree": tree_variants, "step": step_variants,
+                "fwht": fwht_variants}[args.once]  # fmt: skip
         sizes = (args.step_numel, args.row) if args.once == "step" else (args.tokens, args.width)
         for _, _, fn in pick(*sizes):
             fn()
@@ -160,7 +212,8 @@ def main() -> None:
         return
     copy = copy_rate(1 << 28)
     print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
-    points = tree_variants(args.tokens, args.width) + act_variants(args.tokens, args.width)
+    points = [*tree_variants(args.tokens, args.width), *fwht_variants(args.tokens, args.width),
+              *act_variants(args.tokens, args.width)]  # fmt: skip
     for name, nbytes, fn in points + step_variants(args.step_numel, args.row):
         ms = p50(fn)
         gbs = nbytes / (ms * 1e6)
