@@ -287,6 +287,8 @@ def _launch(
     table_tensor, tiles = device_table(table, str(dev), tile)
     n_tiles = tiles.shape[0]
     schedule = schedule or Schedule(n_tiles)
+    if schedule.programs < 1 or schedule.stages < 1:
+        raise ValueError(f"a Schedule needs programs >= 1 and stages >= 1, got {schedule}")
     _cage_adamw_kernel[(min(schedule.programs, n_tiles),)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
         mask_out.view(torch.uint8) if mask_out is not None else param,

@@ -214,6 +214,8 @@ def test_ops_dispatch_and_bad_input(gen, dev, monkeypatch):
         ops.cage_adamw_shard_step(*(t[:200] for t in state), table, variant="coupled", **HP)
     with pytest.raises(ValueError, match="contiguous 1-D fp32"):
         cage_adamw_shard_triton(state[0].double(), *state[1:], table, variant="coupled", **HP)
+    with pytest.raises(ValueError, match="programs >= 1"):
+        cage_adamw_shard_triton(*state, table, variant="coupled", schedule=Schedule(0), **HP)
     with pytest.raises(ValueError, match="not at a row start"):
         Segment(3, 0, 100, 1, 128, 4)
     with pytest.raises(ValueError, match="overlap"):
