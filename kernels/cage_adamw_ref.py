@@ -1,7 +1,8 @@
 """Torch twin of the fused CAGE-AdamW shard step (the reference of cage_adamw_triton).
 
 Per segment of the SegmentTable, on its rows W [n_rows, row_len] (views into the flat shard):
-    if ste:      g <- fwht((M(W) ⊙ g)),   M the trust / clip mask of q(W H) (old W)
+    if ste:      g <- fwht((M(W) ⊙ g)),   M the trust / clip mask of q(W H) (old W), or
+                 mask_in when given (the previous step's mask_out of this W)
     Q(W) = fwht(q(fwht(W))),  q with row statistics row_sumsq_tree_ref(W)  (bits > 0 only)
     then ``adamw_update.cage_adamw_update`` (the same update cage_ds.optim.CageAdamW runs)
     qout <- q(W H) values (bits > 0) or W, cast to qout.dtype    (the gathered low-precision copy)
@@ -42,6 +43,7 @@ def cage_adamw_shard_ref(
     variant: str,
     qout: torch.Tensor | None = None,
     mask_out: torch.Tensor | None = None,
+    mask_in: torch.Tensor | None = None,
 ) -> None:
     """One step over every segment of a flat fp32 shard, in place (module docstring)."""
     shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -58,7 +60,8 @@ def cage_adamw_shard_ref(
         error_fn = None
         if seg.bits:
             if seg.ste:
-                g = fwht_ref(g * quest_rows_ref(w, seg.bits, block, rule).mask, block)
+                mask = quest_rows_ref(w, seg.bits, block, rule).mask if mask_in is None else None
+                g = fwht_ref(g * (rows(mask_in) if mask is None else mask), block)
 
             def error_fn(x: torch.Tensor, bits=seg.bits) -> torch.Tensor:
                 return x - fwht_ref(quest_rows_ref(x, bits, block, rule).values, block)

@@ -69,13 +69,15 @@ def _quest_values(
 
 @triton.jit
 def _cage_adamw_tile(
-    t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr,
-    decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
+    t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr, tiles_ptr,
+    alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam,
+    neg_lr_lam, hscale,
     R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
     LOG_L: tl.constexpr, LOG_V: tl.constexpr,
     LOG_B: tl.constexpr, NCOL: tl.constexpr, STE_FLAG: tl.constexpr,
     MASK_RULE: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
-    HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, HAS_MASK_IN: tl.constexpr,
+    UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Tile t of the tile list: the step (or, UPDATE=False, the copy) of its rows."""
     seg = tl.load(tiles_ptr + 2 * t)
@@ -104,8 +106,12 @@ def _cage_adamw_tile(
         v = tl.load(v_ptr + offs, mask=inb, other=0.0)
         if quant:
             if (flags & STE_FLAG) != 0:
-                _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
-                                        LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
+                if HAS_MASK_IN:  # M(W) given (the previous step's mask_out of this W)
+                    mask = tl.load(mask_in_ptr + offs, mask=inb, other=0) != 0
+                else:
+                    _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R,
+                                            N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B,
+                                            MASK_RULE)  # fmt: skip
                 g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
             if COUPLED:
                 qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
@@ -141,13 +147,15 @@ def _cage_adamw_tile(
 
 @triton.jit
 def _cage_adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr, n_tiles,
-    decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam, hscale,
+    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr, tiles_ptr, alpha_ptr,
+    n_tiles, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam,
+    hscale,
     R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
     LOG_L: tl.constexpr, LOG_V: tl.constexpr,
     LOG_B: tl.constexpr, NCOL: tl.constexpr, STE_FLAG: tl.constexpr,
     MASK_RULE: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
-    HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, HAS_MASK_IN: tl.constexpr,
+    UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
     LOOP: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Each program takes tile pid, or with LOOP tiles pid, pid + programs, ... (Schedule);
@@ -157,17 +165,19 @@ def _cage_adamw_kernel(
     if LOOP:
         for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
             _cage_adamw_tile(
-                t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr, alpha_ptr,
-                decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam,
-                neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL, STE_FLAG,
-                MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, UPDATE, ALIGNED,
+                t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr,
+                tiles_ptr, alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps,
+                step_size, lam, neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL,
+                STE_FLAG, MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, HAS_MASK_IN, UPDATE,
+                ALIGNED,
             )  # fmt: skip
     else:
         _cage_adamw_tile(
-            tl.program_id(0), p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, table_ptr, tiles_ptr,
-            alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam,
-            neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL, STE_FLAG,
-            MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, UPDATE, ALIGNED,
+            tl.program_id(0), p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr,
+            tiles_ptr, alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps,
+            step_size, lam, neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL,
+            STE_FLAG, MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, HAS_MASK_IN, UPDATE,
+            ALIGNED,
         )  # fmt: skip
 
 
@@ -214,6 +224,7 @@ def cage_adamw_shard_triton(
     variant: str,
     qout: torch.Tensor | None = None,
     mask_out: torch.Tensor | None = None,
+    mask_in: torch.Tensor | None = None,
     schedule: Schedule | None = None,
 ) -> None:
     """Triton twin of cage_adamw_shard_ref (same arguments, and the Schedule of the launch);
@@ -221,7 +232,7 @@ def cage_adamw_shard_triton(
     if variant not in VARIANTS:
         raise ValueError(f"cage_variant must be one of {VARIANTS}, got {variant!r}")
     shard = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    _check_shard(shard, table, qout, mask_out)
+    _check_shard(shard, table, qout, mask_out, mask_in)
     if not table.segments:
         return
     bias1 = 1 - beta1**step
@@ -229,7 +240,7 @@ def cage_adamw_shard_triton(
     inv_bias2_sqrt = (1.0 / bias2_sqrt).item()  # RN32(1 / fp32 divisor), for div_rn_by
     correct = lam > 0
     _launch(
-        table, param, grad, exp_avg, exp_avg_sq, qout, mask_out,
+        table, param, grad, exp_avg, exp_avg_sq, qout, mask_out, mask_in,
         (1 - lr * weight_decay, 1 - beta1, 1 - beta2, beta2, bias2_sqrt.item(), inv_bias2_sqrt,
          eps, -lr / bias1, lam, -lr * lam),
         coupled=correct and variant == "coupled", decoupled=correct and variant == "decoupled",
@@ -250,11 +261,13 @@ def quest_shard_quantize_triton(
         raise ValueError("quest_shard_quantize needs a qout buffer")
     if table.segments:
         no_hp = (1.0, 0.1, 0.1, 0.9, 1.0, 1.0, 1e-8, 0.0, 0.0, 0.0)  # unused without UPDATE
-        _launch(table, param, param, param, param, qout, mask_out, no_hp, coupled=False,
+        _launch(table, param, param, param, param, qout, mask_out, None, no_hp, coupled=False,
                 decoupled=False, update=False, schedule=None)  # fmt: skip
 
 
-def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout, mask_out) -> None:
+def _check_shard(
+    shard: dict[str, torch.Tensor], table: SegmentTable, qout, mask_out, mask_in=None
+) -> None:
     for name, t in shard.items():
         if t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 1:
             raise ValueError(
@@ -264,22 +277,22 @@ def _check_shard(shard: dict[str, torch.Tensor], table: SegmentTable, qout, mask
     if qout is not None:
         if qout.dim() != 1 or not qout.is_contiguous() or qout.numel() < table.end:
             raise ValueError(f"qout must be a contiguous 1-D buffer of >= {table.end} elements")
-    if mask_out is not None:
-        if (
-            mask_out.dtype != torch.bool
-            or mask_out.dim() != 1
-            or not mask_out.is_contiguous()
-            or mask_out.numel() < table.end
+    for name, mask in (("mask_out", mask_out), ("mask_in", mask_in)):
+        if mask is not None and (
+            mask.dtype != torch.bool
+            or mask.dim() != 1
+            or not mask.is_contiguous()
+            or mask.numel() < table.end
         ):
             raise ValueError(
-                f"mask_out must be a contiguous 1-D bool buffer of >= {table.end} "
-                f"elements, got {mask_out.dtype} {tuple(mask_out.shape)}"
+                f"{name} must be a contiguous 1-D bool buffer of >= {table.end} "
+                f"elements, got {mask.dtype} {tuple(mask.shape)}"
             )
 
 
 def _launch(
-    table, param, grad, exp_avg, exp_avg_sq, qout, mask_out, scalars, coupled, decoupled, update,
-    schedule,
+    table, param, grad, exp_avg, exp_avg_sq, qout, mask_out, mask_in, scalars, coupled,
+    decoupled, update, schedule,
 ):  # fmt: skip
     dev = param.device
     width = table.width
@@ -292,13 +305,14 @@ def _launch(
     _cage_adamw_kernel[(min(schedule.programs, n_tiles),)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
         mask_out.view(torch.uint8) if mask_out is not None else param,
+        mask_in.view(torch.uint8) if mask_in is not None else param,
         table_tensor, tiles, alpha_table(str(dev)), n_tiles, *scalars, table.block**-0.5,
         R=tile, N=width, LOG_N=log2_exact(width, "table width"),
         **tree_opts(width, param.element_size()),
         LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
         MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,
         COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None,
-        HAS_MASK=mask_out is not None, UPDATE=update,
+        HAS_MASK=mask_out is not None, HAS_MASK_IN=mask_in is not None, UPDATE=update,
         ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in table.segments),
         LOOP=schedule.programs < n_tiles, STAGES=schedule.stages, **launch_opts(tile * width),
     )  # fmt: skip

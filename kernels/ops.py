@@ -135,16 +135,20 @@ def cage_adamw_shard_step(
     variant: str,
     qout: torch.Tensor | None = None,
     mask_out: torch.Tensor | None = None,
+    mask_in: torch.Tensor | None = None,
 ) -> None:
     """One CAGE-AdamW step over the whole rows a flat fp32 shard holds (segments.py), in place.
 
     param, grad, exp_avg, exp_avg_sq: fp32 [L]; qout: [L] in the compute dtype or None,
     receives q(W H) (quantized segments, rotated domain) or W; mask_out: bool [L] or None,
     receives the STE mask of that q(W H) (True on unquantized segments); elements no segment
-    covers are untouched.
+    covers are untouched. mask_in: bool [L] or None, the STE mask of q(W H) of the current W
+    (the previous step's mask_out, when W has not changed since; it may be the mask_out
+    buffer itself): STE segments then skip quantizing W for it.
     """
     kw = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-              lam=lam, variant=variant, qout=qout, mask_out=mask_out)  # fmt: skip
+              lam=lam, variant=variant, qout=qout, mask_out=mask_out,
+              mask_in=mask_in)  # fmt: skip
     if use_triton(param):
         from .cage_adamw_triton import cage_adamw_shard_triton
 

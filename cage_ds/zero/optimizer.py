@@ -70,7 +70,9 @@ class ShardedQuantOps:
         self._cache: tuple[int, int, Quantization, Quantization] | None = None
         self._lp: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._side_mask: torch.Tensor | None = None  # the cut rows' masks, whole rows
         self._lp_of: tuple[int, int] | None = None
+        self.steps_on_kept_masks = 0
         self.exchanges = 0
         self.bytes_received = 0
         self.elements_quantized = 0
@@ -109,30 +111,42 @@ class ShardedQuantOps:
         **hyper: Any,
     ) -> bool:  # fmt: skip
         """One CAGE-AdamW step of the partition in place (hyper: cage_adamw_shard_step's
-        keywords), g = dL/dq of the gathered q(W H); False (nothing done) for RTN."""
+        keywords), g = dL/dq of the gathered q(W H); False (nothing done) for RTN.
+
+        The step writes the STE mask of the new W for its runs and whole cut rows; when the
+        next step finds W unchanged, it passes those masks back in (mask_in), so the STE does
+        not quantize W again. Every holder of a cut row computed the same whole row, so the
+        kept side mask is that of the row the next exchange assembles."""
         if self.tables is None:
             return False
         self._check(w)
         runs, cut = self.tables
         side = self._exchange([w, g, exp_avg, exp_avg_sq])
         self._count_quantized()
+        kept = self._fused_of(w)
         if self._lp is None or self._lp.device != w.device:
             self._lp = torch.zeros(self.numel, dtype=self.lp_dtype, device=w.device)
             self._mask = torch.ones(self.numel, dtype=torch.bool, device=w.device)  # padding: 1
+            self._side_mask = torch.empty(self.layout.side_numel, dtype=torch.bool,
+                                          device=w.device)  # fmt: skip
+            kept = False
         self._cache = None
+        if kept:
+            self.steps_on_kept_masks += 1
         if runs.segments:
             kernel_ops.cage_adamw_shard_step(
-                w, g, exp_avg, exp_avg_sq, runs, qout=self._lp, mask_out=self._mask, **hyper
-            )
+                w, g, exp_avg, exp_avg_sq, runs, qout=self._lp, mask_out=self._mask,
+                mask_in=self._mask if kept else None, **hyper,
+            )  # fmt: skip
         if cut.segments:
             side_q = side.new_empty(1, self.layout.side_numel, dtype=self.lp_dtype)
-            side_mask = torch.empty_like(side_q, dtype=torch.bool)
             kernel_ops.cage_adamw_shard_step(
-                *side, cut, qout=side_q[0], mask_out=side_mask[0], **hyper
-            )
+                *side, cut, qout=side_q[0], mask_out=self._side_mask,
+                mask_in=self._side_mask if kept else None, **hyper,
+            )  # fmt: skip
             self.layout.scatter(side[[0, 2, 3]], [w, exp_avg, exp_avg_sq])
             self.layout.scatter(side_q, [self._lp])
-            self.layout.scatter(side_mask, [self._mask])
+            self.layout.scatter(self._side_mask[None], [self._mask])
         self._lp_of = (w.data_ptr(), w._version)
         return True
 

@@ -6,7 +6,8 @@ it holds, checks against the whole-tensor computation:
   quantize      values, mask, error == Quantizer.evaluate(W)
   ste_grad      == (M ⊙ g) H of the whole rotated-domain gradient
   fused_step    two CAGE-AdamW steps (decoupled and coupled) == CageAdamW on the whole
-                weights fed the latent gradient (M ⊙ g) H; W, m, v, the lp copy
+                weights fed the latent gradient (M ⊙ g) H (step 2's M: the masks step 1
+                wrote, runs and whole cut rows, passed back in); W, m, v, the lp copy
                 (write_lp, fp32 and bf16) == cast(Quantizer.values(W_new)) and the STE
                 mask == Quantizer.mask(W_new) (QuEST: the step's own, no re-quantization)
 Cut rows are assembled whole from their holders (point-to-point), so no tolerance is needed.
@@ -110,6 +111,7 @@ def _check_steps(rank, ops, quant, spec, params, shapes, flats_of, gen, variant)
     w = flats_of(params)[rank]
     sharded = CageAdamW([{"params": [w], "quant": dataclasses.asdict(spec)}], **kw)
     install_quant_ops(sharded, {id(w): ops})
+    kept = ops.steps_on_kept_masks
     for k in (1, 2):
         grads = [torch.randn(s, generator=gen) for s in shapes]  # dL/dq, rotated domain
         for p, g in zip(dense, grads, strict=True):
@@ -129,6 +131,8 @@ def _check_steps(rank, ops, quant, spec, params, shapes, flats_of, gen, variant)
         lp = torch.full_like(w, float("nan"), dtype=ops.lp_dtype)
         ops.write_lp(w, lp)
         _equal(lp, [quant.values(p) for p in dense], ops, f"lp copy after {where}")
+    if spec.method == "quest":  # step 2's STE took step 1's masks instead of quantizing W
+        assert ops.steps_on_kept_masks == kept + 1, f"{ops!r}: the kept masks were not used"
 
 
 def _worker(

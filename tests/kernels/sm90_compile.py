@@ -106,24 +106,26 @@ def main() -> int:
                               dict(codes_ptr="*u8", step_ptr="*fp32", out_ptr="*bf16", rows="i32",
                                    n="i32", half=F32), dict(R=2, W=2048), 4096))  # fmt: skip
     at = dict(p_ptr="*fp32", g_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", q_ptr="*bf16",
-              mask_ptr="*u8", table_ptr="*i64", tiles_ptr="*i64", alpha_ptr="*fp32",
-              n_tiles="i32")  # fmt: skip
+              mask_ptr="*u8", mask_in_ptr="*u8", table_ptr="*i64", tiles_ptr="*i64",
+              alpha_ptr="*fp32", n_tiles="i32")  # fmt: skip
     for scalar in ("decay", "w1", "c2", "beta2", "bias2_sqrt", "inv_bias2_sqrt", "eps",
                    "step_size", "lam", "neg_lr_lam", "hscale"):  # fmt: skip
         at[scalar] = F32
     for width in (2048, 8192):
         r = adamw.rows_per_tile(width)
-        # The default schedule at each width; at 2048 also programs that loop over tiles with
-        # the next tile's loads pipelined (Schedule(stages=2): cp.async into shared memory).
-        cases = [(False, True, 1), (True, True, 1), (False, False, 1)]
-        for coupled, update, stages in cases + [(False, True, 2)] * (width == 2048):
+        # The default schedule at each width; at 2048 also the STE mask given (mask_in), and
+        # programs that loop over tiles with the next tile's loads pipelined
+        # (Schedule(stages=2): cp.async into shared memory).
+        cases = [(False, True, False, 1), (True, True, False, 1), (False, False, False, 1)]
+        extra = [(False, True, True, 1), (False, True, False, 2)] * (width == 2048)
+        for coupled, update, mask_in, stages in cases + extra:
             c = dict(R=r, N=width, LOG_N=width.bit_length() - 1, **tree_opts(width, 4), LOG_B=7,
                      NCOL=7, STE_FLAG=1, MASK_RULE=0, COUPLED=coupled,
                      DECOUPLED=update and not coupled, HAS_Q=True, HAS_MASK=update,
-                     UPDATE=update, ALIGNED=True, LOOP=stages > 1,
+                     HAS_MASK_IN=mask_in, UPDATE=update, ALIGNED=True, LOOP=stages > 1,
                      STAGES=stages)  # fmt: skip
             name = f"cage_adamw N={width} coupled={coupled} update={update}"
-            name += f" stages={stages}" * (stages > 1)
+            name += " mask_in" * mask_in + f" stages={stages}" * (stages > 1)
             compiled.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))
     spilled = [k for k in compiled if "STACK:0 " not in k["usage"]]
     print(f"{len(compiled)} kernels compiled for sm_90a, {len(spilled)} with a stack frame")

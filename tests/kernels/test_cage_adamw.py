@@ -20,7 +20,7 @@ import itertools
 import pytest
 import torch
 from cage_kernels import ops
-from cage_kernels.cage_adamw_ref import cage_adamw_shard_ref
+from cage_kernels.cage_adamw_ref import cage_adamw_shard_ref, quest_shard_quantize_ref
 from cage_kernels.cage_adamw_triton import Schedule, cage_adamw_shard_triton, rows_per_tile
 from cage_kernels.segments import (
     ParamLayout,
@@ -203,6 +203,37 @@ def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
     for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout", "mask_out"),
                           *outs, strict=True):  # fmt: skip
         assert torch.equal(a, b), f"{name} differs under {schedule}"
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+def test_given_mask_replaces_the_ste_quantization(gen, dev, impl):
+    """mask_in = the STE mask of the current W (here from quest_shard_quantize; in the ZeRO
+    adapter the previous step's mask_out) gives the same step bit for bit, also when it is
+    the mask_out buffer itself; a different mask changes the step (it is really used)."""
+    step = cage_adamw_shard_triton if impl == "kernel" else cage_adamw_shard_ref
+    lay = layouts()
+    total = lay[-1].start + lay[-1].numel
+    table = SegmentTable(tuple(shard_segments(lay, 0, total)[0]), BLOCK)
+    assert any(s.ste and s.bits for s in table.segments)
+    state = stream_state(gen, total)
+    old_mask = poisoned_mask(total)
+    quest_shard_quantize_ref(state[0], table, None, old_mask)
+
+    def run(mask_in: torch.Tensor | None, alias: bool = False) -> list[torch.Tensor]:
+        out = [t.clone().to(dev) for t in state]
+        q = torch.full((total,), float("nan"), dtype=torch.bfloat16, device=dev)
+        given = None if mask_in is None else mask_in.clone().to(dev)
+        mask = given if alias else poisoned_mask(total).to(dev)
+        step(*out, table, qout=q, mask_out=mask, mask_in=given, variant="decoupled", **HP)
+        return [bits_of(t.cpu()) for t in [*out, q]] + [as_bytes(mask.cpu())]
+
+    computed = run(None)
+    for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout", "mask_out"),
+                          computed, run(old_mask), strict=True):  # fmt: skip
+        assert torch.equal(a, b), f"{name}: a given mask changed the step"
+    assert all(torch.equal(a, b) for a, b in zip(computed, run(old_mask, alias=True),
+                                                   strict=True))  # fmt: skip
+    assert not torch.equal(computed[0], run(torch.ones(total, dtype=torch.bool))[0])
 
 
 def test_ops_dispatch_and_bad_input(gen, dev, monkeypatch):
