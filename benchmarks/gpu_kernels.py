@@ -163,10 +163,10 @@ def step_points(table, bench, dev, copy_gbs, numel):
     provider = "triton" if use_triton(p) else "torch-twin"
     t = {}
 
-    def cage(table, lam, variant, q, mask=None):
+    def cage(table, lam, variant, q, mask=None, mask_in=None):
         return lambda: ops.cage_adamw_shard_step(p, g, m, v, table, step=10, lam=lam,
                                                  variant=variant, qout=q, mask_out=mask,
-                                                 **HP)  # fmt: skip
+                                                 mask_in=mask_in, **HP)  # fmt: skip
 
     t["l0"] = measure(table, bench, "cage-adamw lambda=0 no-copy", provider, size, 28 * numel,
                       cage(table_q, 0.0, "decoupled", None), copy_gbs)  # fmt: skip
@@ -176,9 +176,12 @@ def step_points(table, bench, dev, copy_gbs, numel):
             cage(table_q, 10.0, "coupled", qout), copy_gbs)  # fmt: skip
     measure(table, bench, "cage-adamw decoupled+ste +copy", provider, size, 30 * numel,
             cage(table_ste, 10.0, "decoupled", qout), copy_gbs)  # fmt: skip
-    mask = torch.empty(numel, device=dev, dtype=torch.bool)  # what cage_ds.zero runs
+    mask = torch.empty(numel, device=dev, dtype=torch.bool)
     measure(table, bench, "cage-adamw decoupled+ste +copy +mask", provider, size, 31 * numel,
             cage(table_ste, 10.0, "decoupled", qout, mask), copy_gbs)  # fmt: skip
+    # What cage_ds.zero runs from its second step on: the last step's mask passed back in.
+    measure(table, bench, "cage-adamw decoupled+ste(mask in) +copy +mask", provider, size,
+            32 * numel, cage(table_ste, 10.0, "decoupled", qout, mask, mask), copy_gbs)  # fmt: skip
     del qout, mask
     param = torch.nn.Parameter(p)
     param.grad = g
