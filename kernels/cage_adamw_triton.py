@@ -105,17 +105,21 @@ def _cage_adamw_tile(
         m = tl.load(m_ptr + offs, mask=inb, other=0.0)
         v = tl.load(v_ptr + offs, mask=inb, other=0.0)
         if quant:
+            if COUPLED:  # q(W H) of the old W: Q(W) below, and the STE's mask
+                qv, old_mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R,
+                                             N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B,
+                                             MASK_RULE)  # fmt: skip
             if (flags & STE_FLAG) != 0:
                 if HAS_MASK_IN:  # M(W) given (the previous step's mask_out of this W)
                     mask = tl.load(mask_in_ptr + offs, mask=inb, other=0) != 0
+                elif COUPLED:
+                    mask = old_mask
                 else:
                     _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R,
                                             N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B,
                                             MASK_RULE)  # fmt: skip
                 g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
             if COUPLED:
-                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
-                                      LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
                 g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
         p = p * decay
         if w1 < 0.5:

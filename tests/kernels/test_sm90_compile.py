@@ -30,9 +30,11 @@ def test_all_kernels_compile_for_sm90():
     print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0
     assert "18 kernels compiled for sm_90a" in res.stdout
-    # No kernel of the training path recomputes its arithmetic in a second register layout;
-    # the one-pass packed kernel still does (docs/benchmarks/kernel_tuning.md, section 5).
+    # No kernel recomputes its arithmetic in a second register layout, except two known
+    # cases (docs/benchmarks/kernel_tuning.md, sections 5 and 7): the one-pass packed kernel,
+    # and the coupled step, whose STE mask reuses Q(W)'s quantization but gets the grid
+    # recomputed in g's layout (still 14 % fewer instructions than quantizing twice).
     dup_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("duplicated float ops"))
     names = dup_line.split(":", 1)[1].strip()
     duplicated = [] if names == "none" else names.split(", ")
-    assert all("pack=True" in name for name in duplicated), dup_line
+    assert all("pack=True" in n or "coupled=True" in n for n in duplicated), dup_line
