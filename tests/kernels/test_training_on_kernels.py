@@ -4,13 +4,17 @@ CPU otherwise) as it does on the torch twins, and the kernels are the code that 
 
 Interpreted, both runs do the same CPU arithmetic but for the fused optimizer step's fma
 placement (a few ulps, tests/kernels/test_cage_adamw.py); on a GPU the matrix products round
-differently too, which can move a value across a grid boundary: tolerances differ per mode."""
+differently too: tolerances differ per mode. Ulps can also put a rotated weight exactly on a
+grid boundary in one run and not the other. Q(W) then differs by one step D in one rotated
+coordinate, and the decoupled correction moves W by lr lam D (H is orthonormal). So each
+quantized weight may also differ by up to FLIPS such moves."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from cage_kernels import cage_adamw_triton, hadamard_triton, quest_triton
+from cage_kernels.grid import ALPHA
 
 from cage_ds.nn import cage_param_groups, prepare_model
 from cage_ds.optim import CageAdamW
@@ -18,6 +22,8 @@ from cage_ds.quant import QuantConfig
 
 pytestmark = pytest.mark.interpret
 STEPS = 3
+LR, LAM, BITS = 3e-3, 5.0, 4
+FLIPS = 2  # grid-boundary code flips of Q(W) tolerated per weight over the run
 
 
 def tiny_llama(seed: int, config: QuantConfig) -> torch.nn.Module:
@@ -31,7 +37,7 @@ def tiny_llama(seed: int, config: QuantConfig) -> torch.nn.Module:
 
 
 def train(model: torch.nn.Module, tokens: torch.Tensor) -> list[float]:
-    opt = CageAdamW(cage_param_groups(model, weight_decay=0.1), lr=3e-3, cage_lambda=5.0,
+    opt = CageAdamW(cage_param_groups(model, weight_decay=0.1), lr=LR, cage_lambda=LAM,
                     cage_silence=0.0, total_steps=STEPS)  # fmt: skip
     losses = []
     for _ in range(STEPS):
@@ -57,7 +63,7 @@ def count_calls(monkeypatch, module, name: str, counts: dict[str, int]) -> None:
 def test_w4a4_cage_training_on_kernels_matches_the_twins(gen, dev, monkeypatch):
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     tokens = torch.randint(0, 96, (2, 16), generator=gen)
-    config = QuantConfig.preset("w4a4", hadamard_block=32)
+    config = QuantConfig.preset(f"w{BITS}a{BITS}", hadamard_block=32)
     counts: dict[str, int] = {}
     count_calls(monkeypatch, quest_triton, "quest_quantize_triton", counts)
     count_calls(monkeypatch, hadamard_triton, "fwht_triton", counts)
@@ -78,5 +84,9 @@ def test_w4a4_cage_training_on_kernels_matches_the_twins(gen, dev, monkeypatch):
     rtol = 1e-5 if dev == "cpu" else 1e-3
     assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=rtol), (got, want)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        p = p.detach().cpu()
-        assert (p - q).norm() <= rtol * q.norm(), name
+        p, q = p.detach().cpu(), q.detach()
+        bound = rtol * q.norm()
+        if name.endswith("proj.weight"):  # quantized: D = 2 ALPHA[b] rms / (2^b - 1) per row
+            step = 2 * ALPHA[BITS] * q.square().mean(1).sqrt().max() / (2**BITS - 1)
+            bound = bound + FLIPS * LR * LAM * step
+        assert (p - q).norm() <= bound, (name, (p - q).norm().item(), bound.item())
