@@ -68,88 +68,6 @@ def _quest_values(
 
 
 @triton.jit
-def _cage_adamw_tile(
-    t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr, tiles_ptr,
-    alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam,
-    neg_lr_lam, hscale,
-    R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
-    LOG_L: tl.constexpr, LOG_V: tl.constexpr,
-    LOG_B: tl.constexpr, NCOL: tl.constexpr, STE_FLAG: tl.constexpr,
-    MASK_RULE: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
-    HAS_Q: tl.constexpr, HAS_MASK: tl.constexpr, HAS_MASK_IN: tl.constexpr,
-    UPDATE: tl.constexpr, ALIGNED: tl.constexpr,
-):  # fmt: skip
-    """Tile t of the tile list: the step (or, UPDATE=False, the copy) of its rows."""
-    seg = tl.load(tiles_ptr + 2 * t)
-    row0 = tl.load(tiles_ptr + 2 * t + 1)
-    entry = table_ptr + seg * NCOL
-    start = tl.load(entry + 1)
-    n_rows = tl.load(entry + 3)
-    row_len = tl.load(entry + 4)
-    bits = tl.load(entry + 5)
-    flags = tl.load(entry + 6)
-    r = (row0 + tl.arange(0, R))[:, None]
-    cols = tl.arange(0, N)[None, :] < row_len
-    inb = (r < n_rows) & cols
-    offs = start + r * row_len + tl.arange(0, N)[None, :]
-    if ALIGNED:  # rows start and end at multiples of 4 elements: 16-byte vector accesses
-        offs = tl.multiple_of(offs, [1, 4])
-        inb = tl.max_constancy(inb, [1, 4])
-    p = tl.load(p_ptr + offs, mask=inb, other=0.0)
-    quant = bits > 0
-    row_len_f = row_len.to(tl.float32)
-    alpha = tl.load(alpha_ptr + bits)
-    levels_m1 = ((1 << bits) - 1).to(tl.float32)
-    if UPDATE:
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0)
-        m = tl.load(m_ptr + offs, mask=inb, other=0.0)
-        v = tl.load(v_ptr + offs, mask=inb, other=0.0)
-        if quant:
-            if COUPLED:  # q(W H) of the old W: Q(W) below, and the STE's mask
-                qv, old_mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R,
-                                             N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B,
-                                             MASK_RULE)  # fmt: skip
-            if (flags & STE_FLAG) != 0:
-                if HAS_MASK_IN:  # M(W) given (the previous step's mask_out of this W)
-                    mask = tl.load(mask_in_ptr + offs, mask=inb, other=0) != 0
-                elif COUPLED:
-                    mask = old_mask
-                else:
-                    _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R,
-                                            N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B,
-                                            MASK_RULE)  # fmt: skip
-                g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
-            if COUPLED:
-                g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
-        p = p * decay
-        if w1 < 0.5:
-            m = tl.fma(w1, g - m, m)
-        else:
-            m = tl.fma(w1 - 1.0, g - m, g)
-        v = tl.fma(c2 * g, g, v * beta2)
-        denom = div_rn_by(tl.math.sqrt_rn(v), bias2_sqrt, inv_bias2_sqrt) + eps
-        p = p + tl.math.div_rn(step_size * m, denom)
-        if quant:
-            if DECOUPLED:
-                qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
-                                      LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
-                p = tl.fma(neg_lr_lam, p - fwht_tile(qv, R, N, LOG_B, hscale), p)
-        tl.store(p_ptr + offs, p, mask=inb)
-        tl.store(m_ptr + offs, m, mask=inb)
-        tl.store(v_ptr + offs, v, mask=inb)
-    if HAS_Q or HAS_MASK:
-        low = p
-        keep = inb
-        if quant:
-            low, keep = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
-                                      LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
-        if HAS_Q:
-            tl.store(q_ptr + offs, cast_rne(low, q_ptr.dtype.element_ty), mask=inb)
-        if HAS_MASK:
-            tl.store(mask_ptr + offs, keep.to(tl.uint8), mask=inb)
-
-
-@triton.jit
 def _cage_adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr, tiles_ptr, alpha_ptr,
     n_tiles, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size, lam, neg_lr_lam,
@@ -166,23 +84,79 @@ def _cage_adamw_kernel(
     STAGES > 1 lets Triton's pipeliner load the next tile (cp.async) while this one computes.
     A tile is whole rows of one segment (module docstring). UPDATE=False only writes the
     quantized copy of the current W (grad / moment pointers are then never read)."""
+    first = tl.program_id(0)
     if LOOP:
-        for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
-            _cage_adamw_tile(
-                t, p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr,
-                tiles_ptr, alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps,
-                step_size, lam, neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL,
-                STE_FLAG, MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, HAS_MASK_IN, UPDATE,
-                ALIGNED,
-            )  # fmt: skip
+        last, stride = n_tiles, tl.num_programs(0)
     else:
-        _cage_adamw_tile(
-            tl.program_id(0), p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, mask_ptr, mask_in_ptr, table_ptr,
-            tiles_ptr, alpha_ptr, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps,
-            step_size, lam, neg_lr_lam, hscale, R, N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, NCOL,
-            STE_FLAG, MASK_RULE, COUPLED, DECOUPLED, HAS_Q, HAS_MASK, HAS_MASK_IN, UPDATE,
-            ALIGNED,
-        )  # fmt: skip
+        last, stride = first + 1, 1
+    for t in tl.range(first, last, stride, num_stages=STAGES):  # tile t: its rows
+        seg = tl.load(tiles_ptr + 2 * t)
+        row0 = tl.load(tiles_ptr + 2 * t + 1)
+        entry = table_ptr + seg * NCOL
+        start = tl.load(entry + 1)
+        n_rows = tl.load(entry + 3)
+        row_len = tl.load(entry + 4)
+        bits = tl.load(entry + 5)
+        flags = tl.load(entry + 6)
+        r = (row0 + tl.arange(0, R))[:, None]
+        cols = tl.arange(0, N)[None, :] < row_len
+        inb = (r < n_rows) & cols
+        offs = start + r * row_len + tl.arange(0, N)[None, :]
+        if ALIGNED:  # rows start and end at multiples of 4 elements: 16-byte vector accesses
+            offs = tl.multiple_of(offs, [1, 4])
+            inb = tl.max_constancy(inb, [1, 4])
+        p = tl.load(p_ptr + offs, mask=inb, other=0.0)
+        quant = bits > 0
+        row_len_f = row_len.to(tl.float32)
+        alpha = tl.load(alpha_ptr + bits)
+        levels_m1 = ((1 << bits) - 1).to(tl.float32)
+        if UPDATE:
+            g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+            m = tl.load(m_ptr + offs, mask=inb, other=0.0)
+            v = tl.load(v_ptr + offs, mask=inb, other=0.0)
+            if quant:
+                if COUPLED:  # q(W H) of the old W: Q(W) below, and the STE's mask
+                    qv, old_mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R,
+                                                 N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B,
+                                                 MASK_RULE)  # fmt: skip
+                if (flags & STE_FLAG) != 0:
+                    if HAS_MASK_IN:  # M(W) given (the previous step's mask_out of this W)
+                        mask = tl.load(mask_in_ptr + offs, mask=inb, other=0) != 0
+                    elif COUPLED:
+                        mask = old_mask
+                    else:
+                        _, mask = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R,
+                                                N, LOG_N, LOG_W, LOG_L, LOG_V, LOG_B,
+                                                MASK_RULE)  # fmt: skip
+                    g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
+                if COUPLED:
+                    g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
+            p = p * decay
+            if w1 < 0.5:
+                m = tl.fma(w1, g - m, m)
+            else:
+                m = tl.fma(w1 - 1.0, g - m, g)
+            v = tl.fma(c2 * g, g, v * beta2)
+            denom = div_rn_by(tl.math.sqrt_rn(v), bias2_sqrt, inv_bias2_sqrt) + eps
+            p = p + tl.math.div_rn(step_size * m, denom)
+            if quant:
+                if DECOUPLED:
+                    qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
+                                          LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
+                    p = tl.fma(neg_lr_lam, p - fwht_tile(qv, R, N, LOG_B, hscale), p)
+            tl.store(p_ptr + offs, p, mask=inb)
+            tl.store(m_ptr + offs, m, mask=inb)
+            tl.store(v_ptr + offs, v, mask=inb)
+        if HAS_Q or HAS_MASK:
+            low = p
+            keep = inb
+            if quant:
+                low, keep = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,
+                                          LOG_N, LOG_W, LOG_L, LOG_V, LOG_B, MASK_RULE)  # fmt: skip
+            if HAS_Q:
+                tl.store(q_ptr + offs, cast_rne(low, q_ptr.dtype.element_ty), mask=inb)
+            if HAS_MASK:
+                tl.store(mask_ptr + offs, keep.to(tl.uint8), mask=inb)
 
 
 class Schedule(NamedTuple):

@@ -33,7 +33,7 @@ def test_all_kernels_compile_for_sm90():
     # No kernel recomputes its arithmetic in a second register layout, except two known
     # cases (docs/benchmarks/kernel_tuning.md, sections 5 and 7): the one-pass packed kernel,
     # and the coupled step, whose STE mask reuses Q(W)'s quantization but gets the grid
-    # recomputed in g's layout (still 14 % fewer instructions than quantizing twice).
+    # recomputed in g's layout (still 15 % fewer instructions than quantizing twice).
     dup_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("duplicated float ops"))
     names = dup_line.split(":", 1)[1].strip()
     duplicated = [] if names == "none" else names.split(", ")
