@@ -243,7 +243,7 @@ def test_prequantized_forward_equals_fake_and_grad_is_rotated_domain(rows, gen):
 
 def test_to_linear_exports_q_w_in_original_domain(gen):
     cfg = QuantConfig.preset("w4a16")
-    x, w, b, _ = draw(gen, (6, 256), 32, True)
+    (x, w, b, _), _ = draw_untied(gen, (6, 256), 32, True, cfg)  # fp32 codes = float64 codes
     layer = make_layer(w, b, cfg)
     lin = layer.to_linear()
     assert type(lin) is nn.Linear and lin.weight.dtype == w.dtype
