@@ -169,8 +169,9 @@ def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
                                                **HP)  # fmt: skip
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    looping, pipelined = Schedule(2 * sms), Schedule(2 * sms, stages=2)
-
+    per_tile = Schedule(rows)  # >= the tiles: one program each, no loop
+    capped = [(f"{k} programs per SM, pipelined, <= {regs} registers", Schedule(k * sms, 2, regs))
+              for k, regs in ((3, 80), (4, 64))]  # fmt: skip
     param = torch.nn.Parameter(p)
     param.grad = g
     adamw = torch.optim.AdamW([param], betas=(HP["beta1"], HP["beta2"]), lr=HP["lr"],
@@ -181,14 +182,19 @@ def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
         ("step unquantized rows, no copy", 28 * numel, step(plain, 0.0, "decoupled", None)),
         ("step lambda=0, no copy", 28 * numel, step(quant, 0.0, "decoupled", None)),
         ("step lambda=0 + copy (1 quest)", 30 * numel, step(quant, 0.0, "decoupled", q)),
-        ("step decoupled + copy", 30 * numel, step(quant, 10.0, "decoupled", q)),
-        ("step decoupled + copy, 2 looping programs per SM", 30 * numel,
-         step(quant, 10.0, "decoupled", q, looping)),
-        ("step decoupled + copy, looping + next tile's loads pipelined", 30 * numel,
-         step(quant, 10.0, "decoupled", q, pipelined)),
-        ("step lambda=0 + copy, looping + pipelined", 30 * numel,
-         step(quant, 0.0, "decoupled", q, pipelined)),
-        ("step coupled + copy", 30 * numel, step(quant, 10.0, "coupled", q)),
+        ("step decoupled + copy (default schedule)", 30 * numel,
+         step(quant, 10.0, "decoupled", q)),
+        ("step decoupled + copy, 1 program per tile", 30 * numel,
+         step(quant, 10.0, "decoupled", q, per_tile)),
+        ("step decoupled + copy, 1 program per tile, <= 80 registers", 30 * numel,
+         step(quant, 10.0, "decoupled", q, per_tile._replace(max_registers=80))),
+        *[(f"step decoupled + copy, {name}", 30 * numel, step(quant, 10.0, "decoupled", q, sch))
+          for name, sch in capped],
+        ("step lambda=0 + copy, pipelined", 30 * numel,
+         step(quant, 0.0, "decoupled", q, Schedule(2 * sms, stages=2))),
+        ("step coupled + copy (default schedule)", 30 * numel, step(quant, 10.0, "coupled", q)),
+        ("step coupled + copy, 1 program per tile", 30 * numel,
+         step(quant, 10.0, "coupled", q, per_tile)),
         ("quest_shard_quantize (copy only)", 6 * numel,
          lambda: ops.quest_shard_quantize(p, quant, q)),
     ]  # fmt: skip

@@ -15,7 +15,7 @@ site=$(mktemp -d)
 ln -s "$PWD/kernels" "$site/cage_kernels"
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHON
 status=0
-timeout 240 bash benchmarks/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.txt" | tail -3 || status=1
-timeout 200 "$PYTHON" benchmarks/gpu_kernels.py --csv "$OUT/gpu_kernels.csv" || status=1
+timeout 170 bash benchmarks/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.txt" | tail -3 || status=1
+timeout 170 "$PYTHON" benchmarks/gpu_kernels.py --csv "$OUT/gpu_kernels.csv" || status=1
 timeout 150 "$PYTHON" benchmarks/gpu_probe.py 2>&1 | tee "$OUT/gpu_probe.txt" || status=1
 exit $status

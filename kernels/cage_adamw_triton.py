@@ -160,12 +160,29 @@ def _cage_adamw_kernel(
 
 
 class Schedule(NamedTuple):
-    """How the tiles map to programs. The default, Schedule(n_tiles), is one program per
-    tile. Fewer programs loop over the tiles; with stages > 1 each program's loads of its
-    next tile overlap the arithmetic of this one (benchmarks/gpu_probe.py measures both)."""
+    """How the tiles map to programs. Fewer programs than tiles loop over the tiles; with
+    stages > 1 each program's loads of its next tile overlap the arithmetic of this one;
+    max_registers caps registers per thread (ptxas spills the rest) so more programs fit on
+    an SM. The default (default_schedule) is what benchmarks/gpu_probe.py measured fastest."""
 
     programs: int
     stages: int = 1
+    max_registers: int | None = None
+
+
+def default_schedule(device: torch.device, n_tiles: int, correcting: bool) -> Schedule:
+    """A step that computes Q(W) (lambda > 0) on a GPU: 2 looping programs per SM with the
+    next tile's loads pipelined, on an H100 2 % faster than one program per tile; without
+    that arithmetic the step is bound by bytes and one program per tile is 1.6 % faster
+    (docs/benchmarks/kernel_tuning.md, section 8). The interpreter: one program per tile."""
+    if device.type != "cuda" or not correcting:
+        return Schedule(n_tiles)
+    return Schedule(2 * _multiprocessors(device.index or 0), stages=2)
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=16)
@@ -277,9 +294,14 @@ def _launch(
     tile = rows_per_tile(width)
     table_tensor, tiles = device_table(table, str(dev), tile)
     n_tiles = tiles.shape[0]
-    schedule = schedule or Schedule(n_tiles)
-    if schedule.programs < 1 or schedule.stages < 1:
-        raise ValueError(f"a Schedule needs programs >= 1 and stages >= 1, got {schedule}")
+    schedule = schedule or default_schedule(dev, n_tiles, coupled or decoupled)
+    if schedule.programs < 1 or schedule.stages < 1 or (schedule.max_registers or 24) < 24:
+        raise ValueError(
+            f"a Schedule needs programs >= 1, stages >= 1, max_registers >= 24, got {schedule}"
+        )
+    opts = launch_opts(tile * width)
+    if schedule.max_registers is not None:
+        opts["maxnreg"] = schedule.max_registers
     _cage_adamw_kernel[(min(schedule.programs, n_tiles),)](
         param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
         mask_out.view(torch.uint8) if mask_out is not None else param,
@@ -292,5 +314,5 @@ def _launch(
         COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None,
         HAS_MASK=mask_out is not None, HAS_MASK_IN=mask_in is not None, UPDATE=update,
         ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in table.segments),
-        LOOP=schedule.programs < n_tiles, STAGES=schedule.stages, **launch_opts(tile * width),
+        LOOP=schedule.programs < n_tiles, STAGES=schedule.stages, **opts,
     )  # fmt: skip

@@ -78,7 +78,8 @@ def _quest_rows_kernel(
         s = tree_row_sum(xf * xf, R, N, LOG_N, LOG_W, LOG_L, LOG_V)
     else:
         s = tree_row_sum(y * y, R, N, LOG_N, LOG_W, LOG_L, LOG_V)
-    step1 = quest_step(s, n.to(tl.float32), alpha, levels_m1)
+    # tl.cast, not n.to: a GPU launch specialises n == 1 into a Python int constant.
+    step1 = quest_step(s, tl.cast(n, tl.float32), alpha, levels_m1)
     step = step1[:, None]
     k, v, m = quest_grid(y, step, levels_m1, MASK_RULE)
     tl.store(values_ptr + offs, cast_rne(v, values_ptr.dtype.element_ty), mask=inb)

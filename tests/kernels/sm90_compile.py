@@ -93,6 +93,11 @@ def main() -> int:
                      PACK=pack_mode, WRITE_CODES=True)  # fmt: skip
             compiled.append(compile_one(f"quest N={width} pack={pack_mode}",
                                       quest._quest_rows_kernel, qt, c, r * width))  # fmt: skip
+    # The device specialises an integer argument equal to 1 into a constant (no .to() then).
+    r = reduction_rows(quest.rows_per_program(1, 1 << 20))
+    c = dict(n=1, R=r, N=1, LOG_N=0, **tree_opts(1, 2), LOG_B=0, VEC=1, BITS=0, ROTATE=True,
+             STATS=1, MASK_RULE=0, PACK=False, WRITE_CODES=True)  # fmt: skip
+    compiled.append(compile_one("quest n=1", quest._quest_rows_kernel, qt, c, r))
     ht = dict(x_ptr="*bf16", mask_ptr="*u8", y_ptr="*bf16", rows="i32", n="i32", hscale=F32)
     compiled.append(compile_one("fwht masked W=2048", hadamard._fwht_kernel, ht,
                               dict(R=2, W=2048, LOG_B=7, HAS_MASK=True), 4096))  # fmt: skip

@@ -183,17 +183,21 @@ def test_sharded_with_halo_rows_equals_unsharded(gen, dev, variant):
         assert torch.equal(a, b.cpu()), f"{name}: sharded+halo differs from unsharded"
 
 
-@pytest.mark.parametrize("schedule", [Schedule(2), Schedule(4, stages=2)])
+@pytest.mark.parametrize(
+    "schedule", [Schedule(2), Schedule(4, stages=2), Schedule(3, stages=2, max_registers=64), None]
+)
 def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
     """Programs that loop over several tiles (with the next tile's loads pipelined when
-    stages > 1) write exactly what one program per tile writes."""
+    stages > 1, registers capped and spilled with max_registers), and the default schedule
+    of the device, write exactly what one program per tile writes."""
     lay = layouts()
     total = lay[-1].start + lay[-1].numel
     table = SegmentTable(tuple(shard_segments(lay, 0, total)[0]), BLOCK)
-    assert table.tiles(rows_per_tile(table.width)).shape[0] > schedule.programs  # loops
+    n_tiles = table.tiles(rows_per_tile(table.width)).shape[0]
+    assert schedule is None or n_tiles > schedule.programs  # loops
     state = stream_state(gen, total)
     outs = []
-    for sched in (None, schedule):
+    for sched in (Schedule(n_tiles), schedule):
         run = [t.clone().to(dev) for t in state]
         q = torch.full((total,), float("nan"), dtype=torch.bfloat16, device=dev)
         mask = poisoned_mask(total).to(dev)
@@ -245,8 +249,9 @@ def test_ops_dispatch_and_bad_input(gen, dev, monkeypatch):
         ops.cage_adamw_shard_step(*(t[:200] for t in state), table, variant="coupled", **HP)
     with pytest.raises(ValueError, match="contiguous 1-D fp32"):
         cage_adamw_shard_triton(state[0].double(), *state[1:], table, variant="coupled", **HP)
-    with pytest.raises(ValueError, match="programs >= 1"):
-        cage_adamw_shard_triton(*state, table, variant="coupled", schedule=Schedule(0), **HP)
+    for bad in (Schedule(0), Schedule(2, stages=0), Schedule(2, max_registers=8)):
+        with pytest.raises(ValueError, match="programs >= 1, stages >= 1, max_registers >= 24"):
+            cage_adamw_shard_triton(*state, table, variant="coupled", schedule=bad, **HP)
     with pytest.raises(ValueError, match="not at a row start"):
         Segment(3, 0, 100, 1, 128, 4)
     with pytest.raises(ValueError, match="overlap"):
