@@ -152,7 +152,8 @@ def fwht_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
 
 
 def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
-    """(name, bytes moved, fn) for the fused step variants and torch's fused AdamW."""
+    """(name, bytes moved, fn): torch's fused AdamW, and the fused step's variants with
+    registers uncapped and capped (Schedule.max_registers), one program per tile."""
     rows = numel // row
     numel = rows * row
     p = torch.randn(numel, device="cuda") * 0.02
@@ -160,44 +161,32 @@ def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
     m = torch.zeros(numel, device="cuda")
     v = torch.zeros(numel, device="cuda")
     q = torch.empty(numel, device="cuda", dtype=torch.bfloat16)
-    plain = SegmentTable((Segment(0, 0, 0, rows, row, 0),), 128)
+    mask = torch.empty(numel, device="cuda", dtype=torch.bool)
     quant = SegmentTable((Segment(0, 0, 0, rows, row, 4),), 128)
+    ste = SegmentTable((Segment(0, 0, 0, rows, row, 4, ste=True),), 128)
 
-    def step(table, lam, variant, qout, schedule=None):
+    def step(table, lam, variant, regs, mask_out=None):
+        sched = Schedule(rows, max_registers=regs)  # >= the tiles: one program each
         return lambda: cage_adamw_shard_triton(p, g, m, v, table, step=10, lam=lam,
-                                               variant=variant, qout=qout, schedule=schedule,
+                                               variant=variant, qout=q, mask_out=mask_out,
+                                               mask_in=mask_out, schedule=sched,
                                                **HP)  # fmt: skip
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    per_tile = Schedule(rows)  # >= the tiles: one program each, no loop
-    capped = [(f"{k} programs per SM, pipelined, <= {regs} registers", Schedule(k * sms, 2, regs))
-              for k, regs in ((3, 80), (4, 64))]  # fmt: skip
     param = torch.nn.Parameter(p)
     param.grad = g
     adamw = torch.optim.AdamW([param], betas=(HP["beta1"], HP["beta2"]), lr=HP["lr"],
                               eps=HP["eps"], weight_decay=HP["weight_decay"],
                               fused=True)  # fmt: skip
-    return [
-        ("torch AdamW fused", 28 * numel, adamw.step),
-        ("step unquantized rows, no copy", 28 * numel, step(plain, 0.0, "decoupled", None)),
-        ("step lambda=0, no copy", 28 * numel, step(quant, 0.0, "decoupled", None)),
-        ("step lambda=0 + copy (1 quest)", 30 * numel, step(quant, 0.0, "decoupled", q)),
-        ("step decoupled + copy (default schedule)", 30 * numel,
-         step(quant, 10.0, "decoupled", q)),
-        ("step decoupled + copy, 1 program per tile", 30 * numel,
-         step(quant, 10.0, "decoupled", q, per_tile)),
-        ("step decoupled + copy, 1 program per tile, <= 80 registers", 30 * numel,
-         step(quant, 10.0, "decoupled", q, per_tile._replace(max_registers=80))),
-        *[(f"step decoupled + copy, {name}", 30 * numel, step(quant, 10.0, "decoupled", q, sch))
-          for name, sch in capped],
-        ("step lambda=0 + copy, pipelined", 30 * numel,
-         step(quant, 0.0, "decoupled", q, Schedule(2 * sms, stages=2))),
-        ("step coupled + copy (default schedule)", 30 * numel, step(quant, 10.0, "coupled", q)),
-        ("step coupled + copy, 1 program per tile", 30 * numel,
-         step(quant, 10.0, "coupled", q, per_tile)),
-        ("quest_shard_quantize (copy only)", 6 * numel,
-         lambda: ops.quest_shard_quantize(p, quant, q)),
-    ]  # fmt: skip
+    out = [(f"torch AdamW fused (row {row})", 28 * numel, adamw.step)]
+    kinds = [("decoupled + copy", quant, 10.0, "decoupled", None, 30),
+             ("decoupled+ste(mask in) + copy + mask", ste, 10.0, "decoupled", mask, 32),
+             ("coupled + copy", quant, 10.0, "coupled", None, 30),
+             ("lambda=0 + copy", quant, 0.0, "decoupled", None, 30)]  # fmt: skip
+    for name, table, lam, variant, mask_out, nbytes in kinds:
+        for regs in (None, 96, 80, 64) if lam else (None, 80):
+            out.append((f"step {name}, row {row}, <= {regs or 'any'} registers", nbytes * numel,
+                        step(table, lam, variant, regs, mask_out)))  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -205,25 +194,32 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--step-numel", type=int, default=1 << 28)
-    ap.add_argument("--row", type=int, default=2048)
+    ap.add_argument("--rows", type=int, nargs="+", default=[2048, 8192],
+                    help="row widths of the fused step's shard")  # fmt: skip
+    ap.add_argument("--steps-only", action="store_true", help="only the fused step rows")
     ap.add_argument("--once", choices=["act", "step", "tree", "fwht"], default=None)
     args = ap.parse_args()
+    rows = [(lambda r=r: step_variants(args.step_numel, r)) for r in args.rows]
+    groups = {"tree": [lambda: tree_variants(args.tokens, args.width)],
+              "fwht": [lambda: fwht_variants(args.tokens, args.width)],
+              "act": [lambda: act_variants(args.tokens, args.width)], "step": rows}  # fmt: skip
     if args.once:
-        pick = {"act": act_variants, "tree": tree_variants, "step": step_variants,
-                "fwht": fwht_variants}[args.once]  # fmt: skip
-        sizes = (args.step_numel, args.row) if args.once == "step" else (args.tokens, args.width)
-        for _, _, fn in pick(*sizes):
-            fn()
+        for make in groups[args.once]:
+            for _, _, fn in make():
+                fn()
         torch.cuda.synchronize()
         return
     copy = copy_rate(1 << 28)
     print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
-    points = [*tree_variants(args.tokens, args.width), *fwht_variants(args.tokens, args.width),
-              *act_variants(args.tokens, args.width)]  # fmt: skip
-    for name, nbytes, fn in points + step_variants(args.step_numel, args.row):
-        ms = p50(fn)
-        gbs = nbytes / (ms * 1e6)
-        print(f"{name:40} {ms:9.4f} ms {gbs:8.0f} GB/s {gbs / copy:6.3f} of copy", flush=True)
+    for part, makers in groups.items():
+        if args.steps_only and part != "step":
+            continue
+        for make in makers:  # one group's tensors at a time
+            for name, nbytes, fn in make():
+                ms = p50(fn)
+                gbs = nbytes / (ms * 1e6)
+                print(f"{name:40} {ms:9.4f} ms {gbs:8.0f} GB/s {gbs / copy:6.3f} of copy",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
