@@ -151,7 +151,7 @@ def fwht_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
     return out
 
 
-def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
+def step_variants(numel: int, row: int, caps=(None, 96, 80, 64)) -> list[tuple[str, float, object]]:
     """(name, bytes moved, fn): torch's fused AdamW, and the fused step's variants with
     registers uncapped and capped (Schedule.max_registers), one program per tile."""
     rows = numel // row
@@ -183,10 +183,35 @@ def step_variants(numel: int, row: int) -> list[tuple[str, float, object]]:
              ("coupled + copy", quant, 10.0, "coupled", None, 30),
              ("lambda=0 + copy", quant, 0.0, "decoupled", None, 30)]  # fmt: skip
     for name, table, lam, variant, mask_out, nbytes in kinds:
-        for regs in (None, 96, 80, 64) if lam else (None, 80):
+        for regs in caps if lam else (None, 80):
             out.append((f"step {name}, row {row}, <= {regs or 'any'} registers", nbytes * numel,
                         step(table, lam, variant, regs, mask_out)))  # fmt: skip
     return out
+
+
+def mixed_variants(numel: int) -> list[tuple[str, float, object]]:
+    """A Llama-like shard: half its elements in rows of 2048, half in rows of 8192. The table
+    width is the longest row, so today every tile is 8192 wide (the 2048 rows padded)."""
+    segs, start = [], 0
+    for pid, row in enumerate((2048, 8192)):
+        rows = numel // 2 // row
+        segs.append(Segment(pid, start, 0, rows, row, 4, ste=True))
+        start += rows * row
+    table = SegmentTable(tuple(segs), 128)
+    p, g = torch.randn(start, device="cuda") * 0.02, torch.randn(start, device="cuda") * 1e-3
+    m, v = torch.zeros(start, device="cuda"), torch.zeros(start, device="cuda")
+    q = torch.empty(start, device="cuda", dtype=torch.bfloat16)
+    mask = torch.empty(start, device="cuda", dtype=torch.bool)
+
+    def run(*tables: SegmentTable) -> None:
+        for t in tables:
+            ops.cage_adamw_shard_step(p, g, m, v, t, step=10, lam=10.0, variant="decoupled",
+                                      qout=q, mask_out=mask, mask_in=mask, **HP)  # fmt: skip
+
+    by_width = [SegmentTable((s,), 128) for s in segs]
+    name = "step decoupled+ste(mask in) + copy + mask, rows 2048 and 8192"
+    return [(f"{name}, one launch", 32 * start, lambda: run(table)),
+            (f"{name}, a launch per width", 32 * start, lambda: run(*by_width))]  # fmt: skip
 
 
 def main() -> None:
@@ -197,12 +222,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[2048, 8192],
                     help="row widths of the fused step's shard")  # fmt: skip
     ap.add_argument("--steps-only", action="store_true", help="only the fused step rows")
+    ap.add_argument("--caps", type=int, nargs="+", default=[0, 96, 80, 64],
+                    help="register caps of the step rows (0 = none)")  # fmt: skip
     ap.add_argument("--once", choices=["act", "step", "tree", "fwht"], default=None)
     args = ap.parse_args()
-    rows = [(lambda r=r: step_variants(args.step_numel, r)) for r in args.rows]
+    caps = tuple(c or None for c in args.caps)
+    rows = [(lambda r=r: step_variants(args.step_numel, r, caps)) for r in args.rows]
     groups = {"tree": [lambda: tree_variants(args.tokens, args.width)],
               "fwht": [lambda: fwht_variants(args.tokens, args.width)],
-              "act": [lambda: act_variants(args.tokens, args.width)], "step": rows}  # fmt: skip
+              "act": [lambda: act_variants(args.tokens, args.width)],
+              "step": [*rows, lambda: mixed_variants(args.step_numel)]}  # fmt: skip
     if args.once:
         for make in groups[args.once]:
             for _, _, fn in make():

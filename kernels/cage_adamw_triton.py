@@ -33,6 +33,7 @@ import triton.language as tl
 from .adamw_update import VARIANTS
 from .grid import ALPHA
 from .segments import COLUMNS, FLAG_STE, SegmentTable
+from .sumsq import row_warps
 from .triton_lib import (
     CLIP,
     TRUST,
@@ -170,11 +171,14 @@ class Schedule(NamedTuple):
     max_registers: int | None = None
 
 
-def default_schedule(device: torch.device, n_tiles: int, correcting: bool) -> Schedule:
-    """One program per tile. A step that computes Q(W) (lambda > 0) on a GPU caps registers
-    at 80 so that 3 programs of 8 warps fit on an SM instead of 2: on an H100 that took the
-    decoupled step from 83 % to 92 % of copy (docs/benchmarks/kernel_tuning.md, section 8)."""
-    if device.type != "cuda" or not correcting:
+def default_schedule(device: torch.device, n_tiles: int, correcting: bool, width: int) -> Schedule:
+    """One program per tile. A step that computes Q(W) (lambda > 0) on a GPU, where each
+    thread holds at most 8 elements of a row, caps registers at 80: at width 2048 (8 warps)
+    3 programs then fit on an SM instead of 2, and the decoupled step went from 83 % to 92 %
+    of copy on an H100. With 16 elements a thread (width 8192) the cap spills and halves the
+    rate, so wider rows keep every register (docs/benchmarks/kernel_tuning.md, section 8)."""
+    per_thread = width // (32 * row_warps(width))
+    if device.type != "cuda" or not correcting or per_thread > 8:
         return Schedule(n_tiles)
     return Schedule(n_tiles, max_registers=80)
 
@@ -288,7 +292,7 @@ def _launch(
     tile = rows_per_tile(width)
     table_tensor, tiles = device_table(table, str(dev), tile)
     n_tiles = tiles.shape[0]
-    schedule = schedule or default_schedule(dev, n_tiles, coupled or decoupled)
+    schedule = schedule or default_schedule(dev, n_tiles, coupled or decoupled, width)
     if schedule.programs < 1 or schedule.stages < 1 or (schedule.max_registers or 24) < 24:
         raise ValueError(
             f"a Schedule needs programs >= 1, stages >= 1, max_registers >= 24, got {schedule}"
