@@ -1,9 +1,9 @@
-"""Fused CAGE-AdamW step over a flat fp32 shard: one launch per ZeRO partition.
+"""Fused CAGE-AdamW step over a flat fp32 shard: one launch per row width of a ZeRO partition.
 
 A tile = R whole rows of one segment (tile list from SegmentTable.tiles; one program per
-tile unless a Schedule says otherwise), held in registers [R, N] (N = the table's width,
-zero-padded; padding is never loaded). From one read of param, grad, exp_avg, exp_avg_sq
-it computes, for quantized segments, in order:
+tile unless a Schedule says otherwise), held in registers [R, N] (N = the next power of two
+of the row: one launch per width, SegmentTable.by_width; padding is never loaded). From one
+read of param, grad, exp_avg, exp_avg_sq it computes, for quantized segments, in order:
     ste:        g <- fwht(M(W) ⊙ g)                 (mask of q(W H) of the old W)
     coupled:    g <- fma(lam, W - Q(W), g)
     W <- W (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- fma((1-b2) g, g, v b2)
@@ -171,14 +171,15 @@ class Schedule(NamedTuple):
     max_registers: int | None = None
 
 
-def default_schedule(device: torch.device, n_tiles: int, correcting: bool, width: int) -> Schedule:
-    """One program per tile. A step that computes Q(W) (lambda > 0) on a GPU, where each
-    thread holds at most 8 elements of a row, caps registers at 80: at width 2048 (8 warps)
-    3 programs then fit on an SM instead of 2, and the decoupled step went from 83 % to 92 %
-    of copy on an H100. With 16 elements a thread (width 8192) the cap spills and halves the
-    rate, so wider rows keep every register (docs/benchmarks/kernel_tuning.md, section 8)."""
+def default_schedule(device: torch.device, n_tiles: int, width: int) -> Schedule:
+    """One program per tile. On a GPU, where each thread holds at most 8 elements of a row,
+    registers are capped at 80 so that more programs fit on an SM (3 of 8 warps instead of 2
+    at width 2048): the lambda > 0 steps went from 83 % to 92 % of copy on an H100 at width
+    2048 and from 73 % to 83 % on an H200 at width 1024, lambda = 0 gained 0.5 to 4.5 points.
+    With 16 elements a thread (widths 4096 and 8192) the cap spills and costs up to half the
+    rate, so those keep every register (docs/benchmarks/kernel_tuning.md, section 8)."""
     per_thread = width // (32 * row_warps(width))
-    if device.type != "cuda" or not correcting or per_thread > 8:
+    if device.type != "cuda" or per_thread > 8:
         return Schedule(n_tiles)
     return Schedule(n_tiles, max_registers=80)
 
@@ -287,30 +288,39 @@ def _launch(
     table, param, grad, exp_avg, exp_avg_sq, qout, mask_out, mask_in, scalars, coupled,
     decoupled, update, schedule,
 ):  # fmt: skip
-    dev = param.device
-    width = table.width
-    tile = rows_per_tile(width)
-    table_tensor, tiles = device_table(table, str(dev), tile)
-    n_tiles = tiles.shape[0]
-    schedule = schedule or default_schedule(dev, n_tiles, coupled or decoupled, width)
-    if schedule.programs < 1 or schedule.stages < 1 or (schedule.max_registers or 24) < 24:
+    """One kernel launch per tile width of the table (SegmentTable.by_width)."""
+    if schedule is not None and (
+        schedule.programs < 1 or schedule.stages < 1 or (schedule.max_registers or 24) < 24
+    ):
         raise ValueError(
             f"a Schedule needs programs >= 1, stages >= 1, max_registers >= 24, got {schedule}"
         )
-    opts = launch_opts(tile * width)
-    if schedule.max_registers is not None:
-        opts["maxnreg"] = schedule.max_registers
-    _cage_adamw_kernel[(min(schedule.programs, n_tiles),)](
-        param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
-        mask_out.view(torch.uint8) if mask_out is not None else param,
-        mask_in.view(torch.uint8) if mask_in is not None else param,
-        table_tensor, tiles, alpha_table(str(dev)), n_tiles, *scalars, table.block**-0.5,
-        R=tile, N=width, LOG_N=log2_exact(width, "table width"),
-        **tree_opts(width, param.element_size()),
-        LOG_B=log2_exact(table.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
-        MASK_RULE=TRUST if table.mask_rule == "trust" else CLIP,
-        COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None,
-        HAS_MASK=mask_out is not None, HAS_MASK_IN=mask_in is not None, UPDATE=update,
-        ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in table.segments),
-        LOOP=schedule.programs < n_tiles, STAGES=schedule.stages, **opts,
-    )  # fmt: skip
+    dev = param.device
+    for part in _by_width(table):
+        width = part.width
+        tile = rows_per_tile(width)
+        table_tensor, tiles = device_table(part, str(dev), tile)
+        n_tiles = tiles.shape[0]
+        sched = schedule or default_schedule(dev, n_tiles, width)
+        opts = launch_opts(tile * width)
+        if sched.max_registers is not None:
+            opts["maxnreg"] = sched.max_registers
+        _cage_adamw_kernel[(min(sched.programs, n_tiles),)](
+            param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
+            mask_out.view(torch.uint8) if mask_out is not None else param,
+            mask_in.view(torch.uint8) if mask_in is not None else param,
+            table_tensor, tiles, alpha_table(str(dev)), n_tiles, *scalars, part.block**-0.5,
+            R=tile, N=width, LOG_N=log2_exact(width, "table width"),
+            **tree_opts(width, param.element_size()),
+            LOG_B=log2_exact(part.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
+            MASK_RULE=TRUST if part.mask_rule == "trust" else CLIP,
+            COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None,
+            HAS_MASK=mask_out is not None, HAS_MASK_IN=mask_in is not None, UPDATE=update,
+            ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in part.segments),
+            LOOP=sched.programs < n_tiles, STAGES=sched.stages, **opts,
+        )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _by_width(table: SegmentTable) -> tuple[SegmentTable, ...]:
+    return table.by_width()

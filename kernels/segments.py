@@ -133,6 +133,19 @@ class SegmentTable:
         longest = max((s.row_len for s in self.segments), default=1)
         return max(next_pow2(longest), self.block, 8)
 
+    def by_width(self) -> tuple[SegmentTable, ...]:
+        """The table split into tables of one tile width each, narrowest first. A kernel
+        launched per part gives every row the tree order of its own width (sumsq.tree_dims
+        differs between widths, e.g. 4 warps at 1024 and 8 at 2048) and pads no row beyond
+        its own power of two."""
+        parts: dict[int, list[Segment]] = {}
+        for seg in self.segments:
+            width = SegmentTable((seg,), self.block, self.mask_rule).width
+            parts.setdefault(width, []).append(seg)
+        return tuple(
+            SegmentTable(tuple(parts[w]), self.block, self.mask_rule) for w in sorted(parts)
+        )
+
     @property
     def end(self) -> int:
         """One past the last shard element any segment covers."""

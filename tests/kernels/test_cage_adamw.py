@@ -131,19 +131,63 @@ def test_fused_step_matches_twin(gen, dev, monkeypatch, variant, qdtype, rule):
             torch.testing.assert_close(k, t, rtol=16 * 2.0**-24, atol=16 * 2.0**-24 * HP["lr"])
     if exact:
         assert torch.equal(as_bytes(kmask), as_bytes(tmask)), "mask_out differs from the twin"
-    # The quantized copy and its mask are those of q(W H) of the kernel's own new W, exactly
-    # (any platform).
+    assert_copy_is_quest_of(kern[0], kq, kmask, table)
+
+
+def assert_copy_is_quest_of(param, qout, mask_out, table: SegmentTable) -> None:
+    """The quantized copy and its mask are those of q(W H) of the kernel's own new W, row
+    statistics in the tree order of each row's own width, exactly (any platform)."""
     for s in table.segments:
         span = slice(s.shard_start, s.shard_start + s.numel)
-        w = kern[0][span].view(s.n_rows, s.row_len)
-        want = expected_quest(w, s.bits, BLOCK, None, rule) if s.bits else None
-        assert torch.equal(kq[span].view_as(w), (w if want is None else want.values).to(qdtype)), (
+        w = param[span].view(s.n_rows, s.row_len)
+        want = expected_quest(w, s.bits, table.block, None, table.mask_rule) if s.bits else None
+        got = qout[span].view_as(w)
+        assert torch.equal(got, (w if want is None else want.values).to(got.dtype)), (
             f"qout of param {s.param_id}"
         )
         want_mask = torch.ones_like(w, dtype=torch.bool) if want is None else want.mask
-        assert torch.equal(as_bytes(kmask[span].view_as(w)), as_bytes(want_mask)), (
+        assert torch.equal(as_bytes(mask_out[span].view_as(w)), as_bytes(want_mask)), (
             f"mask_out of param {s.param_id}"
         )
+
+
+def test_table_by_width_keeps_every_segment_once():
+    lay = layouts()
+    table = SegmentTable(tuple(shard_segments(lay, 0, lay[-1].start + lay[-1].numel)[0]), BLOCK)
+    parts = table.by_width()
+    widths = [p.width for p in parts]
+    assert widths == sorted(set(widths)) == [64, 256, 512, 1024]
+    for p in parts:
+        assert all(SegmentTable((s,), BLOCK).width == p.width for s in p.segments)
+        assert (p.block, p.mask_rule) == (table.block, table.mask_rule)
+    assert sorted(s.shard_start for p in parts for s in p.segments) == sorted(
+        s.shard_start for s in table.segments
+    )
+    assert {s for p in parts for s in p.segments} == set(table.segments)
+
+
+@pytest.mark.parametrize("variant", ["decoupled", "coupled"])
+def test_rows_of_every_width_keep_their_own_statistics(gen, dev, monkeypatch, variant):
+    """One shard with rows whose tree views differ (sumsq.tree_dims: 4 warps at 1024, 8 at
+    2048): each row's step comes from the tree of its own width, as in the twin and in the
+    per-tensor quantizer, not from the view of the shard's longest row."""
+    params = [(3, 1024, 4, True), (2, 1920, 3, False), (2, 640, 2, True)]
+    lay, at = [], 0
+    for i, (rows, row_len, bits, ste) in enumerate(params):
+        lay.append(ParamLayout(i, at, rows * row_len, row_len, bits, ste))
+        at += rows * row_len
+    table = SegmentTable(tuple(shard_segments(lay, 0, at)[0]), 128)
+    state = stream_state(gen, at)
+    kern = [t.clone().to(dev) for t in state]
+    kq = torch.full((at,), float("nan"), dtype=torch.bfloat16, device=dev)
+    kmask = poisoned_mask(at).to(dev)
+    cage_adamw_shard_triton(*kern, table, qout=kq, mask_out=kmask, variant=variant, **HP)
+    kern = [t.cpu() for t in kern]
+    assert_copy_is_quest_of(kern[0], kq.cpu(), kmask.cpu(), table)
+    twin = [t.clone() for t in state]
+    run_twin_ieee(twin, table, None, None, variant, monkeypatch)
+    if torch_fuses_lerp():
+        assert torch.equal(bits_of(kern[0]), bits_of(twin[0])), "param differs from the twin"
 
 
 @pytest.mark.parametrize("variant", ["decoupled", "coupled"])
@@ -190,11 +234,14 @@ def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
     """Programs that loop over several tiles (with the next tile's loads pipelined when
     stages > 1, registers capped and spilled with max_registers), and the default schedule
     of the device, write exactly what one program per tile writes."""
-    lay = layouts()
-    total = lay[-1].start + lay[-1].numel
-    table = SegmentTable(tuple(shard_segments(lay, 0, total)[0]), BLOCK)
-    n_tiles = table.tiles(rows_per_tile(table.width)).shape[0]
+    tile = rows_per_tile(256)  # two params of one tile width, 5 tiles in all
+    second = (3 * tile + 5) * 256
+    table = SegmentTable((Segment(0, 0, 0, 3 * tile + 5, 256, 4, ste=True),
+                          Segment(1, second, 0, tile - 3, 192, 3)), BLOCK)  # fmt: skip
+    assert len(table.by_width()) == 1
+    n_tiles = table.tiles(tile).shape[0]
     assert schedule is None or n_tiles > schedule.programs  # loops
+    total = table.end
     state = stream_state(gen, total)
     outs = []
     for sched in (Schedule(n_tiles), schedule):
