@@ -234,10 +234,10 @@ def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
     """Programs that loop over several tiles (with the next tile's loads pipelined when
     stages > 1, registers capped and spilled with max_registers), and the default schedule
     of the device, write exactly what one program per tile writes."""
-    tile = rows_per_tile(256)  # two params of one tile width, 5 tiles in all
+    tile = rows_per_tile(256)  # two params of one tile width: >= 6 tiles (interpreter or GPU)
     second = (3 * tile + 5) * 256
     table = SegmentTable((Segment(0, 0, 0, 3 * tile + 5, 256, 4, ste=True),
-                          Segment(1, second, 0, tile - 3, 192, 3)), BLOCK)  # fmt: skip
+                          Segment(1, second, 0, 2 * tile + 1, 192, 3)), BLOCK)  # fmt: skip
     assert len(table.by_width()) == 1
     n_tiles = table.tiles(tile).shape[0]
     assert schedule is None or n_tiles > schedule.programs  # loops
