@@ -2,7 +2,7 @@
 # Every GPU measurement the open kernel work needs, as one command for a lent device:
 # compiled kernel tests, the bandwidth table, and the probe (A/B rows side by side).
 #
-#   OUT=/some/dir bash benchmarks/gpu_session.sh     # ~2.5 min on an H200, compiles included
+#   OUT=/some/dir bash benchmarks/gpu_session.sh     # ~2.3 min on an H100, compiles included
 #
 # Writes $OUT/gpu_kernels.csv, $OUT/gpu_check.txt and $OUT/gpu_probe.txt. The device image
 # has torch and triton but no install of this project, so cage_kernels is put on the path
