@@ -26,6 +26,7 @@ import cage_kernels.dequant_triton as dequant
 import cage_kernels.hadamard_triton as hadamard
 import cage_kernels.pack_triton as pack
 import cage_kernels.quest_triton as quest
+import torch
 import triton
 from cage_kernels.triton_lib import launch_opts, reduction_rows, tree_opts
 from triton.backends.compiler import GPUTarget
@@ -49,13 +50,18 @@ def duplicated_float_ops(kernel) -> int:
     return sum((after - before).values())
 
 
-def compile_one(name: str, fn, types: dict[str, str], consts: dict, tile: int) -> dict:
-    """Compile fn with pointer/scalar types and constexprs; print and return its resource
-    line, static SASS instruction count and duplicated float ops."""
+def compile_one(
+    name: str, fn, types: dict[str, str], consts: dict, tile: int, max_registers: int | None = None
+) -> dict:
+    """Compile fn with pointer/scalar types and constexprs (and ptxas's register cap, where
+    the launcher sets one); print and return its resource line, static SASS instruction
+    count and duplicated float ops."""
     names = fn.arg_names
     signature = {n: ("constexpr" if n in consts else types[n]) for n in names}
     constexprs = {(names.index(k),): v for k, v in consts.items()}
     opts = launch_opts(tile)
+    if max_registers is not None:
+        opts["maxnreg"] = max_registers
     # As on the device, where torch's pointers are 16-byte aligned and Triton specialises
     # integer arguments divisible by 16 (the common shapes): that fixes the access widths.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -131,7 +137,9 @@ def main() -> int:
                      STAGES=stages)  # fmt: skip
             name = f"cage_adamw N={width} coupled={coupled} update={update}"
             name += " mask_in" * mask_in + f" stages={stages}" * (stages > 1)
-            compiled.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width))
+            regs = adamw.default_schedule(torch.device("cuda"), 1, width).max_registers
+            name += f" regs<={regs}" * (regs is not None)
+            compiled.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width, regs))
     spilled = [k for k in compiled if "STACK:0 " not in k["usage"]]
     print(f"{len(compiled)} kernels compiled for sm_90a, {len(spilled)} with a stack frame")
     print("duplicated float ops in:", ", ".join(k["name"] for k in compiled if k["dup"]) or "none")
