@@ -21,7 +21,12 @@ import pytest
 import torch
 from cage_kernels import ops
 from cage_kernels.cage_adamw_ref import cage_adamw_shard_ref, quest_shard_quantize_ref
-from cage_kernels.cage_adamw_triton import Schedule, cage_adamw_shard_triton, rows_per_tile
+from cage_kernels.cage_adamw_triton import (
+    Schedule,
+    cage_adamw_shard_triton,
+    default_schedule,
+    rows_per_tile,
+)
 from cage_kernels.segments import (
     ParamLayout,
     Segment,
@@ -228,19 +233,19 @@ def test_sharded_with_halo_rows_equals_unsharded(gen, dev, variant):
 
 
 @pytest.mark.parametrize(
-    "schedule", [Schedule(2), Schedule(4, stages=2), Schedule(3, stages=2, max_registers=64), None]
+    "schedule", [Schedule(2), Schedule(4, stages=2), Schedule(3, stages=2, max_registers=64)]
 )
 def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
     """Programs that loop over several tiles (with the next tile's loads pipelined when
-    stages > 1, registers capped and spilled with max_registers), and the default schedule
-    of the device, write exactly what one program per tile writes."""
+    stages > 1, registers capped and spilled with max_registers) write exactly what one
+    program per tile writes."""
     tile = rows_per_tile(256)  # two params of one tile width: >= 6 tiles (interpreter or GPU)
     second = (3 * tile + 5) * 256
     table = SegmentTable((Segment(0, 0, 0, 3 * tile + 5, 256, 4, ste=True),
                           Segment(1, second, 0, 2 * tile + 1, 192, 3)), BLOCK)  # fmt: skip
     assert len(table.by_width()) == 1
     n_tiles = table.tiles(tile).shape[0]
-    assert schedule is None or n_tiles > schedule.programs  # loops
+    assert n_tiles > schedule.programs  # loops
     total = table.end
     state = stream_state(gen, total)
     outs = []
@@ -254,6 +259,18 @@ def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
     for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout", "mask_out"),
                           *outs, strict=True):  # fmt: skip
         assert torch.equal(a, b), f"{name} differs under {schedule}"
+
+
+def test_default_schedule_caps_registers_where_a_thread_holds_8_elements():
+    """GPU default: one program per tile, 80 registers where a thread holds <= 8 elements of
+    a row (widths up to 2048), every register above (docs/benchmarks/kernel_tuning.md, 8);
+    the interpreter: one program per tile, no cap."""
+    cuda = torch.device("cuda")  # default_schedule reads only the device type
+    for width in (128, 1024, 2048):
+        assert default_schedule(cuda, 7, width) == Schedule(7, max_registers=80), width
+    for width in (4096, 8192, 16384):
+        assert default_schedule(cuda, 7, width) == Schedule(7), width
+    assert default_schedule(torch.device("cpu"), 7, 2048) == Schedule(7)
 
 
 @pytest.mark.parametrize("impl", ["kernel", "twin"])
