@@ -341,6 +341,8 @@ def test_codes_and_scales_round_trip(gen, bits, block, rows, n):
 )  # fmt: skip
 def test_evaluate_is_values_mask_and_error_of_one_quantization(gen, spec):
     x = rows_with_scales(gen, 5, 96)
+    if spec.method == "quest":  # row 0 rotates to one spike at ~10 RMS: outside any clip
+        x[0] = block_hadamard(96, spec.hadamard_block)[:, 5].float() * 3
     quantizer = Quantizer(spec)
     q = quantizer.evaluate(x)
     assert torch.equal(q.values, quantizer.values(x))
