@@ -1,0 +1,93 @@
+"""Paired comparisons of finished runs: the statistics behind "does CAGE beat QuEST here?".
+
+Two runs are paired when they share the seed (model init and data order) and the run length
+and differ only in the method; for pairs i = 1..n with d_i = loss(CAGE)_i - loss(QuEST)_i:
+
+    mean = sum d_i / n,  sd = sqrt(sum (d_i - mean)^2 / (n - 1)),  t = mean / (sd / sqrt(n))
+
+A difference counts as real only when |mean| > 2 sd / sqrt(n) (|t| > 2, about a 95 % two-sided
+interval for large n; with n = 3 a t of 2 is weak evidence, and the text says so); with a
+single pair there is no sd, so the verdict refers to the seed-to-seed spread measured
+elsewhere, if given. The share of the baseline's gap to full precision that a method
+recovers is (loss(base) - loss(method)) / (loss(base) - loss(FP)) on the means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Summary of paired differences d_i = method_i - base_i (lower loss is better)."""
+
+    n: int
+    mean: float
+    sd: float | None
+    """Sample sd (n - 1); None for a single pair."""
+
+    @property
+    def t(self) -> float | None:
+        """mean / (sd / sqrt(n)); None without an sd, inf when every pair is equal and nonzero."""
+        if self.sd is None:
+            return None
+        if self.sd == 0:
+            return 0.0 if self.mean == 0 else math.copysign(math.inf, self.mean)
+        return self.mean / (self.sd / math.sqrt(self.n))
+
+    def verdict(self, reference_sd: float | None = None) -> str:
+        """One plain sentence: better, worse, or no difference beyond noise.
+
+        ``reference_sd``: the sd of single-pair differences measured in another study at the
+        same setting, used when this comparison has one pair only.
+        """
+        if self.n == 0:
+            return "no paired runs"
+        sd = self.sd if self.sd is not None else reference_sd
+        if sd is None:
+            return (
+                f"one pair (difference {self.mean:+.4f}): one seed cannot separate a method "
+                "from seed noise"
+            )
+        half_width = 2 * sd / math.sqrt(self.n)
+        noise = f"|mean| {abs(self.mean):.4f} vs 2 sd/sqrt(n) = {half_width:.4f}"
+        if self.sd is None:
+            noise += " (sd from the reference study)"
+        if abs(self.mean) <= half_width:
+            return f"no difference beyond noise ({noise})"
+        side = "better (lower loss)" if self.mean < 0 else "worse (higher loss)"
+        return f"{side} beyond noise ({noise})"
+
+
+def paired(method: Sequence[float], base: Sequence[float]) -> Paired:
+    """Paired differences method_i - base_i (equal-length sequences, same seed order)."""
+    if len(method) != len(base):
+        raise ValueError(f"paired: {len(method)} method values vs {len(base)} base values")
+    d = [m - b for m, b in zip(method, base, strict=True)]
+    n = len(d)
+    if n == 0:
+        return Paired(0, math.nan, None)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else None
+    return Paired(n, mean, sd)
+
+
+def gap_recovered(method: float, base: float, full_precision: float) -> float | None:
+    """(base - method) / (base - FP): the share of the base's gap to FP the method closes
+    (1 = FP quality, 0 = no better than base, < 0 = worse); None when there is no gap."""
+    gap = base - full_precision
+    if gap <= 0:
+        return None
+    return (base - method) / gap
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """(mean, sample sd or None for fewer than two values)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, sd
