@@ -1,8 +1,8 @@
 """Accuracy study: paired-seed FP / RTN / QuEST / CAGE runs and the table that says who wins.
 
-    .venv/bin/python benchmarks/accuracy.py configs/studies/tiny_bundled.yaml           # run + report
-    .venv/bin/python benchmarks/accuracy.py configs/studies/tiny_bundled.yaml --report  # report only
-    .venv/bin/python benchmarks/accuracy.py STUDY --quick     # 4 steps, 2 seeds: a smoke test
+    .venv/bin/python benchmarks/accuracy.py configs/studies/tiny_bundled.yaml   # run + report
+    .venv/bin/python benchmarks/accuracy.py STUDY --report   # report of the finished runs only
+    .venv/bin/python benchmarks/accuracy.py STUDY --quick    # 4 steps, 2 seeds: a smoke test
 
 A study file (YAML) names arms (an experiment config + overrides), blocks (a step count, the
 seeds, the arms) and overrides common to every run; see configs/studies/. Every (block, arm,
@@ -95,16 +95,21 @@ class Study:
         for b in self.blocks:
             steps = min(b.steps, QUICK_STEPS) if quick else b.steps
             seeds = b.seeds[:QUICK_SEEDS] if quick else b.seeds
-            cadence = [f"train.eval_every={max(steps // 8, 1)}",
-                       f"train.log_every={max(steps // 20, 1)}"]  # fmt: skip
+            cadence = [
+                f"train.eval_every={max(steps // 8, 1)}",
+                f"train.log_every={max(steps // 20, 1)}",
+            ]
             if quick:
                 cadence.append("data.val_max_blocks=4")
             for seed in seeds:
                 for name in b.arms:
                     arm = self.arms[name]
-                    run = [f"train.steps={steps}", f"train.seed={seed}",
-                           f"train.run_name={name}-{steps}steps-seed{seed}",
-                           f"train.output_dir={self.output_dir(quick) / 'runs'}"]  # fmt: skip
+                    run = [
+                        f"train.steps={steps}",
+                        f"train.seed={seed}",
+                        f"train.run_name={name}-{steps}steps-seed{seed}",
+                        f"train.output_dir={self.output_dir(quick) / 'runs'}",
+                    ]
                     overrides = (*self.common, *cadence, *arm.overrides, *run)
                     spec = RunSpec(b.name, name, seed, steps, arm.config, overrides)
                     if spec.key not in {s.key for s in out}:
@@ -149,8 +154,15 @@ def load_study(path: str | Path) -> Study:
     if fp_arm is not None and fp_arm not in arms:
         _fail(f"{path}: fp_arm {fp_arm!r} is not an arm")
     output = Path(raw.get("output", f"runs/accuracy/{path.stem}"))
-    return Study(raw.get("name", path.stem), output if output.is_absolute() else REPO / output,
-                 fp_arm, tuple(raw.get("common", ())), arms, blocks, raw.get("notes", ""))  # fmt: skip
+    return Study(
+        raw.get("name", path.stem),
+        output if output.is_absolute() else REPO / output,
+        fp_arm,
+        tuple(raw.get("common", ())),
+        arms,
+        blocks,
+        raw.get("notes", ""),
+    )
 
 
 # ---------------------------------------------------------------- running
@@ -211,16 +223,25 @@ def run_one(spec: RunSpec, out: Path, tracking: list[str]) -> dict[str, Any]:
     params = preset_parameter_counts(cfg.model)["non_embedding"]
     tokens = total_steps(cfg) * cfg.train.global_batch_size * cfg.data.seq_len
     return {
-        "key": spec.key, "block": spec.block, "arm": spec.arm, "seed": spec.seed,
-        "steps": result.steps, "method": result.method, "quant": result.quant,
-        "val_loss": result.val_loss, "train_loss": result.train_loss,
-        "quant_rel_error": result.quant_rel_error, "tokens": tokens,
-        "tokens_per_param": tokens / params, "step_time_s": _step_time(cfg.run_dir),
-        "wall_s": time.time() - t0, "run_dir": str(cfg.run_dir),
+        "key": spec.key,
+        "block": spec.block,
+        "arm": spec.arm,
+        "seed": spec.seed,
+        "steps": result.steps,
+        "method": result.method,
+        "quant": result.quant,
+        "val_loss": result.val_loss,
+        "train_loss": result.train_loss,
+        "quant_rel_error": result.quant_rel_error,
+        "tokens": tokens,
+        "tokens_per_param": tokens / params,
+        "step_time_s": _step_time(cfg.run_dir),
+        "wall_s": time.time() - t0,
+        "run_dir": str(cfg.run_dir),
         "val_history": result.history["val/loss"],
         "quant_history": _quant_history(cfg.run_dir),
         "cage_lambda": cfg.optim.cage_lambda,
-    }  # fmt: skip
+    }
 
 
 def worker(study: Study, quick: bool, index: int, jobs: int, tracking: list[str]) -> None:
@@ -240,8 +261,12 @@ def worker(study: Study, quick: bool, index: int, jobs: int, tracking: list[str]
 
 def tracking_overrides(study: Study, out: Path, uri: str | None) -> list[str]:
     uri = uri or f"sqlite:///{out / 'mlflow.db'}"
-    return ["tracking.enabled=true", f"tracking.tracking_uri={uri}",
-            f"tracking.experiment=accuracy-{study.name}", "tracking.system_metrics=false"]  # fmt: skip
+    return [
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={uri}",
+        f"tracking.experiment=accuracy-{study.name}",
+        "tracking.system_metrics=false",
+    ]
 
 
 def run_study(study: Study, study_path: Path, quick: bool, jobs: int, uri: str | None) -> None:
@@ -254,9 +279,12 @@ def run_study(study: Study, study_path: Path, quick: bool, jobs: int, uri: str |
         return
     jobs = max(1, min(jobs, len(pending)))
     _create_experiment(study, out, uri)  # once, before workers race to create the store
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("CAGE_STUDY_THREADS", "1"),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("CAGE_STUDY_THREADS", "1"),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # every worker is its own single-rank job
     procs = []
@@ -294,9 +322,13 @@ def block_table(study: Study, block: Block, records: Sequence[dict[str, Any]]) -
     fp_time = mean_sd([r["step_time_s"] for r in fp.values()])[0] if fp else None
     steps = next(iter(records))["steps"]
     tpp = next(iter(records))["tokens_per_param"]
-    lines = [f"### {block.name}: {steps} steps, {tpp:.2f} tokens per non-embedding parameter",
-             "", "| arm | n | val loss (sd) | rel. error | step time / FP | vs | paired diff "
-             "(sd) | t | gap to FP recovered | verdict |", "|" + "---|" * 10]  # fmt: skip
+    lines = [
+        f"### {block.name}: {steps} steps, {tpp:.2f} tokens per non-embedding parameter",
+        "",
+        "| arm | n | val loss (sd) | rel. error | step time / FP | vs | paired diff "
+        "(sd) | t | gap to FP recovered | verdict |",
+        "|" + "---|" * 10,
+    ]
     for name in block.arms:
         runs = by_arm.get(name, {})
         if not runs:
@@ -305,7 +337,8 @@ def block_table(study: Study, block: Block, records: Sequence[dict[str, Any]]) -
         loss, sd = mean_sd([r["val_loss"] for r in runs.values()])
         errs = [r["quant_rel_error"] for r in runs.values() if r["quant_rel_error"] is not None]
         err = mean_sd(errs)[0] if errs else None
-        time_ratio = mean_sd([r["step_time_s"] for r in runs.values()])[0] / fp_time if fp_time else None
+        step_time = mean_sd([r["step_time_s"] for r in runs.values()])[0]
+        time_ratio = step_time / fp_time if fp_time else None
         arm = study.arms[name]
         cells = [name, str(len(runs)), f"{loss:.4f} ({_fmt(sd)})", _fmt(err), _fmt(time_ratio, 2)]
         base = by_arm.get(arm.vs or "", {})
@@ -316,8 +349,13 @@ def block_table(study: Study, block: Block, records: Sequence[dict[str, Any]]) -
             arm_loss = mean_sd([runs[s]["val_loss"] for s in seeds])[0]
             gap = gap_recovered(arm_loss, base_loss, fp_loss) if fp_loss is not None else None
             t = p.t
-            cells += [arm.vs, f"{p.mean:+.4f} ({_fmt(p.sd)})", "-" if t is None else f"{t:+.1f}",
-                      "-" if gap is None else f"{100 * gap:+.0f} %", p.verdict()]  # fmt: skip
+            cells += [
+                arm.vs,
+                f"{p.mean:+.4f} ({_fmt(p.sd)})",
+                "-" if t is None else f"{t:+.1f}",
+                "-" if gap is None else f"{100 * gap:+.0f} %",
+                p.verdict(),
+            ]
         else:
             cells += ["-"] * 5
         lines.append("| " + " | ".join(cells) + " |")
@@ -342,11 +380,17 @@ def plot_block(block: Block, records: Sequence[dict[str, Any]], path: Path) -> P
                         series[step].append(value)
                 if series:
                     steps = sorted(series)
-                    ax.plot(steps, [sum(series[s]) / len(series[s]) for s in steps],
-                            label=f"{name} (n={len(runs)})")  # fmt: skip
+                    ax.plot(
+                        steps,
+                        [sum(series[s]) / len(series[s]) for s in steps],
+                        label=f"{name} (n={len(runs)})",
+                    )
         ax_loss.set(xlabel="step", ylabel="validation loss", title=f"{block.name}: val loss")
-        ax_err.set(xlabel="step", ylabel="||W - Q(W)|| / ||W||",
-                   title=f"{block.name}: latent quantization error")  # fmt: skip
+        ax_err.set(
+            xlabel="step",
+            ylabel="||W - Q(W)|| / ||W||",
+            title=f"{block.name}: latent quantization error",
+        )
         for ax in (ax_loss, ax_err):
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
@@ -368,8 +412,11 @@ def report(study: Study, quick: bool, uri: str | None) -> str:
     for block in study.blocks:
         steps = min(block.steps, QUICK_STEPS) if quick else block.steps
         seeds = block.seeds[:QUICK_SEEDS] if quick else block.seeds
-        rs = [r for r in records
-              if r["steps"] == steps and r["arm"] in block.arms and r["seed"] in seeds]  # fmt: skip
+        rs = [
+            r
+            for r in records
+            if r["steps"] == steps and r["arm"] in block.arms and r["seed"] in seeds
+        ]
         if not rs:
             lines += [f"### {block.name}: pending", ""]
             continue
