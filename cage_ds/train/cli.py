@@ -3,6 +3,8 @@
     cage-train --config configs/experiments/cage_w4a4.yaml train.steps=300 optim.lr=3e-3
     cage-train --config ... --check --world-size 2     # validate only (launch scripts)
     cage-train --config a.yaml --config b.yaml ...     # several runs, one comparison table
+    cage-train --config quest_w4a4.yaml --config cage_w4a4.yaml cage_w4a4:optim.cage_lambda=20
+                                                       # an override for one config only
     deepspeed --num_accelerators 2 --module cage_ds.train --config ...
 
 Prints each resolved config on rank 0, trains, and ends with the validation table. Every
@@ -48,9 +50,40 @@ def _parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="section.field=value",
-        help="config overrides applied to every config, e.g. train.steps=100 quant.preset=w3a3",
+        help="config overrides applied to every config, e.g. train.steps=100 quant.preset=w3a3; "
+        "prefix one with a config file's name to apply it to that config only, e.g. "
+        "cage_w4a4:optim.cage_lambda=20",
     )
     return p
+
+
+def split_overrides(
+    overrides: Sequence[str], config_paths: Sequence[str | None]
+) -> list[list[str]]:
+    """Per config, the overrides that apply to it: unscoped ones to every config, a scoped
+    ``NAME:section.field=value`` (NAME = a config file's stem, the scope sits before the first
+    '=') to that config only. ConfigError for a scope that names no config (or several)."""
+    from pathlib import Path
+
+    from .config import ConfigError
+
+    stems = [Path(p).stem if p is not None else None for p in config_paths]
+    per_config: list[list[str]] = [[] for _ in config_paths]
+    for text in overrides:
+        key = text.partition("=")[0]
+        scope, sep, _ = key.partition(":")
+        if not sep:
+            for bucket in per_config:
+                bucket.append(text)
+            continue
+        matches = [i for i, stem in enumerate(stems) if stem == scope]
+        if len(matches) != 1:
+            raise ConfigError(
+                f"override {text!r}: the scope {scope!r} must name exactly one --config file by "
+                f"its name without suffix; the configs are {[s for s in stems if s]}"
+            )
+        per_config[matches[0]].append(text[len(scope) + 1 :])
+    return per_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,14 +91,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     from .config import ConfigError, load_config, validate
+    from .recipe import resolve_cage_lambda, total_steps
 
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    paths = args.config or [None]
     try:
-        cfgs = [load_config(path, args.overrides) for path in args.config or [None]]
+        per_config = split_overrides(args.overrides, paths)
+        cfgs = [load_config(path, ovr) for path, ovr in zip(paths, per_config, strict=True)]
         for cfg in cfgs:
             validate(cfg, world)
+            resolve_cage_lambda(cfg, total_steps(cfg))
         names = [cfg.run_name for cfg in cfgs]
         if len(set(names)) != len(names):
             raise ConfigError(f"run names must differ between the configs, got {names}")
@@ -108,8 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_config(cfg, world: int, yaml) -> None:
+    from .recipe import resolve_cage_lambda, total_steps
+
+    steps = total_steps(cfg)
     print(f"# resolved config ({cfg.run_name}, world size {world})")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    if cfg.optim.uses_cage:
+        print(f"# CAGE lambda for this run ({steps} steps): {resolve_cage_lambda(cfg, steps):.6g}")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip (DeepSpeed gradient_clipping); 0 disables."""
     cage_lambda: float = 0.0
-    """CAGE strength lambda; 0 = plain STE (FP, RTN and QuEST baselines)."""
+    """CAGE lambda; 0 = plain STE (FP, RTN and QuEST baselines). Leave 0 when cage_strength
+    is set."""
+    cage_strength: float | None = None
+    """If set, lambda is derived for the run: the lambda whose schedule (silence, shape) on this
+    run's lr schedule gives S = sum_t lr_t lambda_t = cage_strength (cage_ds.optim.schedule), so
+    the recipe carries over between run lengths."""
     cage_silence: float = 0.8
     """Fraction of training before the correction starts."""
     cage_schedule: str = "linear_ramp"
@@ -212,6 +217,22 @@ class OptimConfig:
             check_schedule(self.cage_lambda, self.cage_silence, self.cage_schedule, 1)
         except ValueError as err:
             raise ConfigError(f"optim: {err}") from None
+        if self.cage_strength is not None:
+            if not math.isfinite(self.cage_strength) or self.cage_strength < 0:
+                raise ConfigError(
+                    f"optim.cage_strength must be a finite number >= 0, got {self.cage_strength!r}"
+                )
+            if self.cage_lambda > 0:
+                raise ConfigError(
+                    f"optim.cage_lambda={self.cage_lambda} and optim.cage_strength="
+                    f"{self.cage_strength} are both set: set optim.cage_lambda=0 to derive lambda "
+                    "from the strength, or optim.cage_strength=null to use the raw lambda"
+                )
+
+    @property
+    def uses_cage(self) -> bool:
+        """Whether the CAGE correction is on (a lambda or a strength above 0)."""
+        return self.cage_lambda > 0 or bool(self.cage_strength)
 
 
 @dataclass
@@ -395,7 +416,7 @@ class Config:
         """fp (no quantization), cage (lambda > 0), else the quantizer: quest or rtn."""
         if not self.quant.enabled:
             return "fp"
-        return "cage" if self.optim.cage_lambda > 0 else self.quant.method
+        return "cage" if self.optim.uses_cage else self.quant.method
 
     @property
     def run_dir(self) -> Path:
@@ -707,9 +728,10 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"deepspeed.config={str(ds_path)!r} is not valid JSON: {err}") from None
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     weight = cfg.quant.to_quant_config().weight if cfg.quant.enabled else None
-    if stage > 0 and weight is not None and weight.method == "rtn" and cfg.optim.cage_lambda > 0:
+    if stage > 0 and weight is not None and weight.method == "rtn" and cfg.optim.uses_cage:
         raise ConfigError(
-            f"optim.cage_lambda={cfg.optim.cage_lambda} with quant.method='rtn' under ZeRO "
+            f"optim.cage_lambda={cfg.optim.cage_lambda} (cage_strength="
+            f"{cfg.optim.cage_strength}) with quant.method='rtn' under ZeRO "
             f"stage {stage}: the sharded CAGE correction supports QuEST weights only; use "
             "quant.method=quest, optim.cage_lambda=0 (RTN-STE) or deepspeed.stage=0"
         )

@@ -2,9 +2,8 @@
 
 One optimizer step = the rank's micro-batches of TrainBatches.next_step() through
 engine.forward/backward/step (DeepSpeed accumulates over gradient_accumulation_steps and
-clips at the boundary). The learning rate follows linear warmup then cosine decay:
-lr_t = lr * t / W for t <= W, else lr * (m + (1 - m) (1 + cos(pi (t - W) / (T - W))) / 2),
-t = 1-based step, W = ceil(warmup_fraction T), m = min_lr_ratio.
+clips at the boundary). The learning rate (warmup then cosine) and the CAGE
+lambda (raw or from optim.cage_strength) come from cage_ds.train.recipe.
 
 Per-step record: rank 0 appends every logged metric dict to <run_dir>/metrics.jsonl as one
 JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), flushed before the
@@ -30,9 +29,10 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, validate
-from .data import TextData, build_data, steps_for_tokens
+from .data import TextData, build_data
 from .evaluate import evaluate
-from .model import build_model, parameter_counts, preset_parameter_counts, zero_stage
+from .model import build_model, parameter_counts, zero_stage
+from .recipe import resolve_cage_lambda, total_steps, warmup_cosine
 
 METRICS_LOG = "metrics.jsonl"
 """Per-step metrics of a run, under its run_dir (see the module docstring)."""
@@ -63,15 +63,6 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def warmup_cosine(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
-    """lr multiplier of the 1-based step (module docstring)."""
-    warmup = math.ceil(warmup_fraction * total)
-    if step <= warmup:
-        return step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def deepspeed_config(cfg: Config, world: int, on_cuda: bool) -> dict[str, Any]:
     """The JSON of cfg.deepspeed with batch, accumulation and clipping filled from cfg; a
     conflicting value already in the file is an error naming both."""
@@ -98,16 +89,6 @@ def deepspeed_config(cfg: Config, world: int, on_cuda: bool) -> dict[str, Any]:
     return {**ds, **filled}
 
 
-def total_steps(cfg: Config) -> int:
-    """train.steps, or the steps that give tokens_per_param tokens per non-embedding parameter."""
-    if cfg.train.tokens_per_param is None:
-        return cfg.train.steps
-    params = preset_parameter_counts(cfg.model)["non_embedding"]
-    return steps_for_tokens(
-        cfg.train.tokens_per_param * params, cfg.train.global_batch_size, cfg.data.seq_len
-    )
-
-
 def uses_cage_zero(cfg: Config, stage: int) -> bool:
     """Whether the engine comes from cage_ds.zero.initialize: QuEST-quantized weights under
     ZeRO 1/2/3 (the sharded quantize-before-gather path). Otherwise deepspeed.initialize
@@ -128,7 +109,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, stage: int)
 
     o = cfg.optim
     cage = {
-        "cage_lambda": o.cage_lambda,
+        "cage_lambda": resolve_cage_lambda(cfg, steps),
         "cage_silence": o.cage_silence,
         "cage_schedule": o.cage_schedule,
         "cage_variant": o.cage_variant,
@@ -430,6 +411,7 @@ class Trainer:
                 "initializer": self.initializer,
                 "params_total": self.params["total"],
                 "params_non_embedding": self.params["non_embedding"],
+                "cage_lambda_resolved": resolve_cage_lambda(self.cfg, self.steps),
             }
         )
         self.tracker.log_artifact(d / "config.yaml")
