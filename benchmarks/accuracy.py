@@ -13,7 +13,8 @@ differ only in the method see the same data in the same order). Runs execute in-
 stopped (an unfinished run restarts from scratch). Every run is tracked in MLflow
 (``<out>/mlflow.db`` unless ``--tracking-uri``); the report is logged as one more run.
 
-The report (``<out>/report.md``, printed): per block and arm the mean final validation loss
+The report (``<out>/report.md``, printed; the pairs also in ``<out>/summary.json``, which
+``cage-train --reference`` reads): per block and arm the mean final validation loss
 (sd over seeds), ||W - Q(W)|| / ||W||, tokens per non-embedding parameter, the step-time
 ratio to FP (runs share the machine, so ratios are indicative), and for every arm with a
 ``vs:`` baseline the paired differences (cage_ds.train.report) with their verdict and the share of
@@ -310,8 +311,11 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def block_table(study: Study, block: Block, records: Sequence[dict[str, Any]]) -> list[str]:
-    """Markdown lines of one block: per arm means, and paired differences vs its baseline."""
+def block_table(
+    study: Study, block: Block, records: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Markdown lines of one block (per arm means, paired differences vs its baseline) and
+    the summary.json entries of its pairs."""
     from cage_ds.train.report import gap_recovered, mean_sd, paired
 
     by_arm: dict[str, dict[int, dict]] = defaultdict(dict)
@@ -329,6 +333,7 @@ def block_table(study: Study, block: Block, records: Sequence[dict[str, Any]]) -
         "(sd) | t | gap to FP recovered | verdict |",
         "|" + "---|" * 10,
     ]
+    entries: list[dict[str, Any]] = []
     for name in block.arms:
         runs = by_arm.get(name, {})
         if not runs:
@@ -349,6 +354,14 @@ def block_table(study: Study, block: Block, records: Sequence[dict[str, Any]]) -
             arm_loss = mean_sd([runs[s]["val_loss"] for s in seeds])[0]
             gap = gap_recovered(arm_loss, base_loss, fp_loss) if fp_loss is not None else None
             t = p.t
+            entries.append({
+                "block": block.name, "steps": steps, "tokens_per_param": tpp, "arm": name,
+                "config": str(arm.config.relative_to(REPO)), "overrides": list(arm.overrides),
+                "vs": arm.vs, "vs_config": str(study.arms[arm.vs].config.relative_to(REPO)),
+                "vs_overrides": list(study.arms[arm.vs].overrides), "seeds": seeds,
+                "n": p.n, "mean": p.mean, "sd": p.sd, "t": t, "gap_recovered": gap,
+                "verdict": p.verdict(),
+            })  # fmt: skip
             cells += [
                 arm.vs,
                 f"{p.mean:+.4f} ({_fmt(p.sd)})",
@@ -359,7 +372,7 @@ def block_table(study: Study, block: Block, records: Sequence[dict[str, Any]]) -
         else:
             cells += ["-"] * 5
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines, entries
 
 
 def plot_block(block: Block, records: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -408,7 +421,7 @@ def report(study: Study, quick: bool, uri: str | None) -> str:
     lines = [f"# Accuracy study `{study.name}`{' (quick)' if quick else ''}", ""]
     if study.notes:
         lines += [study.notes.strip(), ""]
-    plots = []
+    plots, summary = [], []
     for block in study.blocks:
         steps = min(block.steps, QUICK_STEPS) if quick else block.steps
         seeds = block.seeds[:QUICK_SEEDS] if quick else block.seeds
@@ -420,12 +433,15 @@ def report(study: Study, quick: bool, uri: str | None) -> str:
         if not rs:
             lines += [f"### {block.name}: pending", ""]
             continue
-        lines += [*block_table(study, block, rs), ""]
+        table, entries = block_table(study, block, rs)
+        lines += [*table, ""]
+        summary += entries
         plots.append(plot_block(block, rs, out / f"{block.name}.png"))
         lines += [f"![{block.name}]({block.name}.png)", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text + "\n")
-    _log_report(study, out, uri, [out / "report.md", *plots])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _log_report(study, out, uri, [out / "report.md", out / "summary.json", *plots])
     return text
 
 

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="ranks to validate for (default: $WORLD_SIZE or 1)",
     )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="an accuracy study's summary.json (benchmarks/accuracy.py): a single CAGE/QuEST "
+        "pair is judged against the seed-to-seed spread the study measured at that length",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "overrides",
@@ -63,8 +70,6 @@ def split_overrides(
     """Per config, the overrides that apply to it: unscoped ones to every config, a scoped
     ``NAME:section.field=value`` (NAME = a config file's stem, the scope sits before the first
     '=') to that config only. ConfigError for a scope that names no config (or several)."""
-    from pathlib import Path
-
     from .config import ConfigError
 
     stems = [Path(p).stem if p is not None else None for p in config_paths]
@@ -120,13 +125,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch 2.13 deprecates the c10d name DeepSpeed 0.19.8 still calls every step.
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
     from .loop import train
+    from .report import paired_report
     from .tracking import format_eval_table
 
-    rows = []
-    for cfg in cfgs:
+    rows, runs = [], []
+    for path, cfg in zip(paths, cfgs, strict=True):
         if rank == 0:
             _print_config(cfg, world, yaml)
-        rows.append(train(cfg).row())
+        result = train(cfg)
+        rows.append(result.row())
+        name = Path(path).stem if path is not None else cfg.run_name
+        runs.append(
+            {"name": name, "method": result.method, "quant": result.quant,
+             "steps": result.steps, "seed": result.seed, "val_loss": result.val_loss}
+        )  # fmt: skip
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -134,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         print("\nvalidation:")
         print(format_eval_table(rows))
+        if pairs := paired_report(runs, args.reference):
+            print("\npaired comparison (same seed: same initialization and data order):")
+            print(pairs)
         print("run folders: " + " ".join(str(cfg.run_dir) for cfg in cfgs))
         if any(cfg.tracking.enabled for cfg in cfgs):
             from .tracking import default_tracking_uri

@@ -173,6 +173,7 @@ class RunResult:
     quant_rel_error: float | None
     tokens: int
     time_s: float
+    seed: int = 0
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
@@ -391,6 +392,7 @@ class Trainer:
             quant_rel_error=quant_err,
             tokens=(self.steps - start) * cfg.train.global_batch_size * cfg.data.seq_len,
             time_s=time.perf_counter() - t0,
+            seed=cfg.train.seed,
             history=history,
         )
         if rank0:

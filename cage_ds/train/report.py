@@ -14,9 +14,12 @@ recovers is (loss(base) - loss(method)) / (loss(base) - loss(FP)) on the means.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,57 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return mean, sd
+
+
+# ---------------------------------------------------------------- runs of one cage-train launch
+
+
+def pair_runs(runs: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping, Mapping]]:
+    """(CAGE run, QuEST run) pairs among ``runs`` (dicts with name, method, quant, steps, seed,
+    val_loss): same quant preset, steps and seed, the second with method 'quest'."""
+    pairs = []
+    for cage in (r for r in runs if r["method"] == "cage"):
+        for base in runs:
+            same = all(base[k] == cage[k] for k in ("quant", "steps", "seed"))
+            if same and base["method"] == "quest":
+                pairs.append((cage, base))
+    return pairs
+
+
+def find_reference(
+    summary: Sequence[Mapping[str, Any]], config: str, base_config: str, steps: int
+) -> Mapping[str, Any] | None:
+    """The study summary entry (benchmarks/accuracy.py writes summary.json) that paired the
+    experiment config ``config`` (file name without suffix, no overrides) with ``base_config``
+    at ``steps`` steps, or None."""
+    for entry in summary:
+        if (
+            Path(entry["config"]).stem == config
+            and Path(entry["vs_config"]).stem == base_config
+            and not entry["overrides"]
+            and entry["steps"] == steps
+            and entry["n"] >= 2
+        ):
+            return entry
+    return None
+
+
+def paired_report(runs: Sequence[Mapping[str, Any]], reference: str | Path | None = None) -> str:
+    """Text lines for every CAGE/QuEST pair in ``runs``: the measured difference and a verdict;
+    a single pair borrows the seed-to-seed sd of the matching entry of a study summary."""
+    summary = json.loads(Path(reference).read_text()) if reference else []
+    lines = []
+    for cage, base in pair_runs(runs):
+        d = paired([cage["val_loss"]], [base["val_loss"]])
+        lines.append(
+            f"  {cage['name']} - {base['name']} ({cage['quant']}, seed {cage['seed']}, "
+            f"{cage['steps']} steps): val loss {d.mean:+.4f}"
+        )
+        ref = find_reference(summary, cage["name"], base["name"], cage["steps"])
+        if ref is not None:
+            lines.append(
+                f"    study {reference}: {ref['n']} seeds at {ref['steps']} steps, mean "
+                f"{ref['mean']:+.4f}, sd {ref['sd']:.4f} ({ref['verdict']})"
+            )
+        lines.append(f"    this run: {d.verdict(None if ref is None else ref['sd'])}")
+    return "\n".join(lines)
