@@ -446,10 +446,14 @@ def report(study: Study, quick: bool, uri: str | None) -> str:
 
 
 def _create_experiment(study: Study, out: Path, uri: str | None) -> None:
+    """The study's MLflow experiment, its artifacts under <out>/mlartifacts (not ./mlruns)."""
     import mlflow
 
     mlflow.set_tracking_uri(uri or f"sqlite:///{out / 'mlflow.db'}")
-    mlflow.set_experiment(f"accuracy-{study.name}")
+    name = f"accuracy-{study.name}"
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(out / "mlartifacts").as_uri())
+    mlflow.set_experiment(name)
 
 
 def _log_report(study: Study, out: Path, uri: str | None, files: Sequence[Path]) -> None:
