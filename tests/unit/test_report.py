@@ -1,0 +1,68 @@
+"""Paired comparisons: the statistics (against a hand computation), the verdicts, the share of
+the gap recovered, and how a launch's runs are paired and judged against a study summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from cage_ds.train.report import gap_recovered, paired, paired_report
+
+
+def test_paired_statistics_match_a_hand_computation():
+    rng = random.Random(11)
+    base = [rng.uniform(3, 5) for _ in range(5)]
+    diffs = [rng.gauss(-0.01, 0.004) for _ in range(5)]
+    p = paired([b + d for b, d in zip(base, diffs, strict=True)], base)
+    mean = sum(diffs) / 5
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4)
+    assert (p.n, p.mean, p.sd) == (5, pytest.approx(mean), pytest.approx(sd))
+    assert p.t == pytest.approx(mean / (sd / math.sqrt(5)))
+
+
+def test_verdicts_separate_signal_from_noise():
+    assert paired([1.0, 2.0, 3.0], [1.02, 2.021, 3.019]).verdict().startswith("better")
+    assert paired([1.02, 2.021, 3.019], [1.0, 2.0, 3.0]).verdict().startswith("worse")
+    assert paired([1.001, 1.999, 3.0], [1.0, 2.0, 3.0]).verdict().startswith("no difference")
+    one = paired([1.003], [1.0])
+    assert one.sd is None and one.t is None
+    assert "cannot separate" in one.verdict()
+    assert one.verdict(reference_sd=0.01).startswith("no difference")
+    assert one.verdict(reference_sd=0.001).startswith("worse")
+    with pytest.raises(ValueError, match="2 method values vs 1 base"):
+        paired([1.0, 2.0], [1.0])
+
+
+def test_gap_recovered():
+    assert gap_recovered(3.38, 3.39, 3.36) == pytest.approx(1 / 3)
+    assert gap_recovered(3.40, 3.39, 3.36) == pytest.approx(-1 / 3)
+    assert gap_recovered(3.30, 3.35, 3.36) is None  # no gap to recover
+
+
+def run(name, method, loss, seed=0, quant="w4a4", steps=80):
+    return {"name": name, "method": method, "quant": quant, "steps": steps, "seed": seed,
+            "val_loss": loss}  # fmt: skip
+
+
+def test_a_launch_pairs_cage_with_quest_of_the_same_bits_seed_and_length(tmp_path):
+    runs = [run("fp", "fp", 5.0), run("quest_w4a4", "quest", 5.05), run("cage_w4a4", "cage", 5.049),
+            run("quest_w3a3", "quest", 5.1, quant="w3a3")]  # fmt: skip
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps([
+        {"config": "configs/experiments/cage_w4a4.yaml", "vs_config":
+         "configs/experiments/quest_w4a4.yaml", "overrides": [], "steps": 80, "n": 3,
+         "mean": 0.0004, "sd": 0.002, "verdict": "no difference beyond noise"},
+        {"config": "configs/experiments/cage_w4a4.yaml", "vs_config":
+         "configs/experiments/quest_w4a4.yaml", "overrides": [], "steps": 800, "n": 3,
+         "mean": -0.01, "sd": 0.0001, "verdict": "better"},
+    ]))  # fmt: skip
+    text = paired_report(runs, summary)
+    assert "cage_w4a4 - quest_w4a4 (w4a4, seed 0, 80 steps): val loss -0.0010" in text
+    assert "3 seeds at 80 steps, mean +0.0004, sd 0.0020" in text
+    assert "this run: no difference beyond noise" in text and "quest_w3a3" not in text
+    alone = paired_report(runs)
+    assert "cannot separate" in alone and "study" not in alone
+    assert paired_report([run("fp", "fp", 5.0), run("quest_w4a4", "quest", 5.05)]) == ""
