@@ -40,6 +40,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_STEPS, QUICK_SEEDS = 4, 2
+HF_EXPORT = "hf"
+"""Folder in a run dir where a run that another block fine-tunes saves its model
+(save_pretrained of the trained full-precision model)."""
+PARENT_WAIT_S = 3600
 STEP_TIME_SKIP = 3
 """Steps excluded from the mean step time (warm-up of allocator and caches)."""
 
@@ -56,12 +60,15 @@ class Arm:
 
 @dataclass(frozen=True)
 class Block:
-    """Arms trained for the same number of steps on the same seeds."""
+    """Arms trained for the same number of steps on the same seeds; with ``init_from``
+    (arm, steps), each run fine-tunes the finished run of that arm and length on its seed
+    (QAT fine-tuning from a trained checkpoint) instead of starting from scratch."""
 
     name: str
     steps: int
     seeds: tuple[int, ...]
     arms: tuple[str, ...]
+    init_from: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,11 +79,14 @@ class RunSpec:
     steps: int
     config: Path
     overrides: tuple[str, ...]
+    parent: str | None = None
+    """Key of the run this one fine-tunes (its HF export is model.pretrained)."""
 
     @property
     def key(self) -> str:
         """The run's identity: blocks with the same step count share their arms' runs."""
-        return f"{self.arm}-{self.steps}steps-seed{self.seed}"
+        start = f"-from-{self.parent}" if self.parent else ""
+        return f"{self.arm}-{self.steps}steps-seed{self.seed}{start}"
 
 
 @dataclass
@@ -91,30 +101,38 @@ class Study:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def runs(self, quick: bool = False) -> list[RunSpec]:
-        """Every run of the study, block by block, seed-major (pairs finish together)."""
-        out = []
+        """Every run of the study once, block by block, seed-major (pairs finish together)."""
+        out: dict[str, RunSpec] = {}
         for b in self.blocks:
-            steps = min(b.steps, QUICK_STEPS) if quick else b.steps
-            seeds = b.seeds[:QUICK_SEEDS] if quick else b.seeds
-            cadence = [
-                f"train.eval_every={max(steps // 8, 1)}",
-                f"train.log_every={max(steps // 20, 1)}",
-            ]
-            if quick:
-                cadence.append("data.val_max_blocks=4")
-            for seed in seeds:
-                for name in b.arms:
-                    arm = self.arms[name]
-                    run = [
-                        f"train.steps={steps}",
-                        f"train.seed={seed}",
-                        f"train.run_name={name}-{steps}steps-seed{seed}",
-                        f"train.output_dir={self.output_dir(quick) / 'runs'}",
-                    ]
-                    overrides = (*self.common, *cadence, *arm.overrides, *run)
-                    spec = RunSpec(b.name, name, seed, steps, arm.config, overrides)
-                    if spec.key not in {s.key for s in out}:
-                        out.append(spec)
+            for spec in self.block_runs(b, quick):
+                out.setdefault(spec.key, spec)
+        return list(out.values())
+
+    def block_runs(self, b: Block, quick: bool = False) -> list[RunSpec]:
+        """The runs of one block (a run of the same arm, length and seed in another block is
+        the same run: same key, same overrides)."""
+        steps = min(b.steps, QUICK_STEPS) if quick else b.steps
+        seeds = b.seeds[:QUICK_SEEDS] if quick else b.seeds
+        cadence = [f"train.eval_every={max(steps // 8, 1)}",
+                   f"train.log_every={max(steps // 20, 1)}"]  # fmt: skip
+        if quick:
+            cadence.append("data.val_max_blocks=4")
+        runs_dir = self.output_dir(quick) / "runs"
+        out = []
+        for seed in seeds:
+            parent, start = None, []
+            if b.init_from is not None:
+                parent_arm, parent_steps = b.init_from
+                parent_steps = min(parent_steps, QUICK_STEPS) if quick else parent_steps
+                parent = f"{parent_arm}-{parent_steps}steps-seed{seed}"
+                start = [f"model.pretrained={runs_dir / parent / HF_EXPORT}"]
+            for name in b.arms:
+                arm = self.arms[name]
+                key = RunSpec(b.name, name, seed, steps, arm.config, (), parent).key
+                run = [f"train.steps={steps}", f"train.seed={seed}", f"train.run_name={key}",
+                       f"train.output_dir={runs_dir}"]  # fmt: skip
+                overrides = (*self.common, *cadence, *arm.overrides, *start, *run)
+                out.append(RunSpec(b.name, name, seed, steps, arm.config, overrides, parent))
         return out
 
     def output_dir(self, quick: bool) -> Path:
@@ -145,9 +163,14 @@ def load_study(path: str | Path) -> Study:
             _fail(f"{path}: arm {arm.name!r} is paired with unknown arm {arm.vs!r}")
     blocks = []
     for body in raw.get("blocks") or []:
-        b = Block(body["name"], int(body["steps"]), tuple(body["seeds"]), tuple(body["arms"]))
+        init = body.get("init_from")
+        b = Block(body["name"], int(body["steps"]), tuple(body["seeds"]), tuple(body["arms"]),
+                  None if init is None else (init["arm"], int(init["steps"])))  # fmt: skip
         if missing := [a for a in b.arms if a not in arms]:
             _fail(f"{path}: block {b.name!r} names unknown arms {missing}")
+        if b.init_from is not None:
+            if b.init_from[0] not in arms or arms[b.init_from[0]].config.stem != "fp":
+                _fail(f"{path}: block {b.name!r}: init_from must name a full-precision arm")
         blocks.append(b)
     if not blocks:
         _fail(f"{path}: no blocks")
@@ -207,20 +230,38 @@ def _step_time(run_dir: Path) -> float:
     return sum(times) / len(times)
 
 
-def run_one(spec: RunSpec, out: Path, tracking: list[str]) -> dict[str, Any]:
-    """Train one run in this process and return its results.jsonl record."""
+def _wait_for_parent(spec: RunSpec, out: Path) -> None:
+    """Block until the run that ``spec`` fine-tunes is recorded (another worker may train it)."""
+    deadline = time.time() + PARENT_WAIT_S
+    while spec.parent not in read_results(out):
+        if time.time() > deadline:
+            _fail(f"{spec.key}: its parent run {spec.parent} did not finish in {PARENT_WAIT_S} s")
+        time.sleep(10)
+
+
+def run_one(spec: RunSpec, out: Path, tracking: list[str], export_hf: bool) -> dict[str, Any]:
+    """Train one run in this process and return its results.jsonl record; ``export_hf``: also
+    save the trained model with save_pretrained under <run_dir>/hf (a fine-tuning parent)."""
     import shutil
 
     from cage_ds.train.config import load_config
-    from cage_ds.train.loop import total_steps, train
+    from cage_ds.train.loop import Trainer
     from cage_ds.train.model import preset_parameter_counts
+    from cage_ds.train.recipe import total_steps
 
+    if spec.parent is not None:
+        _wait_for_parent(spec, out)
     cfg = load_config(spec.config, [*spec.overrides, *tracking])
     if cfg.run_dir.exists():  # an interrupted attempt: start clean
         shutil.rmtree(cfg.run_dir)
     cfg.train.progress = False
     t0 = time.time()
-    result = train(cfg)
+    trainer = Trainer(cfg)
+    if export_hf and (cfg.quant.enabled or trainer.stage != 0):
+        _fail(f"{spec.key}: a fine-tuning parent must be a full-precision run at deepspeed.stage=0")
+    result = trainer.run()
+    if export_hf:
+        trainer.engine.module.save_pretrained(cfg.run_dir / HF_EXPORT)
     params = preset_parameter_counts(cfg.model)["non_embedding"]
     tokens = total_steps(cfg) * cfg.train.global_batch_size * cfg.data.seq_len
     return {
@@ -242,6 +283,7 @@ def run_one(spec: RunSpec, out: Path, tracking: list[str]) -> dict[str, Any]:
         "val_history": result.history["val/loss"],
         "quant_history": _quant_history(cfg.run_dir),
         "cage_lambda": cfg.optim.cage_lambda,
+        "parent": spec.parent,
     }
 
 
@@ -252,9 +294,11 @@ def worker(study: Study, quick: bool, index: int, jobs: int, tracking: list[str]
     warnings.filterwarnings("ignore")
     out = study.output_dir(quick)
     done = read_results(out)
-    pending = [s for s in study.runs(quick) if s.key not in done]
+    plan = study.runs(quick)
+    parents = {s.parent for s in plan if s.parent is not None}
+    pending = [s for s in plan if s.key not in done]
     for spec in pending[index::jobs]:
-        rec = run_one(spec, out, tracking)
+        rec = run_one(spec, out, tracking, export_hf=spec.key in parents)
         with open(_results_path(out), "a") as fh:  # one short line per write: appends whole
             fh.write(json.dumps(rec) + "\n")
         print(f"[{spec.key}] val loss {rec['val_loss']:.4f} ({rec['wall_s']:.0f} s)", flush=True)
@@ -312,22 +356,29 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def block_table(
-    study: Study, block: Block, records: Sequence[dict[str, Any]]
+    study: Study, block: Block, records: Sequence[dict[str, Any]], fp: dict[int, dict[str, Any]]
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Markdown lines of one block (per arm means, paired differences vs its baseline) and
-    the summary.json entries of its pairs."""
+    the summary.json entries of its pairs; ``fp``: seed -> the full-precision reference run
+    (the block's FP arm, or for fine-tuning the FP run it starts from)."""
     from cage_ds.train.report import gap_recovered, mean_sd, paired
 
     by_arm: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in records:
         by_arm[r["arm"]][r["seed"]] = r
-    fp = by_arm.get(study.fp_arm or "", {})
     fp_loss = mean_sd([r["val_loss"] for r in fp.values()])[0] if fp else None
     fp_time = mean_sd([r["step_time_s"] for r in fp.values()])[0] if fp else None
     steps = next(iter(records))["steps"]
     tpp = next(iter(records))["tokens_per_param"]
+    start = (
+        ""
+        if block.init_from is None
+        else (
+            f", fine-tuning the FP arm's {block.init_from[1]}-step run of the same seed (FP = it)"
+        )
+    )
     lines = [
-        f"### {block.name}: {steps} steps, {tpp:.2f} tokens per non-embedding parameter",
+        f"### {block.name}: {steps} steps, {tpp:.2f} tokens per non-embedding parameter{start}",
         "",
         "| arm | n | val loss (sd) | rel. error | step time / FP | vs | paired diff "
         "(sd) | t | gap to FP recovered | verdict |",
@@ -417,23 +468,23 @@ def plot_block(block: Block, records: Sequence[dict[str, Any]], path: Path) -> P
 def report(study: Study, quick: bool, uri: str | None) -> str:
     """Write report.md and one plot per block; log them to MLflow; return the markdown."""
     out = study.output_dir(quick)
-    records = read_results(out).values()
+    records = read_results(out)
     lines = [f"# Accuracy study `{study.name}`{' (quick)' if quick else ''}", ""]
     if study.notes:
         lines += [study.notes.strip(), ""]
     plots, summary = [], []
     for block in study.blocks:
-        steps = min(block.steps, QUICK_STEPS) if quick else block.steps
-        seeds = block.seeds[:QUICK_SEEDS] if quick else block.seeds
-        rs = [
-            r
-            for r in records
-            if r["steps"] == steps and r["arm"] in block.arms and r["seed"] in seeds
-        ]
+        keys = {s.key for s in study.block_runs(block, quick)}
+        rs = [r for r in records.values() if r["key"] in keys]
         if not rs:
             lines += [f"### {block.name}: pending", ""]
             continue
-        table, entries = block_table(study, block, rs)
+        if block.init_from is None:
+            fp = {r["seed"]: r for r in rs if r["arm"] == study.fp_arm}
+        else:
+            parents = {s.seed: s.parent for s in study.block_runs(block, quick)}
+            fp = {seed: records[key] for seed, key in parents.items() if key in records}
+        table, entries = block_table(study, block, rs, fp)
         lines += [*table, ""]
         summary += entries
         plots.append(plot_block(block, rs, out / f"{block.name}.png"))
@@ -490,12 +541,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_configs(study: Study, quick: bool) -> None:
-    """Resolve and validate every run's config before any worker starts."""
+    """Resolve and validate every run's config before any worker starts (fine-tuning runs:
+    resolve only)."""
     from cage_ds.train.config import ConfigError, load_config, validate
 
     for spec in study.runs(quick):
         try:
-            validate(load_config(spec.config, spec.overrides), 1)
+            cfg = load_config(spec.config, spec.overrides)
+            if spec.parent is None:  # a fine-tuning run's model exists once its parent ran
+                validate(cfg, 1)
         except ConfigError as err:
             _fail(f"{spec.key}: {err}")
 

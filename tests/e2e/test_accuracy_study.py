@@ -1,6 +1,6 @@
 """The accuracy study command end to end (--quick, 2 workers): every (arm, seed) trains once,
-the report pairs CAGE with QuEST by seed, every run lands in MLflow, and a second call
-resumes with nothing left to run."""
+the report pairs CAGE with QuEST by seed, fine-tuning runs start from the exported FP run of
+their seed, every run lands in MLflow, and a second call resumes with nothing left to run."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ arms:
   quest_w4a4: {{config: configs/experiments/quest_w4a4.yaml}}
   cage_w4a4: {{config: configs/experiments/cage_w4a4.yaml,
               overrides: [optim.cage_silence=0, optim.cage_lambda=30], vs: quest_w4a4}}
+  quest_ft: {{config: configs/experiments/quest_w4a4.yaml, overrides: [optim.lr=1e-3]}}
+  cage_ft: {{config: configs/experiments/cage_w4a4.yaml,
+            overrides: [optim.lr=1e-3, optim.cage_silence=0], vs: quest_ft}}
 blocks:
   - {{name: short, steps: 50, seeds: [0, 1, 2], arms: [fp, quest_w4a4, cage_w4a4]}}
+  - {{name: finetune, steps: 30, seeds: [0, 1, 2], arms: [quest_ft, cage_ft],
+     init_from: {{arm: fp, steps: 50}}}}
 """
 
 
@@ -44,12 +49,22 @@ def test_quick_study_runs_pairs_tracks_and_resumes(tmp_path):
     out = tmp_path / "out-quick"
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     # --quick: 4 steps, the first 2 seeds
+    arms = ("fp", "quest_w4a4", "cage_w4a4", "quest_ft", "cage_ft")
     assert sorted((r["arm"], r["seed"], r["steps"]) for r in records) == sorted(
-        (arm, seed, 4) for arm in ("fp", "quest_w4a4", "cage_w4a4") for seed in (0, 1)
+        (arm, seed, 4) for arm in arms for seed in (0, 1)
     )
     assert all([p[0] for p in r["val_history"]] == [1, 2, 3, 4] for r in records)
     summary = json.loads((out / "summary.json").read_text())
-    [entry] = summary
+    entry, ft = summary
+    # fine-tuning starts from the trained FP model of the same seed, not from scratch
+    for seed in (0, 1):
+        [quest_ft] = [r for r in records if r["arm"] == "quest_ft" and r["seed"] == seed]
+        assert quest_ft["parent"] == f"fp-4steps-seed{seed}"
+        config = (Path(quest_ft["run_dir"]) / "config.yaml").read_text()
+        assert f"fp-4steps-seed{seed}/hf" in config
+        [scratch] = [r for r in records if r["arm"] == "quest_w4a4" and r["seed"] == seed]
+        assert quest_ft["val_history"][0][1] < scratch["val_history"][0][1] - 0.3
+    assert (ft["arm"], ft["vs"], ft["n"]) == ("cage_ft", "quest_ft", 2)
     assert (entry["arm"], entry["vs"], entry["n"], entry["seeds"]) == (
         "cage_w4a4",
         "quest_w4a4",
@@ -65,5 +80,5 @@ def test_quick_study_runs_pairs_tracks_and_resumes(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["accuracy-ci"])
-    assert len(runs) == 7  # 6 training runs and the report
+    assert len(runs) == 11  # 10 training runs and the report
     assert "accuracy study ci: 0 runs pending" in study([str(path), "--quick"], tmp_path)
