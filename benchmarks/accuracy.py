@@ -305,6 +305,9 @@ def worker(study: Study, quick: bool, index: int, jobs: int, tracking: list[str]
 
 
 def tracking_overrides(study: Study, out: Path, uri: str | None) -> list[str]:
+    """Every run's tracking settings; ``uri`` '' (--no-tracking) turns tracking off."""
+    if uri == "":
+        return ["tracking.enabled=false"]
     uri = uri or f"sqlite:///{out / 'mlflow.db'}"
     return [
         "tracking.enabled=true",
@@ -336,7 +339,7 @@ def run_study(study: Study, study_path: Path, quick: bool, jobs: int, uri: str |
     for i in range(jobs):
         cmd = [sys.executable, __file__, str(study_path), "--worker", f"{i}/{jobs}"]
         cmd += ["--quick"] if quick else []
-        cmd += ["--tracking-uri", uri] if uri else []
+        cmd += ["--tracking-uri", uri] if uri is not None else []
         log = open(out / f"worker{i}.log", "a")
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     failed = []
@@ -498,6 +501,8 @@ def report(study: Study, quick: bool, uri: str | None) -> str:
 
 def _create_experiment(study: Study, out: Path, uri: str | None) -> None:
     """The study's MLflow experiment, its artifacts under <out>/mlartifacts (not ./mlruns)."""
+    if uri == "":
+        return
     import mlflow
 
     mlflow.set_tracking_uri(uri or f"sqlite:///{out / 'mlflow.db'}")
@@ -508,6 +513,8 @@ def _create_experiment(study: Study, out: Path, uri: str | None) -> None:
 
 
 def _log_report(study: Study, out: Path, uri: str | None, files: Sequence[Path]) -> None:
+    if uri == "":
+        return
     import mlflow
 
     _create_experiment(study, out, uri)
@@ -523,10 +530,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, {QUICK_SEEDS} seeds")
     p.add_argument("--report", action="store_true", help="only write the report of finished runs")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default <out>/mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true", help="no MLflow (e.g. not installed)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     study = load_study(args.study)
     out = study.output_dir(args.quick)
+    if args.no_tracking:
+        args.tracking_uri = ""
     if args.worker is not None:
         index, jobs = (int(x) for x in args.worker.split("/"))
         worker(study, args.quick, index, jobs, tracking_overrides(study, out, args.tracking_uri))

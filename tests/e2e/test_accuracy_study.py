@@ -82,3 +82,23 @@ def test_quick_study_runs_pairs_tracks_and_resumes(tmp_path):
     runs = mlflow.search_runs(experiment_names=["accuracy-ci"])
     assert len(runs) == 11  # 10 training runs and the report
     assert "accuracy study ci: 0 runs pending" in study([str(path), "--quick"], tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=str)
+def test_shipped_studies_resolve_and_validate(path):
+    """Every shipped study (the GPU recipe included) resolves and validates on CPU: a typo
+    in an arm fails here, not after minutes of device time."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    study = accuracy.load_study(path)
+    accuracy._check_configs(study, quick=False)
+    keys = [spec.key for spec in study.runs()]
+    assert len(keys) == len(set(keys)) > 0
+    for arm in study.arms.values():
+        if arm.vs is not None:  # a pair differs in the method only
+            assert (
+                arm.config.stem.split("_", 1)[1] == study.arms[arm.vs].config.stem.split("_", 1)[1]
+            )
