@@ -160,13 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_config(cfg, world: int, yaml) -> None:
-    from .recipe import resolve_cage_lambda, total_steps
+    from .recipe import cage_off_reason, resolve_cage_lambda, total_steps
 
     steps = total_steps(cfg)
     print(f"# resolved config ({cfg.run_name}, world size {world})")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     if cfg.optim.uses_cage:
         print(f"# CAGE lambda for this run ({steps} steps): {resolve_cage_lambda(cfg, steps):.6g}")
+        if reason := cage_off_reason(cfg, steps):
+            print(f"# {reason}")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,11 @@ class OptimConfig:
     """If set, lambda is derived for the run: the lambda whose schedule (silence, shape) on this
     run's lr schedule gives S = sum_t lr_t lambda_t = cage_strength (cage_ds.optim.schedule), so
     the recipe carries over between run lengths."""
+    cage_min_tokens_per_param: float | None = None
+    """If set, the correction stays off (lambda 0, the run is QuEST) when the run trains fewer
+    tokens per non-embedding parameter than this; the run says so. The shipped CAGE recipes set
+    it where the accuracy study (docs/accuracy_study.md) measured the correction costing
+    accuracy."""
     cage_silence: float = 0.8
     """Fraction of training before the correction starts."""
     cage_schedule: str = "linear_ramp"
@@ -217,6 +222,13 @@ class OptimConfig:
             check_schedule(self.cage_lambda, self.cage_silence, self.cage_schedule, 1)
         except ValueError as err:
             raise ConfigError(f"optim: {err}") from None
+        if self.cage_min_tokens_per_param is not None and not (
+            math.isfinite(self.cage_min_tokens_per_param) and self.cage_min_tokens_per_param >= 0
+        ):
+            raise ConfigError(
+                "optim.cage_min_tokens_per_param must be a finite number >= 0, got "
+                f"{self.cage_min_tokens_per_param!r}"
+            )
         if self.cage_strength is not None:
             if not math.isfinite(self.cage_strength) or self.cage_strength < 0:
                 raise ConfigError(

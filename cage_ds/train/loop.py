@@ -32,7 +32,7 @@ from .config import Config, ConfigError, validate
 from .data import TextData, build_data
 from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
-from .recipe import resolve_cage_lambda, total_steps, warmup_cosine
+from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
 
 METRICS_LOG = "metrics.jsonl"
 """Per-step metrics of a run, under its run_dir (see the module docstring)."""
@@ -337,6 +337,8 @@ class Trainer:
             start_record = {"event": "start", "step": start, "resumed_from": self.resumed_from}
             append_jsonl(self.cfg.run_dir / METRICS_LOG, {**start_record, "world_size": self.world})
             self._write_run_files()
+            if reason := cage_off_reason(cfg, self.steps):
+                print(f"cage-train ({cfg.run_name}): {reason}", flush=True)
         bar = None
         if rank0 and cfg.train.progress:
             from tqdm.auto import tqdm
@@ -414,6 +416,7 @@ class Trainer:
                 "params_total": self.params["total"],
                 "params_non_embedding": self.params["non_embedding"],
                 "cage_lambda_resolved": resolve_cage_lambda(self.cfg, self.steps),
+                "cage_off_reason": cage_off_reason(self.cfg, self.steps) or "",
             }
         )
         self.tracker.log_artifact(d / "config.yaml")

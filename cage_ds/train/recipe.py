@@ -3,9 +3,10 @@
 lr_t = lr * t / W for t <= W, else lr * (m + (1 - m) (1 + cos(pi (t - W) / (T - W))) / 2),
 t = 1-based step, T = total steps, W = ceil(warmup_fraction T), m = min_lr_ratio.
 The CAGE lambda is optim.cage_lambda, or, with optim.cage_strength = S, the lambda whose
-schedule on these lr_t gives sum_t lr_t lambda_t = S (cage_ds.optim.schedule). Either way
-max_t lr_t lambda_t must stay below 1: the decoupled step W - lr lambda (W - Q(W)) would
-overshoot the grid point.
+schedule on these lr_t gives sum_t lr_t lambda_t = S (cage_ds.optim.schedule); it is 0 when the
+run trains fewer tokens per non-embedding parameter than optim.cage_min_tokens_per_param.
+max_t lr_t lambda_t must stay well below 1: at 1 the decoupled step W - lr lambda (W - Q(W))
+would overshoot the grid point.
 """
 
 from __future__ import annotations
@@ -49,10 +50,33 @@ def learning_rates(cfg: Config, steps: int) -> list[float]:
             for t in range(1, steps + 1)]  # fmt: skip
 
 
+def tokens_per_param(cfg: Config, steps: int) -> float:
+    """Training tokens per non-embedding parameter of the run."""
+    params = preset_parameter_counts(cfg.model)["non_embedding"]
+    return steps * cfg.train.global_batch_size * cfg.data.seq_len / params
+
+
+def cage_off_reason(cfg: Config, steps: int) -> str | None:
+    """Why a CAGE config's correction is off for this run (too few tokens per parameter), or
+    None when it acts."""
+    floor = cfg.optim.cage_min_tokens_per_param
+    if not cfg.optim.uses_cage or floor is None:
+        return None
+    tpp = tokens_per_param(cfg, steps)
+    if tpp >= floor:
+        return None
+    return (
+        f"CAGE correction off: {steps} steps train {tpp:.2f} tokens per non-embedding parameter, "
+        f"below optim.cage_min_tokens_per_param={floor} (where the accuracy study measured the "
+        "correction costing accuracy, docs/accuracy_study.md); the run is QuEST. Set "
+        "optim.cage_min_tokens_per_param=null to apply it anyway"
+    )
+
+
 def resolve_cage_lambda(cfg: Config, steps: int) -> float:
     """The run's lambda (module docstring); ConfigError if unreachable or unstable."""
     o = cfg.optim
-    if not o.uses_cage:
+    if not o.uses_cage or cage_off_reason(cfg, steps) is not None:
         return 0.0
     lrs = learning_rates(cfg, steps)
     lam = o.cage_lambda

@@ -82,3 +82,20 @@ def test_scoped_overrides_reach_one_config_and_values_may_hold_colons():
     assert (cfgs[0].optim.cage_lambda, cfgs[1].optim.cage_lambda) == (0.0, 20.0)
     with pytest.raises(ConfigError, match="scope 'cage_w3a3' must name exactly one --config"):
         split_overrides(["cage_w3a3:optim.cage_lambda=20"], paths)
+
+
+def test_below_the_token_floor_the_correction_is_off_and_says_why():
+    from cage_ds.train.recipe import cage_off_reason, tokens_per_param
+
+    floor = ["optim.cage_min_tokens_per_param=1.0"]
+    short = load_config(CAGE, [*floor, "train.steps=80"])  # 80 x 16 x 128 tokens / 0.52M
+    norms = 2 * 2 * 128 + 128  # 2 layers x 2 RMSNorms + the final one
+    assert tokens_per_param(short, 80) == pytest.approx(80 * 16 * 128 / (524288 + norms))
+    assert resolve_cage_lambda(short, 80) == 0.0
+    assert "0.31 tokens per non-embedding parameter" in cage_off_reason(short, 80)
+    assert short.method == "cage"  # still the CAGE recipe; the pairing sees it
+    long = load_config(CAGE, [*floor, "train.steps=800"])
+    assert cage_off_reason(long, 800) is None and resolve_cage_lambda(long, 800) == 10.0
+    assert cage_off_reason(load_config(QUEST, [*floor, "train.steps=80"]), 80) is None
+    with pytest.raises(ConfigError, match="cage_min_tokens_per_param must be a finite"):
+        load_config(CAGE, ["optim.cage_min_tokens_per_param=-1"])
