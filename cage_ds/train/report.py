@@ -114,18 +114,13 @@ def pair_runs(runs: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping, Mapping]
 def find_reference(
     summary: Sequence[Mapping[str, Any]], config: str, base_config: str, steps: int
 ) -> Mapping[str, Any] | None:
-    """The study summary entry (benchmarks/accuracy.py writes summary.json) that paired the
-    experiment config ``config`` (file name without suffix, no overrides) with ``base_config``
-    at ``steps`` steps, or None."""
+    """The study summary entry (benchmarks/accuracy.py writes summary.json) whose arms are named
+    like the experiment configs ``config`` and ``base_config`` (file names without suffix; the
+    entry's overrides say what exactly the study ran) at ``steps`` steps, or None."""
     for entry in summary:
-        if (
-            Path(entry["config"]).stem == config
-            and Path(entry["vs_config"]).stem == base_config
-            and not entry["overrides"]
-            and entry["steps"] == steps
-            and entry["n"] >= 2
-        ):
-            return entry
+        if (entry["arm"], entry["vs"], entry["steps"]) == (config, base_config, steps):
+            if entry["n"] >= 2:
+                return entry
     return None
 
 
@@ -142,9 +137,11 @@ def paired_report(runs: Sequence[Mapping[str, Any]], reference: str | Path | Non
         )
         ref = find_reference(summary, cage["name"], base["name"], cage["steps"])
         if ref is not None:
+            ran = " ".join(ref["overrides"]) or "as configured"
             lines.append(
-                f"    study {reference}: {ref['n']} seeds at {ref['steps']} steps, mean "
-                f"{ref['mean']:+.4f}, sd {ref['sd']:.4f} ({ref['verdict']})"
+                f"    study {reference} ({cage['name']}: {ran}): {ref['n']} seeds at "
+                f"{ref['steps']} steps, mean {ref['mean']:+.4f}, sd {ref['sd']:.4f} "
+                f"({ref['verdict']})"
             )
         lines.append(f"    this run: {d.verdict(None if ref is None else ref['sd'])}")
     return "\n".join(lines)

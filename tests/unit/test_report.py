@@ -52,16 +52,16 @@ def test_a_launch_pairs_cage_with_quest_of_the_same_bits_seed_and_length(tmp_pat
             run("quest_w3a3", "quest", 5.1, quant="w3a3")]  # fmt: skip
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps([
-        {"config": "configs/experiments/cage_w4a4.yaml", "vs_config":
-         "configs/experiments/quest_w4a4.yaml", "overrides": [], "steps": 80, "n": 3,
-         "mean": 0.0004, "sd": 0.002, "verdict": "no difference beyond noise"},
-        {"config": "configs/experiments/cage_w4a4.yaml", "vs_config":
-         "configs/experiments/quest_w4a4.yaml", "overrides": [], "steps": 800, "n": 3,
+        {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": ["optim.cage_lambda=10"],
+         "steps": 80, "n": 3, "mean": 0.0004, "sd": 0.002, "verdict": "no difference"},
+        {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": [], "steps": 800, "n": 3,
          "mean": -0.01, "sd": 0.0001, "verdict": "better"},
+        {"arm": "cage_w4a4_x", "vs": "quest_w4a4", "overrides": [], "steps": 80, "n": 3,
+         "mean": 0.5, "sd": 0.0001, "verdict": "worse"},
     ]))  # fmt: skip
     text = paired_report(runs, summary)
     assert "cage_w4a4 - quest_w4a4 (w4a4, seed 0, 80 steps): val loss -0.0010" in text
-    assert "3 seeds at 80 steps, mean +0.0004, sd 0.0020" in text
+    assert "(cage_w4a4: optim.cage_lambda=10): 3 seeds at 80 steps, mean +0.0004, sd 0.0020" in text
     assert "this run: no difference beyond noise" in text and "quest_w3a3" not in text
     alone = paired_report(runs)
     assert "cannot separate" in alone and "study" not in alone
