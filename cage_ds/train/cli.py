@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch 2.13 deprecates the c10d name DeepSpeed 0.19.8 still calls every step.
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
     from .loop import train
+    from .recipe import cage_off_reason
     from .report import paired_report
     from .tracking import format_eval_table
 
@@ -137,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = Path(path).stem if path is not None else cfg.run_name
         runs.append(
             {"name": name, "method": result.method, "quant": result.quant,
-             "steps": result.steps, "seed": result.seed, "val_loss": result.val_loss}
+             "steps": result.steps, "seed": result.seed, "val_loss": result.val_loss,
+             "note": cage_off_reason(cfg, result.steps)}
         )  # fmt: skip
     import torch.distributed as dist
 

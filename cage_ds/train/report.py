@@ -101,7 +101,8 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 def pair_runs(runs: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping, Mapping]]:
     """(CAGE run, QuEST run) pairs among ``runs`` (dicts with name, method, quant, steps, seed,
-    val_loss): same quant preset, steps and seed, the second with method 'quest'."""
+    val_loss, and optionally a note to print with the pair): same quant preset, steps and seed,
+    the second with method 'quest'."""
     pairs = []
     for cage in (r for r in runs if r["method"] == "cage"):
         for base in runs:
@@ -143,5 +144,7 @@ def paired_report(runs: Sequence[Mapping[str, Any]], reference: str | Path | Non
                 f"{ref['steps']} steps, mean {ref['mean']:+.4f}, sd {ref['sd']:.4f} "
                 f"({ref['verdict']})"
             )
+        if cage.get("note"):
+            lines.append(f"    {cage['note']}")
         lines.append(f"    this run: {d.verdict(None if ref is None else ref['sd'])}")
     return "\n".join(lines)

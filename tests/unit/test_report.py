@@ -63,6 +63,8 @@ def test_a_launch_pairs_cage_with_quest_of_the_same_bits_seed_and_length(tmp_pat
     assert "cage_w4a4 - quest_w4a4 (w4a4, seed 0, 80 steps): val loss -0.0010" in text
     assert "(cage_w4a4: optim.cage_lambda=10): 3 seeds at 80 steps, mean +0.0004, sd 0.0020" in text
     assert "this run: no difference beyond noise" in text and "quest_w3a3" not in text
+    runs[2]["note"] = "CAGE correction off: too short"
+    assert "    CAGE correction off: too short\n    this run:" in paired_report(runs, summary)
     alone = paired_report(runs)
     assert "cannot separate" in alone and "study" not in alone
     assert paired_report([run("fp", "fp", 5.0), run("quest_w4a4", "quest", 5.05)]) == ""
