@@ -9,6 +9,7 @@ opt = CageAdamW(cage_param_groups(model, weight_decay=0.1), lr=1e-3, total_steps
 from .nn import QuantLinear, cage_param_groups, prepare_model, quant_stats
 from .optim import CageAdamW, CageCoupled
 from .quant import QuantConfig, Quantizer, QuantSpec
+from .zero import guard as _zero_guard  # noqa: F401  (refuses QuantLinear modes wrong under ZeRO)
 
 __all__ = [
     "CageAdamW",

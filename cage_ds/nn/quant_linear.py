@@ -19,9 +19,18 @@ codes and CAGE's error ``W - Quantizer.dequantize(W)`` all see bit-identical q(W
 ``weight_prequantized``: ``weight`` already holds Quantizer.values(W) (rotated domain for
 QuEST), e.g. written by the ZeRO adapter before the all-gather; forward uses it as is and
 autograd's dL/dweight is dL/dq (no weight STE). Activations are still quantized.
+
+``zero_hooked``: set by cage_ds.zero.attach together with ``weight_prequantized``: engine
+hooks write Quantizer.values(W) into this weight before every gather. ``state_check`` (class
+level, installed by cage_ds.zero) validates the layer's mode against how its weight is
+managed; every forward calls it (a few attribute reads), so a mode set after the first
+forward, or an engine built around an already used model, is still checked.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +57,8 @@ class QuantLinear(nn.Linear):
     state dicts load unchanged.
     """
 
+    state_check: ClassVar[Callable[[QuantLinear], None] | None] = None
+
     def __init__(
         self,
         in_features: int,
@@ -68,6 +79,7 @@ class QuantLinear(nn.Linear):
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer
         self.weight_prequantized = False
+        self.zero_hooked = False
         self._masked: dict[str, tuple[torch.Tensor, int]] = {}
 
     @classmethod
@@ -119,6 +131,8 @@ class QuantLinear(nn.Linear):
             self._masked[side] = (masked, numel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if QuantLinear.state_check is not None:
+            QuantLinear.state_check(self)
         if torch.is_grad_enabled():
             self._masked = {}
         w, w_rot = self._weight_operand()

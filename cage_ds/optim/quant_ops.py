@@ -97,12 +97,21 @@ def quantizer_from_group(quant: Mapping[str, Any], where: str = "param group") -
 def dense_quant_ops(group: Mapping[str, Any], p: torch.Tensor, where: str) -> DenseQuantOps | None:
     """DenseQuantOps for p if its group carries a "quant" spec, else None.
 
-    p must be a 2-D weight [out, in] whose in-dim the spec can quantize.
+    p must be a 2-D weight [out, in] whose in-dim the spec can quantize; a 1-D p is what
+    DeepSpeed ZeRO hands its client optimizer without cage_ds.zero, and the error says so.
     """
     quant = group.get("quant")
     if quant is None:
         return None
     quantizer = quantizer_from_group(quant, where)
+    if p.dim() == 1:
+        raise ValueError(
+            f"{where}: got a flat 1-D tensor of shape {tuple(p.shape)} for a quantized param "
+            "group: DeepSpeed handed CageAdamW a flat ZeRO partition, so the CAGE hooks are not "
+            "attached (plain deepspeed.initialize, HF Trainer or accelerate). Build the engine "
+            "with cage_ds.zero.initialize(model=..., optimizer=..., config=...), or call "
+            "cage_ds.zero.attach(engine, optimizer) right after deepspeed.initialize"
+        )
     if p.dim() != 2:
         raise ValueError(
             f"{where}: a quantized parameter must be a 2-D weight [out, in], got shape "

@@ -3,6 +3,7 @@
 The only package touching DeepSpeed internals (pinned deepspeed==0.19.8, see engine.py).
 """
 
+from . import guard  # noqa: F401  (installs QuantLinear.state_check)
 from .engine import attach, check_config, initialize
 from .optimizer import ShardedQuantOps
 from .shardmap import PartitionMap, Piece, zero3_maps, zero12_maps

@@ -17,6 +17,8 @@ call order below were read from its source and are re-checked by tests/dist):
     ``_get_norm_groups`` and ZeRO-1/2's ``scaled_global_norm`` first apply the STE mask to the
     partition gradients in place (M is idempotent, the client step applies it again).
     BF16_Optimizer takes the norm over full unpartitioned gradients: clipping is refused there.
+16-bit saves: ``_zero3_consolidated_16bit_state_dict`` (ZeRO-3) and the layers' state dicts
+  (ZeRO-1/2) hold the de-rotated Q(W) under ``*.weight``, see _hook_layers.
 QuantLinear layers are switched to ``weight_prequantized``: the gathered weight is the
 ROTATED q(W H) and the gradient DeepSpeed reduces is dL/dq; the client step turns it into
 the latent gradient (M ⊙ dL/dq) H (inside ShardedQuantOps.fused_step's kernel for QuEST).
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from cage_ds.nn import set_weight_prequantized
+from cage_ds.nn import QuantLinear, quantized_modules
 from cage_ds.optim.quant_ops import quant_spec_from_group
 
 from .optimizer import ShardedQuantOps, install_quant_ops
@@ -350,9 +352,68 @@ def _wrap_epilogue(opt: Any, rewrite: Callable[[], None]) -> None:
     opt.checkpoint_event_epilogue = types.MethodType(checkpoint_event_epilogue, opt)
 
 
+# ---------------- layers and 16-bit saves ----------------
+def _derotated(layer: QuantLinear, w: torch.Tensor) -> torch.Tensor:
+    """Q(W) = q(W H) H^T (original domain, w's dtype) from the gathered rotated q(W H)."""
+    return layer.weight_quantizer.unrotate(w.float()).to(w.dtype)
+
+
+def _state_dict_post_hook(layer: QuantLinear, state: dict, prefix: str, _meta: Any) -> None:
+    """A hooked layer's state dict holds Q(W) under ``weight`` (ZeRO-3's partitioned, empty
+    weight is left as it is: its 16-bit save is the consolidated dict, see _hook_layers)."""
+    key = prefix + "weight"
+    w = state.get(key)
+    if w is not None and tuple(w.shape) == (layer.out_features, layer.in_features):
+        state[key] = _derotated(layer, w.detach())
+
+
+def _hook_layers(engine: Any, registry: dict[int, ShardedQuantOps]) -> None:
+    """Switch the engine module's weight-quantized QuantLinear layers to weight_prequantized
+    (the hooks write q(W H) into their gathered weights) and make state dicts and 16-bit
+    saves hold the de-rotated Q(W) under the original ``*.weight`` keys (the W4A16 view a
+    plain Hugging Face model loads), never the rotated q(W H).
+
+    Raises ValueError if there is no such layer, or if a layer's weight is not in a
+    quantized param group the hooks serve (it would be gathered unquantized).
+    """
+    layers = {n: m for n, m in quantized_modules(engine.module) if m.weight_quantizer is not None}
+    if not layers:
+        raise ValueError("cage_ds.zero: the model has no QuantLinear with a weight quantizer")
+    served = {n for ops in registry.values() for n in ops.param_names}
+    loose = sorted(n for n in layers if n + ".weight" not in served)
+    if loose:
+        raise ValueError(
+            f"cage_ds.zero: the weights of {loose[:4]} are quantized by their layers but sit in "
+            "param groups without 'quant'; build the optimizer from cage_param_groups(model)"
+        )
+    for layer in layers.values():
+        layer.weight_prequantized = True
+        layer.zero_hooked = True
+        layer.register_state_dict_post_hook(_state_dict_post_hook)
+    original = engine._zero3_consolidated_16bit_state_dict
+
+    # pinned to deepspeed==0.19.8: save_16bit_model (and accelerate's get_state_dict) take
+    # ZeRO-3's gathered weights from _zero3_consolidated_16bit_state_dict, not state_dict()
+    def consolidated(*args: Any, **kwargs: Any) -> dict | None:
+        state = original(*args, **kwargs)
+        if state is not None:  # rank 0
+            for name, layer in layers.items():
+                key = name + ".weight"
+                if key in state:
+                    state[key] = _derotated(layer, state[key])
+        return state
+
+    engine._zero3_consolidated_16bit_state_dict = consolidated
+
+
 # ---------------- public ----------------
 def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, ShardedQuantOps]:
-    """Attach the CAGE hooks to an initialized engine; returns {id(flat partition): ops}."""
+    """Attach the CAGE hooks to an initialized engine; returns {id(flat partition): ops}.
+
+    Leaves a consistent state by itself: the engine module's weight-quantized QuantLinear
+    layers are switched to weight_prequantized (and their saves de-rotated, _hook_layers),
+    so ``deepspeed.initialize`` + ``attach`` equals ``cage_ds.zero.initialize``.
+    """
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -376,6 +437,7 @@ def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, Sh
             f"cage_ds.zero: unsupported DeepSpeed optimizer wrapper {type(opt).__name__}"
         )
     install_quant_ops(client_optimizer, registry)
+    _hook_layers(engine, registry)
     opt.cage_zero_attached = True
     return registry
 
@@ -384,7 +446,7 @@ def initialize(**kwargs: Any):
     """deepspeed.initialize(**kwargs) with CAGE attached; same return tuple.
 
     Needs ``optimizer=`` a CageAdamW instance (with cage_param_groups) and ``model=`` a
-    prepare_model'ed model; sets the model's QuantLinear layers to weight_prequantized.
+    prepare_model'ed model; ``attach`` sets its QuantLinear layers to weight_prequantized.
     """
     import deepspeed
 
@@ -400,10 +462,5 @@ def initialize(**kwargs: Any):
     if config is not None:  # refuse before building anything; attach() re-checks the engine's
         check_config(config)
     out = deepspeed.initialize(**kwargs)
-    engine = out[0]
-    attach(engine, client)
-    if set_weight_prequantized(engine.module, True) == 0:
-        raise ValueError(
-            "cage_ds.zero.initialize: the model has no QuantLinear with a weight quantizer"
-        )
+    attach(out[0], client)
     return out

@@ -61,7 +61,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, out: str, **extra_env: str) -> None:
+def _launch(
+    world: int,
+    out: str,
+    script: str = "zero_worker.py",
+    args: tuple[str, ...] = (str(STEPS), str(CKPT_AT)),
+    **extra_env: str,
+) -> None:
+    """torchrun ``world`` CPU ranks of tests/dist/``script`` OUT ``args``; raises on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     env["CAGE_ZERO_EXTRA"] = "1" if world == EXTRA_WORLD else "0"
     env.update(extra_env)
@@ -69,10 +76,9 @@ def _launch(world: int, out: str, **extra_env: str) -> None:
         os.path.join(os.path.dirname(sys.executable), "torchrun"),
         f"--nproc_per_node={world}",
         f"--master_port={_free_port()}",
-        os.path.join(ROOT, "tests", "dist", "zero_worker.py"),
+        os.path.join(ROOT, "tests", "dist", script),
         out,
-        str(STEPS),
-        str(CKPT_AT),
+        *args,
     ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
