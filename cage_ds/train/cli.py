@@ -91,6 +91,19 @@ def split_overrides(
     return per_config
 
 
+def _world_size(arg: int | None) -> int:
+    """--world-size if given (0 included, for validate to refuse), else $WORLD_SIZE, else 1."""
+    from .config import ConfigError
+
+    if arg is not None:
+        return arg
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"$WORLD_SIZE={text!r} is not an int") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse and validate every config, then train them in turn; returns the exit status."""
     import yaml
@@ -100,9 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     paths = args.config or [None]
     try:
+        world = _world_size(args.world_size)
         per_config = split_overrides(args.overrides, paths)
         cfgs = [load_config(path, ovr) for path, ovr in zip(paths, per_config, strict=True)]
         for cfg in cfgs:

@@ -688,7 +688,11 @@ def validate(cfg: Config, world_size: int) -> None:
     """
     from .tokenizer import tokenizer_vocab_size
 
-    _positive_int("world", "size", world_size)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(
+            f"world size must be an int >= 1 (--world-size, $WORLD_SIZE or the launcher's rank "
+            f"count), got {world_size!r}"
+        )
     cfg.grad_accumulation(world_size)
     d, m = cfg.data, cfg.model
     if not d.source.startswith("hf:"):
