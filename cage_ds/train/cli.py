@@ -8,8 +8,9 @@
     deepspeed --num_accelerators 2 --module cage_ds.train --config ...
 
 Prints each resolved config on rank 0, trains, and ends with the validation table. Every
-config is validated before the first run starts; errors exit with status 2 before any
-distributed set-up.
+config is validated before the first run starts, and compared with the config of the
+checkpoint it would resume from (cage_ds.train.resume_guard); errors exit with status 2
+before any distributed set-up.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .config import ConfigError, load_config, validate
     from .recipe import resolve_cage_lambda, total_steps
+    from .resume_guard import check_before_resume
 
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -118,9 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = _world_size(args.world_size)
         per_config = split_overrides(args.overrides, paths)
         cfgs = [load_config(path, ovr) for path, ovr in zip(paths, per_config, strict=True)]
+        notes = []
         for cfg in cfgs:
             validate(cfg, world)
             resolve_cage_lambda(cfg, total_steps(cfg))
+            notes.append(check_before_resume(cfg))
         names = [cfg.run_name for cfg in cfgs]
         if len(set(names)) != len(names):
             raise ConfigError(f"run names must differ between the configs, got {names}")
@@ -129,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check:
         if rank == 0:
-            for cfg in cfgs:
+            for cfg, cfg_notes in zip(cfgs, notes, strict=True):
                 _print_config(cfg, world, yaml)
+                for note in cfg_notes:
+                    print(f"# {note}")
         return 0
 
     import warnings

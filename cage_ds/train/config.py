@@ -372,6 +372,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """'auto': continue from the newest complete checkpoint under dir, if any; 'never'; or
     another checkpoint folder (a CheckpointManager root) to continue from."""
+    allow_config_change: bool = False
+    """Resume even though a key that alters the run (optimizer, schedule, quantization, model,
+    data, steps, batch, seed) differs from the checkpoint's config; the changes are printed.
+    False: such a resume is refused before training (cage_ds.train.resume_guard)."""
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint", "every", self.every, 0)
