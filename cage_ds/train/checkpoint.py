@@ -125,7 +125,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _from_rank0(value: Any) -> Any:
+def from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a picklable object)."""
     if _rank_world()[1] == 1:
         return value
@@ -243,7 +243,7 @@ class CheckpointManager:
                 self._commit(tmp_tag, tag, step, world, meta)
             except Exception as err:  # every rank must learn of it, not hang
                 error = f"{type(err).__name__}: {err}"
-        error = _from_rank0(error)
+        error = from_rank0(error)
         if error is not None:
             raise CheckpointError(f"committing checkpoint {self.root / tag} failed: {error}")
         self._last_saved_step = step
@@ -412,7 +412,7 @@ class CheckpointManager:
                 choice = (tag, meta, None)
             except CheckpointError as err:
                 choice = (None, None, str(err))
-        tag, meta, error = _from_rank0(choice)
+        tag, meta, error = from_rank0(choice)
         if error is not None:
             raise CheckpointError(error)
         if tag is None:

@@ -145,13 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
     from .loop import train
     from .report import paired_report
+    from .run_lock import RunLockError
     from .tracking import format_eval_table
 
     rows, runs = [], []
     for path, cfg in zip(paths, cfgs, strict=True):
         if rank == 0:
             _print_config(cfg, world, yaml)
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except RunLockError as err:
+            if rank == 0:
+                print(f"cage-train: {err}", file=sys.stderr)
+            return 2
         rows.append(result.row())
         name = Path(path).stem if path is not None else cfg.run_name
         runs.append(

@@ -34,6 +34,7 @@ from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
 from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
 from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
+from .run_lock import RunLock, RunLockError
 
 METRICS_LOG = "metrics.jsonl"
 """Per-step metrics of a run, under its run_dir (see the module docstring)."""
@@ -441,6 +442,32 @@ class Trainer:
         self.tracker.log_artifact(d / "result.json")
 
 
+def lock_run_dir(cfg: Config, rank: int) -> RunLock | None:
+    """Rank 0 takes the run dir's lock (announcing a stale one taken over); RunLockError on
+    every rank when another run holds it. Returns the held lock on rank 0, else None."""
+    from .checkpoint import from_rank0
+
+    lock, error = (RunLock(cfg.run_dir), None) if rank == 0 else (None, None)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockError as err:
+            error = str(err)
+    error = from_rank0(error)
+    if error is not None:
+        raise RunLockError(error)
+    if lock is not None and lock.note:
+        print(f"cage-train ({cfg.run_name}): {lock.note}", flush=True)
+    return lock
+
+
 def train(cfg: Config) -> RunResult:
-    """Run ``cfg`` to the end on this process's rank (see Trainer)."""
-    return Trainer(cfg).run()
+    """Run ``cfg`` to the end on this process's rank (see Trainer), holding the run dir's
+    lock (cage_ds.train.run_lock) from before the set-up to the end."""
+    rank, _ = init_distributed()
+    lock = lock_run_dir(cfg, rank)
+    try:
+        return Trainer(cfg).run()
+    finally:
+        if lock is not None:
+            lock.release()
