@@ -23,10 +23,21 @@ cage_usage_if_asked() {
   fi
 }
 
+# cage_count_or_exit LABEL VALUE: exit 2 unless VALUE is an integer >= 1 (a rank or node
+# count; 0 would start one rank or none, silently).
+cage_count_or_exit() {
+  if [[ ! "$2" =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch: $1 must be an integer >= 1, got '$2'; nothing was started" >&2
+    exit 2
+  fi
+}
+
 # cage_preflight WORLD ARGS...: validate the resolved config for WORLD ranks before any
-# worker starts (bad keys, missing data, batch not divisible by the world size, ...).
+# worker starts (bad keys, missing data, batch not divisible by the world size, ...); the
+# world size itself is checked even with CAGE_SKIP_CHECK=1.
 cage_preflight() {
   local world="$1"; shift
+  cage_count_or_exit "world size" "$world"
   [[ "${CAGE_SKIP_CHECK:-0}" == "1" ]] && return 0
   if ! python -m "$CAGE_TRAIN_MODULE" --check --world-size "$world" "$@" > /dev/null; then
     echo "launch: config check failed for world size $world; nothing was started" >&2

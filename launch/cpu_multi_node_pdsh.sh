@@ -14,7 +14,9 @@ cage_cpu_env
 if [[ -z "${HOSTFILE:-}" ]]; then
   HOSTFILE="$(mktemp -t cage-hostfile.XXXXXX)"
   trap 'rm -f "$HOSTFILE"' EXIT
-  echo "localhost slots=${NPROC:-2}" > "$HOSTFILE"
+  NPROC="${NPROC:-2}"
+  cage_count_or_exit NPROC "$NPROC"
+  echo "localhost slots=$NPROC" > "$HOSTFILE"
 fi
 ssh_check=()
 if (( $(cage_hostfile_hosts "$HOSTFILE") > 1 )); then

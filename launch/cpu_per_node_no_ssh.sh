@@ -12,6 +12,8 @@ cage_usage_if_asked "$@"
 cage_cpu_env
 NNODES="${NNODES:-2}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+cage_count_or_exit NNODES "$NNODES"
+cage_count_or_exit NPROC_PER_NODE "$NPROC_PER_NODE"
 HOSTFILE="$(mktemp -t cage-hostfile.XXXXXX)"
 trap 'rm -f "$HOSTFILE"' EXIT
 for (( i = 0; i < NNODES; i++ )); do echo "node$i slots=$NPROC_PER_NODE"; done > "$HOSTFILE"

@@ -10,6 +10,7 @@ source "$(dirname "$0")/common.sh"
 cage_usage_if_asked "$@"
 cage_cpu_env
 NPROC="${NPROC:-2}"
+cage_count_or_exit NPROC "$NPROC"
 cage_preflight "$NPROC" "$@"
 exec deepspeed --num_accelerators "$NPROC" --master_port "$MASTER_PORT" \
   --module "$CAGE_TRAIN_MODULE" "$@"

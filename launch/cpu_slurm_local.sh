@@ -12,6 +12,8 @@ cage_usage_if_asked "$@"
 cage_cpu_env
 NNODES="${NNODES:-2}"
 export NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+cage_count_or_exit NNODES "$NNODES"
+cage_count_or_exit NPROC_PER_NODE "$NPROC_PER_NODE"
 cage_preflight "$(( NNODES * NPROC_PER_NODE ))" "$@"
 export SLURM_NNODES="$NNODES" SLURM_SUBMIT_DIR="$CAGE_ROOT" CAGE_SLURM_STEP=1
 export MASTER_ADDR=127.0.0.1 MASTER_PORT CAGE_TRAIN_MODULE CAGE_SKIP_CHECK=1

@@ -12,6 +12,8 @@ cage_usage_if_asked "$@"
 cage_cpu_env
 NNODES="${NNODES:-1}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-2}"
+cage_count_or_exit NNODES "$NNODES"
+cage_count_or_exit NPROC_PER_NODE "$NPROC_PER_NODE"
 cage_preflight "$(( NNODES * NPROC_PER_NODE ))" "$@"
 export NNODES NPROC_PER_NODE MASTER_ADDR=127.0.0.1 MASTER_PORT CAGE_TRAIN_MODULE CAGE_SKIP_CHECK=1
 cage_run_local_nodes "$NNODES" "$(dirname "$0")/torchrun.sh" "$@"

@@ -12,6 +12,8 @@ cage_usage_if_asked "$@"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"
+cage_count_or_exit NNODES "$NNODES"
+cage_count_or_exit NPROC_PER_NODE "$NPROC_PER_NODE"
 cage_preflight "$(( NNODES * NPROC_PER_NODE ))" "$@"
 exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" \

@@ -51,9 +51,16 @@ def prepare_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap the targeted nn.Linear layers (exact type, not subclasses) for QuantLinear in
     place; return the model.
 
-    Raises ValueError (nothing changed) if the model is already prepared, no layer matches
+    Raises TypeError if ``config`` is not a QuantConfig (e.g. a preset name), ValueError
+    (nothing changed) if the model is already prepared, no layer matches
     ``config.targets``, or a layer's in_features does not fit a spec (naming the layer).
     """
+    if not isinstance(config, QuantConfig):
+        hint = f"QuantConfig.preset({config!r})" if isinstance(config, str) else "QuantConfig(...)"
+        raise TypeError(
+            f"prepare_model: config must be a QuantConfig, got {type(config).__name__} "
+            f"{config!r}; use prepare_model(model, {hint})"
+        )
     prepared = [name for name, _ in quantized_modules(model)]
     if prepared:
         raise ValueError(

@@ -70,6 +70,19 @@ class QuantConfig:
     """Module-name suffixes of the nn.Linear layers to swap (Llama decoder projections)."""
 
     def __post_init__(self) -> None:
+        for side in ("weight", "activation"):
+            value = getattr(self, side)
+            if value is not None and not isinstance(value, QuantSpec):
+                raise TypeError(
+                    f"QuantConfig.{side} must be a QuantSpec or None, got "
+                    f"{type(value).__name__} {value!r}; for a preset use "
+                    "QuantConfig.preset('w4a4')"
+                )
+        if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
+            raise TypeError(
+                f"QuantConfig.targets must be a tuple of module-name suffixes, got "
+                f"{self.targets!r}; e.g. targets=('q_proj', 'v_proj')"
+            )
         if not self.targets:
             raise ValueError("QuantConfig.targets is empty: name at least one linear layer")
         w, a = self.weight, self.activation

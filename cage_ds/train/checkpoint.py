@@ -4,7 +4,8 @@ Layout under ``root`` (a filesystem every rank sees)::
 
     root/latest                     tag of the newest committed checkpoint (written by us)
     root/step000000120/             one committed checkpoint (DeepSpeed's files + ours)
-        cage_manifest.json          written last: every file's size (+ sha256), the step
+        cage_manifest.json          written last: every file's size (+ sha256), the step,
+                                    the caller's ``meta`` (cage-train: the resolved config)
         cage_rank_state_00000.pt    per-rank RNG states (python, numpy, torch, cuda)
     root/.tmp-step000000140/        a save in progress or one that crashed: never loaded
 
@@ -64,6 +65,9 @@ class Resumed:
     path: Path
     step: int
     client_state: dict[str, Any]
+    meta: dict[str, Any] | None = None
+    """The ``meta`` the checkpoint was saved with (None: saved without, or by an older
+    version)."""
 
 
 def tag_for_step(step: int) -> str:
@@ -121,7 +125,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _from_rank0(value: Any) -> Any:
+def from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a picklable object)."""
     if _rank_world()[1] == 1:
         return value
@@ -198,10 +202,18 @@ class CheckpointManager:
             return self._last_saved_step != step
         return self.save_every > 0 and step % self.save_every == 0
 
-    def save(self, engine: Any, step: int, client_state: Mapping[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        client_state: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Collective: save ``engine`` at ``step`` atomically; returns the committed dir.
 
         ``client_state`` (picklable) comes back from ``resume``; the key ``cage_step`` is ours.
+        ``meta`` (JSON-able, rank 0's counts) goes into the manifest: readable without loading
+        the checkpoint (``read_meta``) and returned by ``resume``.
         """
         decoupled = getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", None)
         if decoupled is not None and decoupled():
@@ -228,16 +240,18 @@ class CheckpointManager:
         error = None
         if rank == 0:
             try:
-                self._commit(tmp_tag, tag, step, world)
+                self._commit(tmp_tag, tag, step, world, meta)
             except Exception as err:  # every rank must learn of it, not hang
                 error = f"{type(err).__name__}: {err}"
-        error = _from_rank0(error)
+        error = from_rank0(error)
         if error is not None:
             raise CheckpointError(f"committing checkpoint {self.root / tag} failed: {error}")
         self._last_saved_step = step
         return self.root / tag
 
-    def _commit(self, tmp_tag: str, tag: str, step: int, world: int) -> None:
+    def _commit(
+        self, tmp_tag: str, tag: str, step: int, world: int, meta: Mapping[str, Any] | None
+    ) -> None:
         """Rank 0: fsync, manifest, rename, ``latest``, prune."""
         tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
         files = {}
@@ -255,6 +269,8 @@ class CheckpointManager:
             "created": datetime.now(timezone.utc).isoformat(),
             "files": files,
         }
+        if meta is not None:
+            manifest["meta"] = dict(meta)
         _write_atomic(tmp_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
         if final_dir.exists():  # re-saving a step: move the old one out of the way first
             stale = self.root / f"{TMP_PREFIX}old-{tag}"
@@ -290,9 +306,20 @@ class CheckpointManager:
         ]
         return sorted(tags, key=lambda t: step_of_tag(t) or 0, reverse=True)
 
-    def verify(self, tag: str) -> dict[str, Any]:
-        """The manifest of ``tag`` if every file matches it, else ``CheckpointError`` naming
-        the first missing, resized or (with ``checksums``) altered file."""
+    def candidates(self) -> list[str]:
+        """Committed tags in the order ``select`` tries them: the one ``latest`` names
+        first, then newest step first."""
+        candidates = self.committed_tags()
+        latest = self.root / LATEST_NAME
+        if latest.is_file():
+            pointed = latest.read_text().strip()
+            if pointed in candidates:
+                candidates.remove(pointed)
+                candidates.insert(0, pointed)
+        return candidates
+
+    def read_manifest(self, tag: str) -> dict[str, Any]:
+        """The manifest of ``tag`` as written (files not checked; see ``verify``)."""
         directory = self.root / tag
         manifest_path = directory / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -302,10 +329,27 @@ class CheckpointManager:
             )
         try:
             manifest = json.loads(manifest_path.read_text())
-            files = manifest["files"]
-        except (ValueError, KeyError) as err:
+        except ValueError as err:
             raise CheckpointError(f"{manifest_path} is unreadable: {err}") from err
-        for name, entry in files.items():
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise CheckpointError(f"{manifest_path} is unreadable: no 'files' mapping")
+        return manifest
+
+    def read_meta(self) -> tuple[str, dict[str, Any] | None] | None:
+        """(tag, meta) of the checkpoint a resume would try first, cheaply (no file
+        verification); None if there is no committed checkpoint."""
+        candidates = self.candidates()
+        if not candidates:
+            return None
+        return candidates[0], self.read_manifest(candidates[0]).get("meta")
+
+    def verify(self, tag: str) -> dict[str, Any]:
+        """The manifest of ``tag`` if every file matches it, else ``CheckpointError`` naming
+        the first missing, resized or (with ``checksums``) altered file."""
+        directory = self.root / tag
+        manifest_path = directory / MANIFEST_NAME
+        manifest = self.read_manifest(tag)
+        for name, entry in manifest["files"].items():
             path = directory / name
             if not path.is_file():
                 raise CheckpointError(f"{path} is missing (listed in {manifest_path})")
@@ -323,13 +367,7 @@ class CheckpointManager:
         """Rank-0 choice: the tag in ``latest`` if complete, else the newest complete one
         (each skipped checkpoint is logged; ``strict`` raises instead). None if there is no
         checkpoint at all; ``CheckpointError`` if there are some but none is complete."""
-        candidates = self.committed_tags()
-        latest = self.root / LATEST_NAME
-        if latest.is_file():
-            pointed = latest.read_text().strip()
-            if pointed in candidates:
-                candidates.remove(pointed)
-                candidates.insert(0, pointed)
+        candidates = self.candidates()
         for path in self.root.glob(f"{TMP_PREFIX}*") if self.root.is_dir() else []:
             if path.is_dir():
                 logger.warning(
@@ -366,13 +404,15 @@ class CheckpointManager:
         ``load_checkpoint`` with ``load_kwargs``), restore this rank's RNG states, and return
         it; None on a fresh start."""
         rank, _ = _rank_world()
-        choice: tuple[str | None, str | None] = (None, None)
+        choice: tuple[str | None, dict[str, Any] | None, str | None] = (None, None, None)
         if rank == 0:
             try:
-                choice = (self.select(), None)
+                tag = self.select()
+                meta = self.read_manifest(tag).get("meta") if tag is not None else None
+                choice = (tag, meta, None)
             except CheckpointError as err:
-                choice = (None, str(err))
-        tag, error = _from_rank0(choice)
+                choice = (None, None, str(err))
+        tag, meta, error = from_rank0(choice)
         if error is not None:
             raise CheckpointError(error)
         if tag is None:
@@ -390,4 +430,6 @@ class CheckpointManager:
             logger.warning("%s missing (world size changed?): RNG states not restored", rank_file)
         self._last_saved_step = step
         logger.info("resumed from checkpoint %s at step %d", self.root / tag, step)
-        return Resumed(tag=tag, path=self.root / tag, step=step, client_state=client_state)
+        return Resumed(
+            tag=tag, path=self.root / tag, step=step, client_state=client_state, meta=meta
+        )

@@ -8,8 +8,9 @@
     deepspeed --num_accelerators 2 --module cage_ds.train --config ...
 
 Prints each resolved config on rank 0, trains, and ends with the validation table. Every
-config is validated before the first run starts; errors exit with status 2 before any
-distributed set-up.
+config is validated before the first run starts, and compared with the config of the
+checkpoint it would resume from (cage_ds.train.resume_guard); errors exit with status 2
+before any distributed set-up.
 """
 
 from __future__ import annotations
@@ -91,23 +92,39 @@ def split_overrides(
     return per_config
 
 
+def _world_size(arg: int | None) -> int:
+    """--world-size if given (0 included, for validate to refuse), else $WORLD_SIZE, else 1."""
+    from .config import ConfigError
+
+    if arg is not None:
+        return arg
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"$WORLD_SIZE={text!r} is not an int") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse and validate every config, then train them in turn; returns the exit status."""
     import yaml
 
     from .config import ConfigError, load_config, validate
     from .recipe import resolve_cage_lambda, total_steps
+    from .resume_guard import check_before_resume
 
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     paths = args.config or [None]
     try:
+        world = _world_size(args.world_size)
         per_config = split_overrides(args.overrides, paths)
         cfgs = [load_config(path, ovr) for path, ovr in zip(paths, per_config, strict=True)]
+        notes = []
         for cfg in cfgs:
             validate(cfg, world)
             resolve_cage_lambda(cfg, total_steps(cfg))
+            notes.append(check_before_resume(cfg))
         names = [cfg.run_name for cfg in cfgs]
         if len(set(names)) != len(names):
             raise ConfigError(f"run names must differ between the configs, got {names}")
@@ -116,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check:
         if rank == 0:
-            for cfg in cfgs:
+            for cfg, cfg_notes in zip(cfgs, notes, strict=True):
                 _print_config(cfg, world, yaml)
+                for note in cfg_notes:
+                    print(f"# {note}")
         return 0
 
     import warnings
@@ -127,13 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loop import train
     from .recipe import cage_off_reason
     from .report import paired_report
+    from .run_lock import RunLockError
     from .tracking import format_eval_table
 
     rows, runs = [], []
     for path, cfg in zip(paths, cfgs, strict=True):
         if rank == 0:
             _print_config(cfg, world, yaml)
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except RunLockError as err:
+            if rank == 0:
+                print(f"cage-train: {err}", file=sys.stderr)
+            return 2
         rows.append(result.row())
         name = Path(path).stem if path is not None else cfg.run_name
         runs.append(

@@ -372,6 +372,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """'auto': continue from the newest complete checkpoint under dir, if any; 'never'; or
     another checkpoint folder (a CheckpointManager root) to continue from."""
+    allow_config_change: bool = False
+    """Resume even though a key that alters the run (optimizer, schedule, quantization, model,
+    data, steps, batch, seed) differs from the checkpoint's config; the changes are printed.
+    False: such a resume is refused before training (cage_ds.train.resume_guard)."""
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint", "every", self.every, 0)
@@ -688,7 +692,11 @@ def validate(cfg: Config, world_size: int) -> None:
     """
     from .tokenizer import tokenizer_vocab_size
 
-    _positive_int("world", "size", world_size)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(
+            f"world size must be an int >= 1 (--world-size, $WORLD_SIZE or the launcher's rank "
+            f"count), got {world_size!r}"
+        )
     cfg.grad_accumulation(world_size)
     d, m = cfg.data, cfg.model
     if not d.source.startswith("hf:"):

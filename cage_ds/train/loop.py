@@ -33,6 +33,8 @@ from .data import TextData, build_data
 from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
 from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
+from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
+from .run_lock import RunLock, RunLockError
 
 METRICS_LOG = "metrics.jsonl"
 """Per-step metrics of a run, under its run_dir (see the module docstring)."""
@@ -241,16 +243,12 @@ class Trainer:
             self._barrier()
 
     def _checkpoint_manager(self):
-        c = self.cfg.checkpoint
-        if not (c.every or c.save_final or c.resume not in ("auto", "never")):
+        root = checkpoint_root(self.cfg)
+        if root is None:
             return None
         from .checkpoint import CheckpointManager
 
-        root = (
-            c.resume
-            if c.resume not in ("auto", "never")
-            else c.dir or self.cfg.run_dir / "checkpoints"
-        )
+        c = self.cfg.checkpoint
         return CheckpointManager(root, keep_last=c.keep_last, save_every=c.every)
 
     def _tracker(self):
@@ -317,7 +315,12 @@ class Trainer:
         return loss, ppl
 
     def _save(self, step: int) -> None:
-        self.checkpoints.save(self.engine, step, {"data": self.batches.state_dict()})
+        self.checkpoints.save(
+            self.engine,
+            step,
+            {"data": self.batches.state_dict()},
+            meta={CONFIG_META_KEY: self.cfg.to_dict()},
+        )
 
     def _resume(self) -> int:
         if self.checkpoints is None or self.cfg.checkpoint.resume == "never":
@@ -325,6 +328,9 @@ class Trainer:
         resumed = self.checkpoints.resume(self.engine)
         if resumed is None:
             return 0
+        for note in check_config(self.cfg, resumed.meta, resumed.path):
+            if self.rank == 0:
+                print(f"cage-train ({self.cfg.run_name}): {note}", flush=True)
         self.batches.load_state_dict(resumed.client_state["data"])
         self.resumed_from = resumed.tag
         return resumed.step
@@ -436,6 +442,32 @@ class Trainer:
         self.tracker.log_artifact(d / "result.json")
 
 
+def lock_run_dir(cfg: Config, rank: int) -> RunLock | None:
+    """Rank 0 takes the run dir's lock (announcing a stale one taken over); RunLockError on
+    every rank when another run holds it. Returns the held lock on rank 0, else None."""
+    from .checkpoint import from_rank0
+
+    lock, error = (RunLock(cfg.run_dir), None) if rank == 0 else (None, None)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockError as err:
+            error = str(err)
+    error = from_rank0(error)
+    if error is not None:
+        raise RunLockError(error)
+    if lock is not None and lock.note:
+        print(f"cage-train ({cfg.run_name}): {lock.note}", flush=True)
+    return lock
+
+
 def train(cfg: Config) -> RunResult:
-    """Run ``cfg`` to the end on this process's rank (see Trainer)."""
-    return Trainer(cfg).run()
+    """Run ``cfg`` to the end on this process's rank (see Trainer), holding the run dir's
+    lock (cage_ds.train.run_lock) from before the set-up to the end."""
+    rank, _ = init_distributed()
+    lock = lock_run_dir(cfg, rank)
+    try:
+        return Trainer(cfg).run()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -32,6 +32,8 @@ def test_check_prints_the_resolved_config(capsys):
         (["optim.lamda=3"], "unknown key 'optim.lamda'"),
         (["train.steps=x"], "train.steps must be an int"),
         (["--world-size", "3"], "not divisible by train.micro_batch_size=8 x world size 3"),
+        (["--world-size", "0"], "world size must be an int >= 1 (--world-size, $WORLD_SIZE"),
+        (["--world-size", "-2"], "world size must be an int >= 1"),
         (["data.bpe_vocab_size=8192"], "tokenizer vocabulary 8192"),
         (["data.source=/missing/corpus"], "data.source='/missing/corpus'"),
     ],

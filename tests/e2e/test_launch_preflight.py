@@ -74,3 +74,41 @@ def test_bad_input_stops_before_any_worker(case, tmp_path):
     for launcher_trace in ("runner.py", "launch.py", "torch.distributed.run", "spawned"):
         assert launcher_trace not in result.stdout + err, launcher_trace
     assert not out.exists()
+
+
+# id: (script, env, expected message); each exits before any Python runs
+ZERO_RANKS = {
+    "cpu_single_node-NPROC=0": ("cpu_single_node.sh", {"NPROC": "0"}, "NPROC"),
+    "single_node-NUM_GPUS=0": ("single_node.sh", {"NUM_GPUS": "0"}, "NUM_GPUS"),
+    "cpu_torchrun-NPROC_PER_NODE=0": (
+        "cpu_torchrun.sh", {"NNODES": "1", "NPROC_PER_NODE": "0"}, "NPROC_PER_NODE"),
+    "cpu_slurm_local-NNODES=0": ("cpu_slurm_local.sh", {"NNODES": "0"}, "NNODES"),
+    "cpu_multi_node_pdsh-NPROC=0": ("cpu_multi_node_pdsh.sh", {"NPROC": "0"}, "NPROC"),
+    "cpu_per_node_no_ssh-NPROC_PER_NODE=x": (
+        "cpu_per_node_no_ssh.sh", {"NPROC_PER_NODE": "x"}, "NPROC_PER_NODE"),
+    "multi_node_pdsh-zero-slots": (
+        "multi_node_pdsh.sh", {"HOSTFILE": "{hostfile}"}, "world size"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ZERO_RANKS))
+def test_zero_ranks_stop_the_launcher(case, tmp_path):
+    """A rank or node count below 1 (or not a number) is refused by name, even with
+    CAGE_SKIP_CHECK=1, before the pre-flight or any launcher runs."""
+    script, env, name = ZERO_RANKS[case]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=0\n")
+    env = {k: v.format(hostfile=hostfile) for k, v in env.items()}
+    full_env = {**os.environ, "CAGE_SKIP_CHECK": "1", "MASTER_ADDR": "127.0.0.1", **env}
+    out = tmp_path / "runs"
+    result = subprocess.run(
+        ["bash", str(ROOT / "launch" / script), "--config", EXPERIMENT,
+         f"train.output_dir={out}"],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    value = "0" if name == "world size" else env[name]
+    assert result.stderr.strip() == (
+        f"launch: {name} must be an integer >= 1, got '{value}'; nothing was started"
+    ), result.stderr
+    assert not out.exists()

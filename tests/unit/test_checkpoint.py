@@ -294,3 +294,17 @@ def test_two_ranks_agree_on_fallback_and_strict_error(tmp_path):
         assert result["step"] == 1 and result["data_position"] == 10
         assert result["victim"] in result["strict"] and "strict" in result["strict"]
     assert "falling back" in logs[0]
+
+
+def test_meta_rides_in_the_manifest_and_comes_back(tmp_path):
+    engine = _engine(0)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(engine, 1)
+    meta = {"config": {"optim": {"lr": 0.001, "betas": [0.9, 0.95]}}}
+    manager.save(engine, 2, meta=meta)
+    assert manager.read_meta() == ("step000000002", meta)  # read without loading
+    assert manager.resume(_engine(1)).meta == meta
+    (tmp_path / LATEST_NAME).write_text("step000000001")
+    assert manager.read_meta() == ("step000000001", None)  # saved without meta
+    assert manager.resume(_engine(1)).meta is None
+    assert CheckpointManager(tmp_path / "empty").read_meta() is None

@@ -272,3 +272,28 @@ def test_load_quantized_state_refuses_mismatched_bits(seed):
         load_quantized_state(dst, state)
     with pytest.raises(KeyError, match="missing"):
         load_quantized_state(prepare_model(tiny_llama(seed), QuantConfig.preset("w4a4")), {})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight": "w4"}, r"QuantConfig\.weight must be a QuantSpec or None, got str 'w4'.*"
+                           r"QuantConfig\.preset\('w4a4'\)"),
+        ({"activation": 4}, r"QuantConfig\.activation must be a QuantSpec or None, got int 4"),
+        ({"targets": "q_proj"}, r"QuantConfig\.targets must be a tuple .*got 'q_proj'"),
+    ],
+)  # fmt: skip
+def test_quant_config_wrong_types_name_the_argument(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_prepare_model_with_a_preset_name_says_how(seed):
+    model = tiny_llama(seed)
+    with pytest.raises(
+        TypeError,
+        match=r"config must be a QuantConfig, got str 'w4a4'; use prepare_model\(model, "
+        r"QuantConfig\.preset\('w4a4'\)\)",
+    ):
+        prepare_model(model, "w4a4")
+    assert not list(quantized_modules(model))
