@@ -69,6 +69,8 @@ class Block:
     seeds: tuple[int, ...]
     arms: tuple[str, ...]
     init_from: tuple[str, int] | None = None
+    fp_arm: str | None = None
+    """The block's full-precision reference arm (default: the study's fp_arm)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,10 @@ def load_study(path: str | Path) -> Study:
     for body in raw.get("blocks") or []:
         init = body.get("init_from")
         b = Block(body["name"], int(body["steps"]), tuple(body["seeds"]), tuple(body["arms"]),
-                  None if init is None else (init["arm"], int(init["steps"])))  # fmt: skip
+                  None if init is None else (init["arm"], int(init["steps"])),
+                  body.get("fp_arm", raw.get("fp_arm")))  # fmt: skip
+        if b.fp_arm is not None and b.fp_arm not in arms:
+            _fail(f"{path}: block {b.name!r}: fp_arm {b.fp_arm!r} is not an arm")
         if missing := [a for a in b.arms if a not in arms]:
             _fail(f"{path}: block {b.name!r} names unknown arms {missing}")
         if b.init_from is not None:
@@ -483,7 +488,7 @@ def report(study: Study, quick: bool, uri: str | None) -> str:
             lines += [f"### {block.name}: pending", ""]
             continue
         if block.init_from is None:
-            fp = {r["seed"]: r for r in rs if r["arm"] == study.fp_arm}
+            fp = {r["seed"]: r for r in rs if r["arm"] == block.fp_arm}
         else:
             parents = {s.seed: s.parent for s in study.block_runs(block, quick)}
             fp = {seed: records[key] for seed, key in parents.items() if key in records}
