@@ -1,7 +1,8 @@
 """Export a ZeRO checkpoint's latent weights as quantized weights (codes + scales, safetensors).
 
 The latent weights live only in the optimizer's fp32 partitions (the module weights DeepSpeed
-saves hold q(W H) under cage_ds.zero), so the export starts from zero_to_fp32:
+saves under cage_ds.zero hold quantized values, Q(W) or q(W H), not W), so the export starts
+from zero_to_fp32:
 
     latent W  = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag)
     exported  = cage_ds.nn.export_quantized_state(model with W)   (codes, scales, bits)
