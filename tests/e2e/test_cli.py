@@ -73,7 +73,9 @@ def test_single_process_cage_run_end_to_end(tmp_path):
         "data.seq_len=64", "data.val_fraction=0.1", "data.val_max_blocks=16",
         "train.steps=8", "train.eval_every=4", "train.log_every=2", "train.progress=false",
         "train.global_batch_size=8", "train.micro_batch_size=4", "deepspeed.stage=3",
-        "optim.cage_silence=0.5", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=e2e",
+        "optim.cage_silence=0.5",
+        "optim.cage_min_tokens_per_param=null", f"train.output_dir={tmp_path / 'runs'}",
+        "train.run_name=e2e",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -31,7 +31,8 @@ def cli_args(out: Path, *extra: str) -> list[str]:
            "data.seq_len=64", "data.val_fraction=0.1", "data.val_max_blocks=16",
            "train.steps=6", "train.log_every=1", "train.progress=false",
            "train.global_batch_size=8", "train.micro_batch_size=4", "deepspeed.stage=3",
-           "optim.cage_silence=0.3", "checkpoint.every=3", "checkpoint.keep_last=3",
+           "optim.cage_silence=0.3",
+           "optim.cage_min_tokens_per_param=null", "checkpoint.every=3", "checkpoint.keep_last=3",
            f"train.output_dir={out}", "train.run_name=r", *extra]  # fmt: skip
 
 

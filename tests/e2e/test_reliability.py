@@ -53,6 +53,7 @@ def _overrides(out: Path, run_name: str, cache: Path) -> list[str]:
             f"data.cache_dir={cache}", f"train.steps={STEPS}", "train.eval_every=0",
             "train.log_every=4", "train.progress=false", "train.global_batch_size=8",
             "train.micro_batch_size=4", "deepspeed.stage=3", "optim.cage_silence=0.3",
+            "optim.cage_min_tokens_per_param=null",
             f"checkpoint.every={EVERY}", "checkpoint.keep_last=2", "tracking.enabled=true",
             "tracking.system_metrics=false", f"train.output_dir={out}",
             f"train.run_name={run_name}"]  # fmt: skip

@@ -15,6 +15,8 @@ from cage_ds.train.recipe import learning_rates, resolve_cage_lambda, total_step
 
 CAGE = CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"
 QUEST = CONFIGS_DIR / "experiments" / "quest_w4a4.yaml"
+ON = ["optim.cage_min_tokens_per_param=null"]
+"""The shipped recipe keeps the correction off in short runs; these tests look at it acting."""
 
 
 def test_strength_is_the_sum_of_lr_times_lambda_over_the_run():
@@ -29,7 +31,7 @@ def test_strength_is_the_sum_of_lr_times_lambda_over_the_run():
 
 @pytest.mark.parametrize("steps", [80, 300, 2000])
 def test_a_strength_resolves_to_the_lambda_that_reaches_it(steps):
-    cfg = load_config(CAGE, ["optim.cage_lambda=0", "optim.cage_strength=0.7",
+    cfg = load_config(CAGE, [*ON, "optim.cage_lambda=0", "optim.cage_strength=0.7",
                              f"train.steps={steps}"])  # fmt: skip
     lam = resolve_cage_lambda(cfg, total_steps(cfg))
     lrs = learning_rates(cfg, steps)
@@ -41,14 +43,14 @@ def test_a_strength_resolves_to_the_lambda_that_reaches_it(steps):
 
 
 def test_a_raw_lambda_resolves_to_itself_and_quest_to_zero():
-    cfg = load_config(CAGE, ["train.steps=300"])
+    cfg = load_config(CAGE, [*ON, "train.steps=300"])
     assert resolve_cage_lambda(cfg, 300) == 10.0
     assert resolve_cage_lambda(load_config(QUEST, ["train.steps=300"]), 300) == 0.0
 
 
 def test_lambda_and_strength_together_is_an_error():
     with pytest.raises(ConfigError, match=r"cage_lambda=10\.0 and optim\.cage_strength=0\.5"):
-        load_config(CAGE, ["optim.cage_strength=0.5"])
+        load_config(CAGE, [*ON, "optim.cage_strength=0.5"])
 
 
 def test_an_unreachable_strength_names_the_silence():
@@ -57,10 +59,10 @@ def test_an_unreachable_strength_names_the_silence():
 
 
 def test_a_lambda_that_would_overshoot_the_grid_is_refused():
-    cfg = load_config(CAGE, ["optim.cage_lambda=2000", "train.steps=80"])
+    cfg = load_config(CAGE, [*ON, "optim.cage_lambda=2000", "train.steps=80"])
     with pytest.raises(ConfigError, match=r"max_t lr_t lambda_t = 0.6 over 80 steps"):
         resolve_cage_lambda(cfg, 80)
-    strong = load_config(CAGE, ["optim.cage_lambda=0", "optim.cage_strength=50",
+    strong = load_config(CAGE, [*ON, "optim.cage_lambda=0", "optim.cage_strength=50",
                                 "train.steps=80"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"cage_strength=50\.0 resolves to lambda="):
         resolve_cage_lambda(strong, 80)
@@ -88,14 +90,14 @@ def test_below_the_token_floor_the_correction_is_off_and_says_why():
     from cage_ds.train.recipe import cage_off_reason, tokens_per_param
 
     floor = ["optim.cage_min_tokens_per_param=1.0"]
-    short = load_config(CAGE, [*floor, "train.steps=80"])  # 80 x 16 x 128 tokens / 0.52M
+    short = load_config(CAGE, [*ON, *floor, "train.steps=80"])  # 80 x 16 x 128 tokens / 0.52M
     norms = 2 * 2 * 128 + 128  # 2 layers x 2 RMSNorms + the final one
     assert tokens_per_param(short, 80) == pytest.approx(80 * 16 * 128 / (524288 + norms))
     assert resolve_cage_lambda(short, 80) == 0.0
     assert "0.31 tokens per non-embedding parameter" in cage_off_reason(short, 80)
     assert short.method == "cage"  # still the CAGE recipe; the pairing sees it
-    long = load_config(CAGE, [*floor, "train.steps=800"])
+    long = load_config(CAGE, [*ON, *floor, "train.steps=800"])
     assert cage_off_reason(long, 800) is None and resolve_cage_lambda(long, 800) == 10.0
     assert cage_off_reason(load_config(QUEST, [*floor, "train.steps=80"]), 80) is None
     with pytest.raises(ConfigError, match="cage_min_tokens_per_param must be a finite"):
-        load_config(CAGE, ["optim.cage_min_tokens_per_param=-1"])
+        load_config(CAGE, [*ON, "optim.cage_min_tokens_per_param=-1"])
