@@ -61,8 +61,12 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def preset_parameter_counts(m: ModelConfig) -> dict[str, int]:
-    """Parameter counts of a preset, built on the meta device (nothing allocated)."""
-    from transformers import AutoModelForCausalLM
+    """Parameter counts of a preset, built on the meta device (nothing allocated).
+
+    The model class is constructed directly, not through ``from_config``: under a live ZeRO-3
+    ``HfDeepSpeedConfig`` (a running cage-train) ``from_config`` would partition and
+    initialize it, which fails on the meta device."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if m.pretrained is not None:
         from transformers import AutoConfig
@@ -71,7 +75,7 @@ def preset_parameter_counts(m: ModelConfig) -> dict[str, int]:
     else:
         hf = llama_config(m)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf)](hf)
     return parameter_counts(model)
 
 

@@ -101,3 +101,17 @@ def test_below_the_token_floor_the_correction_is_off_and_says_why():
     assert cage_off_reason(load_config(QUEST, [*floor, "train.steps=80"]), 80) is None
     with pytest.raises(ConfigError, match="cage_min_tokens_per_param must be a finite"):
         load_config(CAGE, [*ON, "optim.cage_min_tokens_per_param=-1"])
+
+
+def test_the_token_count_works_inside_a_live_zero3_run():
+    """cage-train resolves lambda after building the model under a live ZeRO-3
+    HfDeepSpeedConfig; counting parameters must not go through ZeRO-3 initialization."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from cage_ds.train.recipe import tokens_per_param
+
+    cfg = load_config(CAGE, ["train.steps=80"])
+    keep_alive = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
+    assert tokens_per_param(cfg, 80) == pytest.approx(0.312, abs=1e-3)
+    assert resolve_cage_lambda(cfg, 80) == 0.0  # below the shipped recipe's floor
+    del keep_alive
