@@ -477,8 +477,13 @@ def test_quantized_param_shape_errors_name_the_param():
     opt = CageAdamW([{"params": [("model.norm.weight", vec)], "quant": QUANT}], cage_lambda=0.0)
     vec.grad = torch.ones(16)
     with pytest.raises(
-        ValueError, match=r"param 0 \('model.norm.weight'\): .* 2-D weight .* \(16,\)"
+        ValueError, match=r"param 0 \('model.norm.weight'\): got a flat 1-D tensor of shape \(16,\)"
     ):
+        opt.step()
+    cube = torch.nn.Parameter(torch.zeros(2, 4, 16))
+    opt = CageAdamW([{"params": [cube], "quant": QUANT}], cage_lambda=0.0)
+    cube.grad = torch.ones(2, 4, 16)
+    with pytest.raises(ValueError, match=r"param 0: .* 2-D weight .* \(2, 4, 16\)"):
         opt.step()
     odd = torch.nn.Parameter(torch.zeros(4, 24))
     opt = CageAdamW([{"params": [odd], "quant": QUANT}], cage_lambda=0.0)

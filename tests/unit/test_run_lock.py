@@ -71,7 +71,8 @@ def test_cage_train_refuses_a_run_dir_in_use(tmp_path):
 
     holder = start_holder(tmp_path / "r")
     try:
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: v for k, v in os.environ.items() if k not in launcher}  # own single rank
         env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true")
         proc = subprocess.run(
             [sys.executable, "-m", "cage_ds.train", "--config",
