@@ -146,5 +146,8 @@ def paired_report(runs: Sequence[Mapping[str, Any]], reference: str | Path | Non
             )
         if cage.get("note"):
             lines.append(f"    {cage['note']}")
-        lines.append(f"    this run: {d.verdict(None if ref is None else ref['sd'])}")
+        if cage.get("note") and d.mean == 0:
+            lines.append("    this run: identical to QuEST (the correction was off)")
+        else:
+            lines.append(f"    this run: {d.verdict(None if ref is None else ref['sd'])}")
     return "\n".join(lines)

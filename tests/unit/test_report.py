@@ -65,6 +65,8 @@ def test_a_launch_pairs_cage_with_quest_of_the_same_bits_seed_and_length(tmp_pat
     assert "this run: no difference beyond noise" in text and "quest_w3a3" not in text
     runs[2]["note"] = "CAGE correction off: too short"
     assert "    CAGE correction off: too short\n    this run:" in paired_report(runs, summary)
+    off = [run("quest_w4a4", "quest", 5.05), {**run("cage_w4a4", "cage", 5.05), "note": "off"}]
+    assert "this run: identical to QuEST (the correction was off)" in paired_report(off)
     alone = paired_report(runs)
     assert "cannot separate" in alone and "study" not in alone
     assert paired_report([run("fp", "fp", 5.0), run("quest_w4a4", "quest", 5.05)]) == ""
