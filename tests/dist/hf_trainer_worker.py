@@ -1,0 +1,147 @@
+"""One launch of the CageTrainer equality test (run by tests/dist/test_hf_trainer.py).
+
+    torchrun --nproc_per_node N tests/dist/hf_trainer_worker.py OUT_DIR STEPS STAGE
+
+On the tiny Llama of zero_case (W4A4, fp32, CageAdamW settings of make_model_and_optimizer):
+  1. CageTrainer with a DeepSpeed ZeRO-STAGE config of "auto" values trains STEPS steps on
+     the global batches make_batch(0..STEPS-1) (sequential sampler: rank r gets rows
+     [r * per, (r + 1) * per) of each, as the hand loop); compute_loss records the losses;
+     then one forward checks the gathered weights against Quantizer.values(latent);
+  2. cage_ds.zero.initialize with the config the Trainer resolved, and the hand loop of
+     zero_worker._train on the same model seed, batches and optimizer settings.
+Rank 0 writes OUT_DIR/result.pt. One stage per launch: accelerate's state is a process
+singleton that keeps the first DeepSpeed plugin.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import deepspeed
+import torch
+from accelerate import PartialState
+from transformers import TrainingArguments
+
+from cage_ds.integrations import CageArgs, CageTrainer
+from cage_ds.zero import initialize
+
+sys.path.insert(0, os.path.dirname(__file__))
+from zero_case import CLIP, GLOBAL_BATCH, LAMBDA, LR, make_batch, make_model_and_optimizer
+from zero_worker import _compare_gathered, _latents, _train
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class _Recording(CageTrainer):
+    """Records this rank's loss of every micro step."""
+
+    losses: list[float]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+def _ds_config(stage: int) -> dict:
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+
+
+def _cpu_deepspeed_state() -> None:
+    """accelerate's DeepSpeed state on CPU: TrainingArguments(deepspeed=...) passes no backend
+    and accelerate==1.16.0 finds none for a CPU-only torch, so it would run one process
+    (num_processes 1). Configure the state with gloo first; the Trainer then uses it
+    (accelerator_config use_configured_state)."""
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
+def main() -> None:
+    out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    deepspeed.init_distributed(dist_backend="gloo")
+    _cpu_deepspeed_state()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    per = GLOBAL_BATCH // world
+    model, hand_opt = make_model_and_optimizer("decoupled")
+    group = hand_opt.param_groups[0]  # the quantized weights' group: the settings to match
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "trainer"),
+        per_device_train_batch_size=per,
+        max_steps=steps,
+        learning_rate=LR,
+        adam_beta1=group["betas"][0],
+        adam_beta2=group["betas"][1],
+        adam_epsilon=group["eps"],
+        weight_decay=group["weight_decay"],
+        max_grad_norm=CLIP,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        train_sampling_strategy="sequential",
+        disable_tqdm=True,
+        accelerator_config={"use_configured_state": True},
+        deepspeed=_ds_config(stage),
+    )
+    data = _Rows(torch.cat([make_batch(k) for k in range(steps)]))
+    cage = CageArgs(lambda_=LAMBDA, silence=0.0, schedule="constant")
+    trainer = _Recording(model=model, args=args, train_dataset=data, cage=cage)
+    trainer.losses = []
+    trainer.train()
+    engine, client = trainer.model_wrapped, trainer.cage_optimizer
+    log: list = []
+    handles = _compare_gathered(engine, _latents(engine), log)
+    with torch.no_grad():
+        ids = make_batch(steps)[rank * per : (rank + 1) * per]
+        engine(input_ids=ids, labels=ids)
+    for h in handles:
+        h.remove()
+    result = {
+        "trainer_losses": trainer.losses,
+        "attached": bool(getattr(engine.optimizer, "cage_zero_attached", False)),
+        "client_is_cage": engine.optimizer.optimizer is client,
+        "client_state": sum(len(s) > 0 for s in client.state.values()),
+        "last_lambda": client.last_lambda,
+        "gathered": log,
+        "log_history": trainer.state.log_history,
+    }
+    config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config)
+    engine.destroy()
+
+    model, opt = make_model_and_optimizer("decoupled")
+    engine, *_ = initialize(model=model, optimizer=opt, config=config)
+    losses = []  # this rank's losses, as the Trainer records them
+    engine.register_forward_hook(lambda _m, _a, out: losses.append(float(out.loss.detach())))
+    _train(engine, steps, rank, world, 0, [])
+    result["hand_losses"] = losses
+    engine.destroy()
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, result)
+    if rank == 0:
+        torch.save(gathered, os.path.join(out_dir, "result.pt"))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
