@@ -6,6 +6,7 @@ from .prepare import (
     export_quantized_state,
     load_quantized_state,
     prepare_model,
+    quant_config_of,
     quantized_modules,
     set_weight_prequantized,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "export_quantized_state",
     "load_quantized_state",
     "prepare_model",
+    "quant_config_of",
     "quant_stats",
     "quantized_modules",
     "set_weight_prequantized",

@@ -43,6 +43,31 @@ def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
             yield name, module
 
 
+def quant_config_of(model: nn.Module) -> QuantConfig | None:
+    """The QuantConfig that ``prepare_model`` applied to ``model``, with targets = the
+    qualified names of its QuantLinear layers, so preparing a fresh model of the same
+    architecture with it swaps exactly the same layers; None for an unprepared model.
+
+    Raises ValueError if the layers do not share one (weight, activation) spec pair."""
+    layers = list(quantized_modules(model))
+    if not layers:
+        return None
+    specs = {
+        (_spec_of(layer.weight_quantizer), _spec_of(layer.act_quantizer)) for _, layer in layers
+    }
+    if len(specs) != 1:
+        raise ValueError(
+            f"quant_config_of: the QuantLinear layers use {len(specs)} different spec pairs "
+            f"{sorted(map(str, specs))[:3]}; one QuantConfig cannot describe them"
+        )
+    weight, activation = specs.pop()
+    return QuantConfig(weight=weight, activation=activation, targets=tuple(n for n, _ in layers))
+
+
+def _spec_of(quantizer) -> QuantSpec | None:
+    return None if quantizer is None else quantizer.spec
+
+
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 

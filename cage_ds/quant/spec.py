@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from cage_kernels.grid import check_bits
 from cage_kernels.hadamard import check_block
@@ -92,6 +92,27 @@ class QuantConfig:
                     "QuantConfig: weight and activation hadamard_block must match "
                     f"({w.hadamard_block} != {a.hadamard_block}): both operands share one rotation"
                 )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (``from_dict`` inverts it exactly)."""
+        return {
+            "weight": None if self.weight is None else asdict(self.weight),
+            "activation": None if self.activation is None else asdict(self.activation),
+            "targets": list(self.targets),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Inverse of ``to_dict``; the specs are validated as on construction."""
+
+        def side(spec: dict[str, Any] | None) -> QuantSpec | None:
+            return None if spec is None else QuantSpec(**spec)
+
+        return cls(
+            weight=side(data["weight"]),
+            activation=side(data["activation"]),
+            targets=tuple(data["targets"]),
+        )
 
     @classmethod
     def preset(cls, name: str, method: Literal["quest", "rtn"] = "quest", **spec_kw) -> QuantConfig:

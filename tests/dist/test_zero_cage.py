@@ -126,14 +126,15 @@ def _check_bf16(out) -> None:
 
 def _check_export(ckpt: str, world: int) -> None:
     """Latents (zero_to_fp32) -> codes + scales (safetensors) -> reload: the same loss."""
-    from cage_ds.zero.export import export_quantized_checkpoint, load_quantized
+    from cage_ds.nn.export import load_packed
+    from cage_ds.zero.export import export_quantized_checkpoint
 
     latent_model, _ = make_model_and_optimizer("decoupled")
     out = os.path.join(ckpt, "quantized.safetensors")
     state = export_quantized_checkpoint(ckpt, latent_model, out, tag="t")
     assert any(k.endswith(".weight.codes") for k in state)
     reloaded, _ = make_model_and_optimizer("decoupled")
-    load_quantized(reloaded, out)
+    load_packed(out, reloaded)
     ids = make_batch(99)
     with torch.no_grad():
         want = latent_model(input_ids=ids, labels=ids).loss
