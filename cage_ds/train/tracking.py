@@ -493,6 +493,54 @@ def make_tracker(
     return NullTracker()
 
 
+def log_to_run(
+    experiment: str,
+    run_name: str,
+    path: str | os.PathLike,
+    artifact_path: str | None = None,
+    tracking_uri: str | None = None,
+) -> str | None:
+    """Best effort: upload ``path`` (a file or folder) to the newest MLflow run named
+    ``run_name`` in ``experiment``; returns its run id, or None with a warning when there is no
+    such run or the server fails (never raises)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        runs = (
+            client.search_runs(
+                [found.experiment_id],
+                filter_string=f"tags.mlflow.runName = '{run_name}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if found is not None
+            else []
+        )
+        if not runs:
+            logger.warning(
+                "MLflow: no run %r in experiment %r at %s; %s not logged",
+                run_name,
+                experiment,
+                uri,
+                path,
+            )
+            return None
+        run_id = runs[0].info.run_id
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            client.log_artifact(run_id, str(path), artifact_path)
+        return run_id
+    except Exception as err:  # best effort: the caller's work is done either way
+        logger.warning("MLflow: could not log %s to run %r at %s: %s", path, run_name, uri, err)
+        return None
+
+
 def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
     """Deliver a fallback file written by ``Tracker.close`` and return the run id.
 

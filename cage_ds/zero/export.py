@@ -34,6 +34,9 @@ def latent_state_dict(
 def load_latents(checkpoint_dir: str | Path, model: nn.Module, tag: str | None = None) -> nn.Module:
     """Write the checkpoint's latents into ``model`` and return it.
 
+    ``checkpoint_dir``: the folder DeepSpeed saved into (holding one folder per tag);
+    ``tag``: None reads ``checkpoint_dir/latest``.
+
     ``model``: a fresh model of the checkpoint's architecture, prepared with its QuantConfig
     (on CPU, not partitioned); its quantized layers are left in latent mode
     (weight_prequantized=False). ValueError when a parameter is missing or unexpected."""
