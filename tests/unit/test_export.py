@@ -111,3 +111,13 @@ def test_packed_refuses_a_file_without_metadata_and_a_mismatched_model(trained, 
     w3 = prepare_model(_llama(trained.config.tie_word_embeddings), QuantConfig.preset("w3a3"))
     with pytest.raises(ValueError, match="was exported with"):
         load_packed(file, w3)
+
+
+def test_quant_config_of_refuses_mixed_specs_and_says_none_for_fp():
+    from cage_ds.quant import Quantizer, QuantSpec
+
+    assert quant_config_of(_llama(False)) is None
+    model = prepare_model(_llama(False), QuantConfig.preset("w4a4"))
+    model.model.layers[0].mlp.down_proj.weight_quantizer = Quantizer(QuantSpec(bits=3))
+    with pytest.raises(ValueError, match="2 different spec pairs"):
+        quant_config_of(model)

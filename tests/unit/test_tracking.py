@@ -219,3 +219,15 @@ raise SystemExit("training crashed")
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[0]["status"] == "FAILED"
     assert [(r["step"], r["value"]) for r in records[1:]] == [(s, s / 7) for s in range(5)]
+
+
+def test_log_to_run_is_best_effort(tmp_path, caplog):
+    from cage_ds.train.tracking import log_to_run
+
+    file = tmp_path / "a.txt"
+    file.write_text("x")
+    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert log_to_run("no-such-experiment", "r", file, tracking_uri=uri) is None
+    assert "no run 'r' in experiment 'no-such-experiment'" in caplog.text
+    assert log_to_run("e", "r", file, tracking_uri="bogus://nowhere") is None
+    assert "could not log" in caplog.text
