@@ -381,9 +381,7 @@ def block_table(
     start = (
         ""
         if block.init_from is None
-        else (
-            f", fine-tuning the FP arm's {block.init_from[1]}-step run of the same seed (FP = it)"
-        )
+        else (f", fine-tuning the {block.init_from[1]}-step {block.init_from[0]} run of each seed")
     )
     lines = [
         f"### {block.name}: {steps} steps, {tpp:.2f} tokens per non-embedding parameter{start}",
@@ -487,9 +485,9 @@ def report(study: Study, quick: bool, uri: str | None) -> str:
         if not rs:
             lines += [f"### {block.name}: pending", ""]
             continue
-        if block.init_from is None:
+        if block.init_from is None or block.fp_arm in block.arms:
             fp = {r["seed"]: r for r in rs if r["arm"] == block.fp_arm}
-        else:
+        else:  # fine-tuning without an FP fine-tuning arm: the FP run it starts from
             parents = {s.seed: s.parent for s in study.block_runs(block, quick)}
             fp = {seed: records[key] for seed, key in parents.items() if key in records}
         table, entries = block_table(study, block, rs, fp)
