@@ -99,7 +99,9 @@ def uses_cage_zero(cfg: Config, stage: int) -> bool:
     return stage > 0 and weight is not None and weight.method == "quest"
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, stage: int):
+def build_optimizer(
+    cfg: Config, model: torch.nn.Module, steps: int, stage: int, cage_lambda: float
+):
     """CageAdamW over cage_param_groups (decay on linear weights, CAGE on quantized ones).
 
     Under ZeRO without cage_ds.zero (RTN weights; validate() ensures lambda = 0 there) the
@@ -111,7 +113,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, stage: int)
 
     o = cfg.optim
     cage = {
-        "cage_lambda": resolve_cage_lambda(cfg, steps),
+        "cage_lambda": cage_lambda,
         "cage_silence": o.cage_silence,
         "cage_schedule": o.cage_schedule,
         "cage_variant": o.cage_variant,
@@ -204,6 +206,9 @@ class Trainer:
         if self.on_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.steps = total_steps(cfg)
+        # resolved once, before build_model (a live ZeRO-3 HF config makes model builds costly)
+        self.cage_off_reason = cage_off_reason(cfg, self.steps)
+        self.cage_lambda = resolve_cage_lambda(cfg, self.steps)
         self.data = self._load_data()
         self.ds_config = deepspeed_config(cfg, self.world, self.on_cuda)
         torch.manual_seed(cfg.train.seed)
@@ -211,7 +216,9 @@ class Trainer:
             cfg, self.ds_config, self.data.tokenizer.eos_token_id
         )
         self.params = parameter_counts(model)
-        optimizer = build_optimizer(cfg, model, self.steps, zero_stage(self.ds_config))
+        optimizer = build_optimizer(
+            cfg, model, self.steps, zero_stage(self.ds_config), self.cage_lambda
+        )
         o = cfg.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda k: warmup_cosine(k + 1, self.steps, o.warmup_fraction, o.min_lr_ratio)
@@ -343,7 +350,7 @@ class Trainer:
             start_record = {"event": "start", "step": start, "resumed_from": self.resumed_from}
             append_jsonl(self.cfg.run_dir / METRICS_LOG, {**start_record, "world_size": self.world})
             self._write_run_files()
-            if reason := cage_off_reason(cfg, self.steps):
+            if reason := self.cage_off_reason:
                 print(f"cage-train ({cfg.run_name}): {reason}", flush=True)
         bar = None
         if rank0 and cfg.train.progress:
@@ -421,8 +428,8 @@ class Trainer:
                 "initializer": self.initializer,
                 "params_total": self.params["total"],
                 "params_non_embedding": self.params["non_embedding"],
-                "cage_lambda_resolved": resolve_cage_lambda(self.cfg, self.steps),
-                "cage_off_reason": cage_off_reason(self.cfg, self.steps) or "",
+                "cage_lambda_resolved": self.cage_lambda,
+                "cage_off_reason": self.cage_off_reason or "",
             }
         )
         self.tracker.log_artifact(d / "config.yaml")
