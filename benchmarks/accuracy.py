@@ -32,7 +32,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ class Block:
     arms: tuple[str, ...]
     init_from: tuple[str, int] | None = None
     fp_arm: str | None = None
-    """The block's full-precision reference arm (default: the study's fp_arm)."""
+    """The block's full-precision reference arm (default: the study file's top-level fp_arm)."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,10 @@ class RunSpec:
 class Study:
     name: str
     output: Path
-    fp_arm: str | None
     common: tuple[str, ...]
     arms: dict[str, Arm]
     blocks: list[Block]
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def runs(self, quick: bool = False) -> list[RunSpec]:
         """Every run of the study once, block by block, seed-major (pairs finish together)."""
@@ -179,14 +177,10 @@ def load_study(path: str | Path) -> Study:
         blocks.append(b)
     if not blocks:
         _fail(f"{path}: no blocks")
-    fp_arm = raw.get("fp_arm")
-    if fp_arm is not None and fp_arm not in arms:
-        _fail(f"{path}: fp_arm {fp_arm!r} is not an arm")
     output = Path(raw.get("output", f"runs/accuracy/{path.stem}"))
     return Study(
         raw.get("name", path.stem),
         output if output.is_absolute() else REPO / output,
-        fp_arm,
         tuple(raw.get("common", ())),
         arms,
         blocks,
