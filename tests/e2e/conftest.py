@@ -85,3 +85,11 @@ def server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _own_rendezvous(monkeypatch):
+    """End-to-end tests start their own processes: an in-process distributed test earlier in
+    the session may have left RANK/MASTER_PORT/... in os.environ (its port still bound)."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
