@@ -125,13 +125,20 @@ def set_weight_prequantized(model: nn.Module, flag: bool) -> int:
     return count
 
 
-def cage_param_groups(model: nn.Module, weight_decay: float = 0.1, **cage_kw) -> list[dict]:
+def cage_param_groups(
+    model: nn.Module,
+    weight_decay: float = 0.1,
+    correct: tuple[str, ...] | None = None,
+    **cage_kw,
+) -> list[dict]:
     """Param groups for CageAdamW, each with "param_names" (``cage_kw`` goes in every group).
 
     - one group per weight spec of the quantized linear weights: weight_decay, "quant" =
       dataclasses.asdict(spec);
     - other linear weights (lm_head, unquantized linears): weight_decay, "quant" None;
     - everything else (embeddings, norms, biases): weight_decay 0, "quant" None.
+    ``correct``: module-name suffixes of the quantized layers that get the CAGE correction
+    (None: all); the other quantized weights get their own groups with cage_lambda 0 (QuEST).
     Only trainable parameters; one shared by several modules lands with its first owner.
     """
     quant: dict[tuple, dict] = {}
@@ -147,16 +154,22 @@ def cage_param_groups(model: nn.Module, weight_decay: float = 0.1, **cage_kw) ->
             wq = module.weight_quantizer if isinstance(module, QuantLinear) else None
             if is_weight and wq is not None:
                 spec = dataclasses.asdict(wq.spec)
+                corrected = correct is None or _matches(mname, correct)
                 group = quant.setdefault(
-                    tuple(sorted(spec.items())),
+                    (corrected, *sorted(spec.items())),
                     {"params": [], "param_names": [], "weight_decay": weight_decay, "quant": spec},
                 )
             else:
                 group = decay if is_weight else no_decay
             group["params"].append(p)
             group["param_names"].append(f"{mname}.{pname}" if mname else pname)
-    groups = [*quant.values(), decay, no_decay]
-    return [{**g, **cage_kw} for g in groups if g["params"]]
+    if correct is not None and not any(corrected for corrected, *_ in quant):
+        raise ValueError(
+            f"cage_param_groups: no quantized layer matches correct={correct}; "
+            f"quantized layers include {[n for n, _ in quantized_modules(model)][:4]}"
+        )
+    groups = [{**g, **cage_kw, **({} if key[0] else {"cage_lambda": 0.0})} for key, g in quant.items()]
+    return [g for g in [*groups, {**decay, **cage_kw}, {**no_decay, **cage_kw}] if g["params"]]
 
 
 def _exportable(name: str, layer: QuantLinear) -> bool:

@@ -200,6 +200,10 @@ class OptimConfig:
     """linear_ramp or constant (after the silence)."""
     cage_variant: Literal["decoupled", "coupled"] = "decoupled"
     """decoupled (official: added after the Adam step) or coupled (added to the gradient)."""
+    cage_targets: tuple[str, ...] | None = None
+    """Which of quant.targets get the correction (e.g. [q_proj, k_proj, v_proj, o_proj] for
+    attention only); null = all quantized layers, as in the official code. The others train
+    as QuEST."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -754,6 +758,12 @@ def validate(cfg: Config, world_size: int) -> None:
             f"{cfg.optim.cage_strength}) with quant.method='rtn' under ZeRO "
             f"stage {stage}: the sharded CAGE correction supports QuEST weights only; use "
             "quant.method=quest, optim.cage_lambda=0 (RTN-STE) or deepspeed.stage=0"
+        )
+    stray = sorted(set(cfg.optim.cage_targets or ()) - set(cfg.quant.targets))
+    if stray:
+        raise ConfigError(
+            f"optim.cage_targets has {stray}, which quant.targets={list(cfg.quant.targets)} does "
+            "not quantize: the correction applies to quantized layers only"
         )
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")

@@ -119,7 +119,7 @@ def build_optimizer(
         "cage_variant": o.cage_variant,
         "total_steps": steps,
     }
-    groups = cage_param_groups(model, weight_decay=o.weight_decay, **cage)
+    groups = cage_param_groups(model, o.weight_decay, o.cage_targets, **cage)
     if stage > 0 and not uses_cage_zero(cfg, stage):
         groups = [{**g, "quant": None} for g in groups]
     return CageAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **cage)

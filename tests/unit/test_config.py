@@ -91,6 +91,11 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
         (["model.pretrained=/no/model"], 1, "model.pretrained='/no/model': no config.json"),
         (["data.tokenizer=/no/tok"], 1, "data.tokenizer='/no/tok': no tokenizer"),
         (["quant.method=rtn"], 1, "with quant.method='rtn' under ZeRO stage 3"),
+        (
+            ["quant.targets=[q_proj]", "optim.cage_targets=[q_proj,up_proj]"],
+            1,
+            "optim.cage_targets has ['up_proj'], which quant.targets=['q_proj'] does not quantize",
+        ),
     ],
 )
 def test_validate_whole_config(override, world, message):

@@ -178,6 +178,38 @@ def test_cage_param_groups(seed, tie):
     assert sorted(all_ids) == sorted({id(p) for p in model.parameters()})
 
 
+@pytest.mark.parametrize("correct", [("q_proj", "k_proj", "v_proj", "o_proj"), ("down_proj",)])
+def test_cage_param_groups_correct_only_the_named_layers(seed, correct):
+    """One CageAdamW step with lambda on: the named layers move exactly as under a plain
+    all-layer CAGE optimizer, the others exactly as under QuEST (lambda 0)."""
+    from cage_ds.optim import CageAdamW
+
+    def step(model, **kw):
+        groups = cage_param_groups(model, 0.1, cage_silence=0.0, total_steps=1, **kw)
+        opt = CageAdamW(groups, lr=1e-2, cage_silence=0.0, total_steps=1)
+        model(ids_for(seed), labels=ids_for(seed)).loss.backward()
+        opt.step()
+        return dict(model.named_parameters()), groups
+
+    config = QuantConfig.preset("w4a4")
+    only, groups = step(prepare_model(tiny_llama(seed), config), correct=correct, cage_lambda=10.0)
+    every, _ = step(prepare_model(tiny_llama(seed), config), cage_lambda=10.0)
+    none, _ = step(prepare_model(tiny_llama(seed), config), cage_lambda=0.0)
+    lambdas = {n: g["cage_lambda"] for g in groups if g["quant"] for n in g["param_names"]}
+    assert len(lambdas) == 14
+    for name, lam in lambdas.items():
+        corrected = name.removesuffix(".weight").rsplit(".", 1)[1] in correct
+        assert lam == (10.0 if corrected else 0.0), name
+        assert torch.equal(only[name], (every if corrected else none)[name]), name
+        assert not torch.equal(every[name], none[name]), name
+
+
+def test_cage_param_groups_correct_matching_nothing_is_refused(seed):
+    model = prepare_model(tiny_llama(seed), QuantConfig(targets=("q_proj",)))
+    with pytest.raises(ValueError, match=r"no quantized layer matches correct=\('up_proj',\)"):
+        cage_param_groups(model, correct=("up_proj",))
+
+
 def test_param_groups_of_unquantized_weights_and_mixed_specs(seed):
     model = prepare_model(tiny_llama(seed), QuantConfig.preset("w16a4"))
     groups = cage_param_groups(model)
