@@ -168,7 +168,8 @@ def cage_param_groups(
             f"cage_param_groups: no quantized layer matches correct={correct}; "
             f"quantized layers include {[n for n, _ in quantized_modules(model)][:4]}"
         )
-    groups = [{**g, **cage_kw, **({} if key[0] else {"cage_lambda": 0.0})} for key, g in quant.items()]
+    off = {"cage_lambda": 0.0}
+    groups = [{**g, **cage_kw, **({} if key[0] else off)} for key, g in quant.items()]
     return [g for g in [*groups, {**decay, **cage_kw}, {**no_decay, **cage_kw}] if g["params"]]
 
 
