@@ -26,10 +26,9 @@ import torch
 from transformers import Trainer
 
 from cage_ds.nn import cage_param_groups
-from cage_ds.nn import quant_stats as module_quant_stats
 from cage_ds.optim import CageAdamW
-from cage_ds.zero import attach, check_config
-from cage_ds.zero import quant_stats as zero_quant_stats
+
+from ._deepspeed import attach_client, check_deepspeed_config, telemetry
 
 
 @dataclass(frozen=True)
@@ -45,19 +44,6 @@ class CageArgs:
     schedule: str = "linear_ramp"
     variant: str = "decoupled"
     telemetry: bool = True
-
-
-def check_deepspeed_config(config: dict) -> None:
-    """Refuse a DeepSpeed config CageTrainer cannot honour, naming the setting."""
-    if "optimizer" in config:
-        kind = (config["optimizer"] or {}).get("type", "?")
-        raise ValueError(
-            f"CageTrainer: the DeepSpeed config has an 'optimizer' section (type {kind!r}); "
-            "DeepSpeed would build that optimizer instead of CageAdamW and CAGE would be lost. "
-            "Remove the section: lr, betas, eps and weight decay come from TrainingArguments, "
-            "the CAGE settings from cage=CageArgs(...)"
-        )
-    check_config(config)
 
 
 class CageTrainer(Trainer):
@@ -107,23 +93,14 @@ class CageTrainer(Trainer):
     def _prepare_for_training(self, max_steps: int, *args: Any, **kwargs: Any) -> Any:
         self._cage_total_steps = max_steps
         model, dataloader = super()._prepare_for_training(max_steps, *args, **kwargs)
-        if self.is_deepspeed_enabled and not getattr(model.optimizer, "cage_zero_attached", False):
-            # pinned to deepspeed==0.19.8: ZeRO wrappers keep the client optimizer as .optimizer
-            if getattr(model.optimizer, "optimizer", None) is not self.cage_optimizer:
-                raise RuntimeError(
-                    "CageTrainer: DeepSpeed's engine does not step this trainer's CageAdamW "
-                    f"(it wraps {type(getattr(model.optimizer, 'optimizer', None)).__name__})"
-                )
-            attach(model, self.cage_optimizer)
+        if self.is_deepspeed_enabled:
+            attach_client(model, self.cage_optimizer, "CageTrainer")
         return model, dataloader
 
     def cage_telemetry(self) -> dict[str, float]:
         """cage-train's keys: quant/* and train/lambda. Collective under DeepSpeed."""
-        if self.is_deepspeed_enabled:
-            stats = zero_quant_stats(self.model_wrapped)
-        else:
-            stats = module_quant_stats(self.model)
-        return {**stats, "train/lambda": float(self.cage_optimizer.last_lambda)}
+        model = self.model_wrapped if self.is_deepspeed_enabled else self.model
+        return telemetry(model, self.cage_optimizer, self.is_deepspeed_enabled)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer.log, with cage_telemetry() in the training-step logs."""
