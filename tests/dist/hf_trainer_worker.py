@@ -1,14 +1,15 @@
 """One launch of the CageTrainer equality test (run by tests/dist/test_hf_trainer.py).
 
-    torchrun --nproc_per_node N tests/dist/hf_trainer_worker.py OUT_DIR STEPS STAGE
+    torchrun --nproc_per_node N tests/dist/hf_trainer_worker.py OUT_DIR STEPS STAGE [GA]
 
 On the tiny Llama of zero_case (W4A4, fp32, CageAdamW settings of make_model_and_optimizer):
-  1. CageTrainer with a DeepSpeed ZeRO-STAGE config of "auto" values trains STEPS steps on
-     the global batches make_batch(0..STEPS-1) (sequential sampler: rank r gets rows
-     [r * per, (r + 1) * per) of each, as the hand loop); compute_loss records the losses;
-     then one forward checks the gathered weights against Quantizer.values(latent);
+  1. CageTrainer with a DeepSpeed ZeRO-STAGE config of "auto" values and GA (default 1)
+     gradient accumulation steps trains STEPS optimizer steps on the global micro batches
+     make_batch(0..STEPS * GA - 1) (sequential sampler: rank r gets rows [r * per,
+     (r + 1) * per) of each, as the hand loop); compute_loss records the losses; then one
+     forward checks the gathered weights against Quantizer.values(latent);
   2. cage_ds.zero.initialize with the config the Trainer resolved, and the hand loop of
-     zero_worker._train on the same model seed, batches and optimizer settings.
+     zero_worker._train over the same micro batches (DeepSpeed steps every GA of them).
 Rank 0 writes OUT_DIR/result.pt. One stage per launch: accelerate's state is a process
 singleton that keeps the first DeepSpeed plugin.
 """
@@ -79,6 +80,7 @@ def _cpu_deepspeed_state() -> None:
 
 def main() -> None:
     out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    ga = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     deepspeed.init_distributed(dist_backend="gloo")
     _cpu_deepspeed_state()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -89,6 +91,7 @@ def main() -> None:
         output_dir=os.path.join(out_dir, "trainer"),
         per_device_train_batch_size=per,
         max_steps=steps,
+        gradient_accumulation_steps=ga,
         learning_rate=LR,
         adam_beta1=group["betas"][0],
         adam_beta2=group["betas"][1],
@@ -104,7 +107,7 @@ def main() -> None:
         accelerator_config={"use_configured_state": True},
         deepspeed=_ds_config(stage),
     )
-    data = _Rows(torch.cat([make_batch(k) for k in range(steps)]))
+    data = _Rows(torch.cat([make_batch(k) for k in range(steps * ga)]))
     cage = CageArgs(lambda_=LAMBDA, silence=0.0, schedule="constant")
     trainer = _Recording(model=model, args=args, train_dataset=data, cage=cage)
     trainer.losses = []
@@ -113,7 +116,7 @@ def main() -> None:
     log: list = []
     handles = _compare_gathered(engine, _latents(engine), log)
     with torch.no_grad():
-        ids = make_batch(steps)[rank * per : (rank + 1) * per]
+        ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
         engine(input_ids=ids, labels=ids)
     for h in handles:
         h.remove()
@@ -133,7 +136,7 @@ def main() -> None:
     engine, *_ = initialize(model=model, optimizer=opt, config=config)
     losses = []  # this rank's losses, as the Trainer records them
     engine.register_forward_hook(lambda _m, _a, out: losses.append(float(out.loss.detach())))
-    _train(engine, steps, rank, world, 0, [])
+    _train(engine, steps * ga, rank, world, 0, [])
     result["hand_losses"] = losses
     engine.destroy()
     gathered = [None] * world
