@@ -13,6 +13,9 @@ Hooks into transformers==5.23.0 (pinned; read from its trainer.py / integrations
     refused).
   _prepare_for_training(max_steps, ...): gives the step count for the lambda schedule and
     returns the DeepSpeedEngine before the first forward; attach runs there.
+  evaluation_loop: before the first train() under DeepSpeed there is no engine; the stock
+    loop would build a ZeRO-3 inference engine without the CAGE hooks (the guard refuses
+    it), so CageTrainer evaluates the unpartitioned module on every rank instead.
   log: telemetry is added to the training-step logs (those with "loss"), which every rank
     writes at the same steps (the loss is gathered collectively right before).
 """
@@ -96,6 +99,22 @@ class CageTrainer(Trainer):
         if self.is_deepspeed_enabled:
             attach_client(model, self.cage_optimizer, "CageTrainer")
         return model, dataloader
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.evaluation_loop; before train() under DeepSpeed, on the unpartitioned
+        module: the fake-quant forward of the latents, what the first training step computes."""
+        if not (self.is_deepspeed_enabled and self.deepspeed is None):
+            return super().evaluation_loop(*args, **kwargs)
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            raise RuntimeError(
+                "CageTrainer: evaluate() before train() of a model already partitioned by ZeRO-3 "
+                "(built under zero.Init) is not supported; call train() first"
+            )
+        self.is_deepspeed_enabled = False  # read by evaluation_loop only: no inference engine
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self.is_deepspeed_enabled = True
 
     def cage_telemetry(self) -> dict[str, float]:
         """cage-train's keys: quant/* and train/lambda. Collective under DeepSpeed."""

@@ -1,6 +1,6 @@
 """One launch of the CageTrainer equality test (run by tests/dist/test_hf_trainer.py).
 
-    torchrun --nproc_per_node N tests/dist/hf_trainer_worker.py OUT_DIR STEPS STAGE [GA]
+    torchrun --nproc_per_node N tests/dist/hf_trainer_worker.py OUT_DIR STEPS STAGE [GA [eval]]
 
 On the tiny Llama of zero_case (W4A4, fp32, CageAdamW settings of make_model_and_optimizer):
   1. CageTrainer with a DeepSpeed ZeRO-STAGE config of "auto" values and GA (default 1)
@@ -10,6 +10,9 @@ On the tiny Llama of zero_case (W4A4, fp32, CageAdamW settings of make_model_and
      forward checks the gathered weights against Quantizer.values(latent);
   2. cage_ds.zero.initialize with the config the Trainer resolved, and the hand loop of
      zero_worker._train over the same micro batches (DeepSpeed steps every GA of them).
+With "eval", 1. starts with trainer.evaluate() on make_batch(EVAL_BATCH) (before train(): no
+engine yet); result["eval_loss"] and result["eval_ref"], the mean over the ranks' rows of the
+fake-quant model's loss before training, computed here without DeepSpeed.
 Rank 0 writes OUT_DIR/result.pt. One stage per launch: accelerate's state is a process
 singleton that keeps the first DeepSpeed plugin.
 """
@@ -32,6 +35,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from zero_case import CLIP, GLOBAL_BATCH, LAMBDA, LR, make_batch, make_model_and_optimizer
 from zero_worker import _compare_gathered, _latents, _train
 
+EVAL_BATCH = 99
+
 
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, ids: torch.Tensor):
@@ -45,13 +50,14 @@ class _Rows(torch.utils.data.Dataset):
 
 
 class _Recording(CageTrainer):
-    """Records this rank's loss of every micro step."""
+    """Records this rank's loss of every training micro step."""
 
     losses: list[float]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.losses.append(float(loss.detach()))
+        if not return_outputs:  # training; evaluation asks for (loss, outputs)
+            self.losses.append(float(loss.detach()))
         return loss
 
 
@@ -81,6 +87,7 @@ def _cpu_deepspeed_state() -> None:
 def main() -> None:
     out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     ga = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    evaluate = sys.argv[5:] == ["eval"]
     deepspeed.init_distributed(dist_backend="gloo")
     _cpu_deepspeed_state()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -90,6 +97,7 @@ def main() -> None:
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "trainer"),
         per_device_train_batch_size=per,
+        per_device_eval_batch_size=per,
         max_steps=steps,
         gradient_accumulation_steps=ga,
         learning_rate=LR,
@@ -109,8 +117,15 @@ def main() -> None:
     )
     data = _Rows(torch.cat([make_batch(k) for k in range(steps * ga)]))
     cage = CageArgs(lambda_=LAMBDA, silence=0.0, schedule="constant")
-    trainer = _Recording(model=model, args=args, train_dataset=data, cage=cage)
+    held_out = make_batch(EVAL_BATCH)
+    before = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = [before(input_ids=b, labels=b).loss for b in held_out.split(per)]
+    trainer = _Recording(
+        model=model, args=args, train_dataset=data, eval_dataset=_Rows(held_out), cage=cage
+    )
     trainer.losses = []
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
     trainer.train()
     engine, client = trainer.model_wrapped, trainer.cage_optimizer
     log: list = []
@@ -128,6 +143,8 @@ def main() -> None:
         "last_lambda": client.last_lambda,
         "gathered": log,
         "log_history": trainer.state.log_history,
+        "eval_loss": eval_loss,
+        "eval_ref": float(torch.stack(ref).mean()),
     }
     config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config)
     engine.destroy()

@@ -24,13 +24,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_zero_cage import _check_gathered, _launch
 
 WORLD, STEPS = 2, 3
+EVAL_RTOL = 1e-6
 TELEMETRY = ("quant/rel_error", "quant/masked_frac/weight", "quant/masked_frac/act", "train/lambda")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, ga", [(1, 1), (2, 1), (3, 1), (3, 2)])
-def test_cage_trainer_equals_hand_loop(tmp_path, stage, ga):
-    args = (str(STEPS), str(stage), str(ga))
+@pytest.mark.parametrize("stage, ga, mode", [(1, 1, ""), (2, 1, ""), (3, 1, "eval"), (3, 2, "")])
+def test_cage_trainer_equals_hand_loop(tmp_path, stage, ga, mode):
+    """mode "eval": trainer.evaluate() runs before train(): its loss is the fake-quant model's
+    (EVAL_RTOL: the ranks' losses averaged in another order) and train() after it still
+    equals the hand loop."""
+    args = (str(STEPS), str(stage), str(ga)) + ((mode,) if mode else ())
     _launch(WORLD, str(tmp_path), script="hf_trainer_worker.py", args=args)
     ranks = torch.load(tmp_path / "result.pt", weights_only=False)
     for rank, res in enumerate(ranks):
@@ -38,6 +42,9 @@ def test_cage_trainer_equals_hand_loop(tmp_path, stage, ga):
         trainer, hand = [loss * ga for loss in res["trainer_losses"]], res["hand_losses"]
         assert len(trainer) == STEPS * ga and trainer == hand, f"{where}: {trainer} vs {hand}"
         assert res["attached"] and res["client_is_cage"], where
+        if mode == "eval":
+            got, want = res["eval_loss"], res["eval_ref"]
+            assert abs(got - want) <= EVAL_RTOL * want, f"{where}: eval {got} vs {want}"
         assert res["client_state"] > 0 and res["last_lambda"] > 0, where
         _check_gathered(res["gathered"], where)
         logged = [h for h in res["log_history"] if "loss" in h]
