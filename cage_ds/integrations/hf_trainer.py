@@ -13,6 +13,9 @@ Hooks into transformers==5.23.0 (pinned; read from its trainer.py / integrations
     refused).
   _prepare_for_training(max_steps, ...): gives the step count for the lambda schedule and
     returns the DeepSpeedEngine before the first forward; attach runs there.
+  evaluation_loop: before the first train() under DeepSpeed there is no engine; the stock
+    loop would build a ZeRO-3 inference engine without the CAGE hooks (the guard refuses
+    it), so CageTrainer evaluates the unpartitioned module on every rank instead.
   log: telemetry is added to the training-step logs (those with "loss"), which every rank
     writes at the same steps (the loss is gathered collectively right before).
 """
@@ -26,10 +29,9 @@ import torch
 from transformers import Trainer
 
 from cage_ds.nn import cage_param_groups
-from cage_ds.nn import quant_stats as module_quant_stats
 from cage_ds.optim import CageAdamW
-from cage_ds.zero import attach, check_config
-from cage_ds.zero import quant_stats as zero_quant_stats
+
+from ._deepspeed import attach_client, check_deepspeed_config, telemetry
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,6 @@ class CageArgs:
     schedule: str = "linear_ramp"
     variant: str = "decoupled"
     telemetry: bool = True
-
-
-def check_deepspeed_config(config: dict) -> None:
-    """Refuse a DeepSpeed config CageTrainer cannot honour, naming the setting."""
-    if "optimizer" in config:
-        kind = (config["optimizer"] or {}).get("type", "?")
-        raise ValueError(
-            f"CageTrainer: the DeepSpeed config has an 'optimizer' section (type {kind!r}); "
-            "DeepSpeed would build that optimizer instead of CageAdamW and CAGE would be lost. "
-            "Remove the section: lr, betas, eps and weight decay come from TrainingArguments, "
-            "the CAGE settings from cage=CageArgs(...)"
-        )
-    check_config(config)
 
 
 class CageTrainer(Trainer):
@@ -107,23 +96,30 @@ class CageTrainer(Trainer):
     def _prepare_for_training(self, max_steps: int, *args: Any, **kwargs: Any) -> Any:
         self._cage_total_steps = max_steps
         model, dataloader = super()._prepare_for_training(max_steps, *args, **kwargs)
-        if self.is_deepspeed_enabled and not getattr(model.optimizer, "cage_zero_attached", False):
-            # pinned to deepspeed==0.19.8: ZeRO wrappers keep the client optimizer as .optimizer
-            if getattr(model.optimizer, "optimizer", None) is not self.cage_optimizer:
-                raise RuntimeError(
-                    "CageTrainer: DeepSpeed's engine does not step this trainer's CageAdamW "
-                    f"(it wraps {type(getattr(model.optimizer, 'optimizer', None)).__name__})"
-                )
-            attach(model, self.cage_optimizer)
+        if self.is_deepspeed_enabled:
+            attach_client(model, self.cage_optimizer, "CageTrainer")
         return model, dataloader
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.evaluation_loop; before train() under DeepSpeed, on the unpartitioned
+        module: the fake-quant forward of the latents, what the first training step computes."""
+        if not (self.is_deepspeed_enabled and self.deepspeed is None):
+            return super().evaluation_loop(*args, **kwargs)
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            raise RuntimeError(
+                "CageTrainer: evaluate() before train() of a model already partitioned by ZeRO-3 "
+                "(built under zero.Init) is not supported; call train() first"
+            )
+        self.is_deepspeed_enabled = False  # read by evaluation_loop only: no inference engine
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self.is_deepspeed_enabled = True
 
     def cage_telemetry(self) -> dict[str, float]:
         """cage-train's keys: quant/* and train/lambda. Collective under DeepSpeed."""
-        if self.is_deepspeed_enabled:
-            stats = zero_quant_stats(self.model_wrapped)
-        else:
-            stats = module_quant_stats(self.model)
-        return {**stats, "train/lambda": float(self.cage_optimizer.last_lambda)}
+        model = self.model_wrapped if self.is_deepspeed_enabled else self.model
+        return telemetry(model, self.cage_optimizer, self.is_deepspeed_enabled)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer.log, with cage_telemetry() in the training-step logs."""

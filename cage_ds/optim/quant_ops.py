@@ -110,7 +110,8 @@ def dense_quant_ops(group: Mapping[str, Any], p: torch.Tensor, where: str) -> De
             "group: DeepSpeed handed CageAdamW a flat ZeRO partition, so the CAGE hooks are not "
             "attached (plain deepspeed.initialize, HF Trainer or accelerate). Build the engine "
             "with cage_ds.zero.initialize(model=..., optimizer=..., config=...), or call "
-            "cage_ds.zero.attach(engine, optimizer) right after deepspeed.initialize"
+            "cage_ds.zero.attach(engine, optimizer) right after deepspeed.initialize; with the "
+            "HF Trainer or accelerate use cage_ds.integrations.CageTrainer / CageAccelerator"
         )
     if p.dim() != 2:
         raise ValueError(

@@ -5,7 +5,8 @@
 
 Reads RUN_DIR/config.yaml, takes the newest complete checkpoint under the run's checkpoint
 folder (CheckpointManager.select: ``latest`` if it verifies, else the newest that does),
-rebuilds the model on CPU, loads its latent weights (zero_to_fp32) and writes:
+rebuilds the model on CPU, loads its latent weights (zero_to_fp32 under ZeRO-1/2/3, the fp32
+module weights at stage 0: cage_ds.zero.export.latent_state_dict) and writes:
 
     OUT/hf/                  plain Hugging Face export (cage_ds.nn.export.save_plain_hf) and
                              the run's tokenizer: AutoModelForCausalLM.from_pretrained(OUT/hf)

@@ -29,7 +29,8 @@ from cage_ds.nn import QuantLinear
 _FIX = (
     "build the engine with cage_ds.zero.initialize(model=..., optimizer=<CageAdamW>, config=...) "
     "(cage_lambda=0 for plain QuEST), or call cage_ds.zero.attach(engine, optimizer) right after "
-    "deepspeed.initialize; with the Hugging Face Trainer use cage_ds.integrations.CageTrainer"
+    "deepspeed.initialize; with the Hugging Face Trainer use cage_ds.integrations.CageTrainer, "
+    "with accelerate cage_ds.integrations.CageAccelerator"
 )
 
 

@@ -1,14 +1,18 @@
 """One launch of the CageTrainer equality test (run by tests/dist/test_hf_trainer.py).
 
-    torchrun --nproc_per_node N tests/dist/hf_trainer_worker.py OUT_DIR STEPS STAGE
+    torchrun --nproc_per_node N tests/dist/hf_trainer_worker.py OUT_DIR STEPS STAGE [GA [eval]]
 
 On the tiny Llama of zero_case (W4A4, fp32, CageAdamW settings of make_model_and_optimizer):
-  1. CageTrainer with a DeepSpeed ZeRO-STAGE config of "auto" values trains STEPS steps on
-     the global batches make_batch(0..STEPS-1) (sequential sampler: rank r gets rows
-     [r * per, (r + 1) * per) of each, as the hand loop); compute_loss records the losses;
-     then one forward checks the gathered weights against Quantizer.values(latent);
+  1. CageTrainer with a DeepSpeed ZeRO-STAGE config of "auto" values and GA (default 1)
+     gradient accumulation steps trains STEPS optimizer steps on the global micro batches
+     make_batch(0..STEPS * GA - 1) (sequential sampler: rank r gets rows [r * per,
+     (r + 1) * per) of each, as the hand loop); compute_loss records the losses; then one
+     forward checks the gathered weights against Quantizer.values(latent);
   2. cage_ds.zero.initialize with the config the Trainer resolved, and the hand loop of
-     zero_worker._train on the same model seed, batches and optimizer settings.
+     zero_worker._train over the same micro batches (DeepSpeed steps every GA of them).
+With "eval", 1. starts with trainer.evaluate() on make_batch(EVAL_BATCH) (before train(): no
+engine yet); result["eval_loss"] and result["eval_ref"], the mean over the ranks' rows of the
+fake-quant model's loss before training, computed here without DeepSpeed.
 Rank 0 writes OUT_DIR/result.pt. One stage per launch: accelerate's state is a process
 singleton that keeps the first DeepSpeed plugin.
 """
@@ -31,6 +35,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from zero_case import CLIP, GLOBAL_BATCH, LAMBDA, LR, make_batch, make_model_and_optimizer
 from zero_worker import _compare_gathered, _latents, _train
 
+EVAL_BATCH = 99
+
 
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, ids: torch.Tensor):
@@ -44,13 +50,14 @@ class _Rows(torch.utils.data.Dataset):
 
 
 class _Recording(CageTrainer):
-    """Records this rank's loss of every micro step."""
+    """Records this rank's loss of every training micro step."""
 
     losses: list[float]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.losses.append(float(loss.detach()))
+        if not return_outputs:  # training; evaluation asks for (loss, outputs)
+            self.losses.append(float(loss.detach()))
         return loss
 
 
@@ -79,6 +86,8 @@ def _cpu_deepspeed_state() -> None:
 
 def main() -> None:
     out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    ga = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    evaluate = sys.argv[5:] == ["eval"]
     deepspeed.init_distributed(dist_backend="gloo")
     _cpu_deepspeed_state()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -88,7 +97,9 @@ def main() -> None:
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "trainer"),
         per_device_train_batch_size=per,
+        per_device_eval_batch_size=per,
         max_steps=steps,
+        gradient_accumulation_steps=ga,
         learning_rate=LR,
         adam_beta1=group["betas"][0],
         adam_beta2=group["betas"][1],
@@ -104,16 +115,23 @@ def main() -> None:
         accelerator_config={"use_configured_state": True},
         deepspeed=_ds_config(stage),
     )
-    data = _Rows(torch.cat([make_batch(k) for k in range(steps)]))
+    data = _Rows(torch.cat([make_batch(k) for k in range(steps * ga)]))
     cage = CageArgs(lambda_=LAMBDA, silence=0.0, schedule="constant")
-    trainer = _Recording(model=model, args=args, train_dataset=data, cage=cage)
+    held_out = make_batch(EVAL_BATCH)
+    before = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = [before(input_ids=b, labels=b).loss for b in held_out.split(per)]
+    trainer = _Recording(
+        model=model, args=args, train_dataset=data, eval_dataset=_Rows(held_out), cage=cage
+    )
     trainer.losses = []
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
     trainer.train()
     engine, client = trainer.model_wrapped, trainer.cage_optimizer
     log: list = []
     handles = _compare_gathered(engine, _latents(engine), log)
     with torch.no_grad():
-        ids = make_batch(steps)[rank * per : (rank + 1) * per]
+        ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
         engine(input_ids=ids, labels=ids)
     for h in handles:
         h.remove()
@@ -125,6 +143,8 @@ def main() -> None:
         "last_lambda": client.last_lambda,
         "gathered": log,
         "log_history": trainer.state.log_history,
+        "eval_loss": eval_loss,
+        "eval_ref": float(torch.stack(ref).mean()),
     }
     config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config)
     engine.destroy()
@@ -133,7 +153,7 @@ def main() -> None:
     engine, *_ = initialize(model=model, optimizer=opt, config=config)
     losses = []  # this rank's losses, as the Trainer records them
     engine.register_forward_hook(lambda _m, _a, out: losses.append(float(out.loss.detach())))
-    _train(engine, steps, rank, world, 0, [])
+    _train(engine, steps * ga, rank, world, 0, [])
     result["hand_losses"] = losses
     engine.destroy()
     gathered = [None] * world

