@@ -143,10 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # torch 2.13 deprecates the c10d name DeepSpeed 0.19.8 still calls every step.
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
+    from .checkpoint import CheckpointError
+    from .diskio import DiskFullError
     from .loop import train
     from .recipe import cage_off_reason
     from .report import paired_report
     from .run_lock import RunLockError
+    from .safe_load import UnsafeCheckpointError
     from .tracking import format_eval_table
 
     rows, runs = [], []
@@ -155,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_config(cfg, world, yaml)
         try:
             result = train(cfg)
-        except RunLockError as err:
-            if rank == 0:
+        except (RunLockError, CheckpointError, UnsafeCheckpointError, DiskFullError) as err:
+            if rank == 0 or isinstance(err, UnsafeCheckpointError):  # the others: every rank
                 print(f"cage-train: {err}", file=sys.stderr)
             return 2
         rows.append(result.row())
