@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     from .config import ConfigError, load_config, validate
+    from .preflight import preflight
     from .recipe import resolve_cage_lambda, total_steps
     from .resume_guard import check_before_resume
 
@@ -121,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_config = split_overrides(args.overrides, paths)
         cfgs = [load_config(path, ovr) for path, ovr in zip(paths, per_config, strict=True)]
         notes = []
+        on_cuda = _cuda_available()
         for cfg in cfgs:
             validate(cfg, world)
+            preflight(cfg, world, on_cuda)
             resolve_cage_lambda(cfg, total_steps(cfg))
             notes.append(check_before_resume(cfg))
         names = [cfg.run_name for cfg in cfgs]
@@ -162,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rank == 0 or isinstance(err, UnsafeCheckpointError):  # the others: every rank
                 print(f"cage-train: {err}", file=sys.stderr)
             return 2
+        except ConfigError as err:  # found only once the data is read (every rank the same)
+            if rank == 0:
+                print(f"cage-train: config error: {err}", file=sys.stderr)
+            return 2
         rows.append(result.row())
         name = Path(path).stem if path is not None else cfg.run_name
         runs.append(
@@ -187,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ui = f"{sys.executable} -m mlflow ui --backend-store-uri {uri}"
             print(f"MLflow UI: {ui}   (then open http://127.0.0.1:5000)")
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _print_config(cfg, world: int, yaml) -> None:
