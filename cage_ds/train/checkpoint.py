@@ -22,12 +22,17 @@ Notable choices:
   same checkpoint or all raise.
 - Client state (step, data position, ...) rides in DeepSpeed's ``client_state``; RNG states
   are per rank, in our own small file, loaded with ``weights_only=True``.
+- Safe loading: DeepSpeed's files are read with ``weights_only=True`` plus DeepSpeed's few
+  classes (cage_ds.train.safe_load); one holding code is refused unless ``trust_pickles``.
+- A full disk (ENOSPC/EDQUOT) while saving raises ``DiskFullError`` on every rank, naming
+  the file; the previous checkpoint stays ``latest``.
 - Needs DeepSpeed's synchronous checkpoint engine (the default); a decoupled (async) one is
   refused, since the rename must follow the last byte written.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -42,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .diskio import DiskFullError, disk_full_guard
+from .safe_load import safe_engine_loads
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +191,7 @@ class CheckpointManager:
         *,
         checksums: bool = True,
         strict: bool = False,
+        trust_pickles: bool = False,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"CheckpointManager: keep_last must be >= 1, got {keep_last}")
@@ -193,6 +202,7 @@ class CheckpointManager:
         self.save_every = save_every
         self.checksums = checksums
         self.strict = strict
+        self.trust_pickles = trust_pickles
         self._last_saved_step: int | None = None
 
     # ---- saving ----
@@ -232,20 +242,28 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)  # an earlier crash
         _barrier()
-        engine.save_checkpoint(
-            str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False
-        )
-        torch.save(capture_rng_state(), self.root / tmp_tag / f"cage_rank_state_{rank:05d}.pt")
+        with disk_full_guard(self.root / tmp_tag):
+            engine.save_checkpoint(
+                str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False
+            )
+            rank_file = self.root / tmp_tag / f"cage_rank_state_{rank:05d}.pt"
+            torch.save(capture_rng_state(), rank_file)
         _barrier()
         error = None
         if rank == 0:
             try:
-                self._commit(tmp_tag, tag, step, world, meta)
+                with disk_full_guard(self.root / tmp_tag):
+                    self._commit(tmp_tag, tag, step, world, meta)
+            except DiskFullError as err:
+                error = (True, str(err))
             except Exception as err:  # every rank must learn of it, not hang
-                error = f"{type(err).__name__}: {err}"
+                error = (False, f"{type(err).__name__}: {err}")
         error = from_rank0(error)
         if error is not None:
-            raise CheckpointError(f"committing checkpoint {self.root / tag} failed: {error}")
+            disk_full, text = error
+            if disk_full:
+                raise DiskFullError(errno.ENOSPC, text)
+            raise CheckpointError(f"committing checkpoint {self.root / tag} failed: {text}")
         self._last_saved_step = step
         return self.root / tag
 
@@ -418,7 +436,8 @@ class CheckpointManager:
         if tag is None:
             logger.info("no checkpoint under %s: starting fresh", self.root)
             return None
-        load_path, client_state = engine.load_checkpoint(str(self.root), tag=tag, **load_kwargs)
+        with safe_engine_loads(engine, trust=self.trust_pickles):
+            load_path, client_state = engine.load_checkpoint(str(self.root), tag=tag, **load_kwargs)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         client_state = dict(client_state or {})

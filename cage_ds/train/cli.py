@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     from .config import ConfigError, load_config, validate
+    from .preflight import preflight
     from .recipe import resolve_cage_lambda, total_steps
     from .resume_guard import check_before_resume
 
@@ -121,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_config = split_overrides(args.overrides, paths)
         cfgs = [load_config(path, ovr) for path, ovr in zip(paths, per_config, strict=True)]
         notes = []
+        on_cuda = _cuda_available()
         for cfg in cfgs:
             validate(cfg, world)
+            preflight(cfg, world, on_cuda)
             resolve_cage_lambda(cfg, total_steps(cfg))
             notes.append(check_before_resume(cfg))
         names = [cfg.run_name for cfg in cfgs]
@@ -143,10 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # torch 2.13 deprecates the c10d name DeepSpeed 0.19.8 still calls every step.
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
+    from .checkpoint import CheckpointError
+    from .diskio import DiskFullError
     from .loop import train
     from .recipe import cage_off_reason
     from .report import paired_report
     from .run_lock import RunLockError
+    from .safe_load import UnsafeCheckpointError
     from .tracking import format_eval_table
 
     rows, runs = [], []
@@ -155,9 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_config(cfg, world, yaml)
         try:
             result = train(cfg)
-        except RunLockError as err:
-            if rank == 0:
+        except (RunLockError, CheckpointError, UnsafeCheckpointError, DiskFullError) as err:
+            if rank == 0 or isinstance(err, UnsafeCheckpointError):  # the others: every rank
                 print(f"cage-train: {err}", file=sys.stderr)
+            return 2
+        except ConfigError as err:  # found only once the data is read (every rank the same)
+            if rank == 0:
+                print(f"cage-train: config error: {err}", file=sys.stderr)
             return 2
         rows.append(result.row())
         name = Path(path).stem if path is not None else cfg.run_name
@@ -184,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ui = f"{sys.executable} -m mlflow ui --backend-store-uri {uri}"
             print(f"MLflow UI: {ui}   (then open http://127.0.0.1:5000)")
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _print_config(cfg, world: int, yaml) -> None:

@@ -380,6 +380,10 @@ class CheckpointConfig:
     """Resume even though a key that alters the run (optimizer, schedule, quantization, model,
     data, steps, batch, seed) differs from the checkpoint's config; the changes are printed.
     False: such a resume is refused before training (cage_ds.train.resume_guard)."""
+    trust_pickles: bool = False
+    """Load DeepSpeed's checkpoint files with full unpickling (can run code stored in them).
+    False: tensors and DeepSpeed's few classes only; a file holding code is refused
+    (cage_ds.train.safe_load). Set it only for checkpoints you trust."""
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint", "every", self.every, 0)

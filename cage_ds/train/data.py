@@ -58,9 +58,16 @@ def load_documents(cfg: DataConfig, streaming: bool):
         raise ConfigError(f"data.source={cfg.source!r}: no such file, folder or glob match")
     fmt = data_format(files)
     kw: dict[str, Any] = {"sample_by": cfg.text_sample_by} if fmt == "text" else {}
-    ds = load_dataset(
-        fmt, data_files=[str(f) for f in files], split="train", streaming=streaming, **kw
-    )
+    try:
+        ds = load_dataset(
+            fmt, data_files=[str(f) for f in files], split="train", streaming=streaming, **kw
+        )
+    except Exception as err:  # datasets/pyarrow raise many types for unreadable files
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ConfigError(
+            f"data.source={cfg.source!r}: its {fmt} files are not readable as {fmt} "
+            f"({type(err).__name__}: {first}); fix or remove the damaged file"
+        ) from err
     if fmt == "text":  # a file's last paragraph / document keeps the file's final newline
         ds = ds.map(lambda row: {"text": row["text"].rstrip("\n")})
     return ds
@@ -309,7 +316,8 @@ def _val_cap(cfg: DataConfig, blocks: Iterable[np.ndarray]) -> np.ndarray:
         out.append(b)
     if not out:
         raise ConfigError(
-            "data: the validation documents hold less than one block of data.seq_len tokens"
+            "data: the validation documents hold less than one block of data.seq_len tokens; "
+            "raise data.val_fraction or lower data.seq_len"
         )
     return np.stack(out)
 
@@ -334,6 +342,13 @@ def build_data(cfg: DataConfig, seed: int) -> TextData:
     )
     held = is_validation(np.arange(len(docs)), cfg.val_fraction)
     train_docs, val_docs = docs.select(np.flatnonzero(~held)), docs.select(np.flatnonzero(held))
+    for part, name in ((train_docs, "training"), (val_docs, "validation")):
+        if len(part) == 0:
+            raise ConfigError(
+                f"data.source={cfg.source!r}: {len(docs)} non-empty documents leave no "
+                f"{name} document at data.val_fraction={cfg.val_fraction}; add text or "
+                "change data.val_fraction / data.text_sample_by"
+            )
     tokenizer = load_tokenizer(
         cfg, data_identity(cfg), lambda: (r[cfg.text_field] for r in train_docs)
     )

@@ -93,10 +93,15 @@ def run_tokenizer(cfg) -> Any | None:
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, fmt: str = "both", dtype: str = "float32"
+    run_dir: str | Path,
+    out: str | Path,
+    fmt: str = "both",
+    dtype: str = "float32",
+    trust_pickles: bool = False,
 ) -> dict[str, Any]:
     """Write the exports of the run's newest complete checkpoint under ``out`` (see module
-    docstring); returns the record written to OUT/export.json."""
+    docstring); returns the record written to OUT/export.json. The checkpoint is read without
+    running pickled code unless ``trust_pickles`` (cage_ds.train.safe_load)."""
     import torch
 
     from cage_ds.nn.export import save_packed, save_plain_hf
@@ -104,13 +109,15 @@ def export_run(
 
     from .checkpoint import step_of_tag
     from .model import build_model
+    from .safe_load import safe_zero_to_fp32_loads
 
     cfg = run_config(Path(run_dir))
     checkpoint = newest_checkpoint(cfg)
     tokenizer = run_tokenizer(cfg)
     eos = None if tokenizer is None else tokenizer.eos_token_id
     model, _ = build_model(cfg, {}, eos)
-    load_latents(checkpoint.parent, model, tag=checkpoint.name)
+    with safe_zero_to_fp32_loads(trust=trust_pickles):
+        load_latents(checkpoint.parent, model, tag=checkpoint.name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -142,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, export, print where; exit status 2 on a config or checkpoint error."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .safe_load import UnsafeCheckpointError
 
     p = argparse.ArgumentParser(
         prog="python -m cage_ds.train.export",
@@ -151,11 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--format", choices=sorted(FORMATS), default="both")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="plain HF weights' dtype")
+    p.add_argument(
+        "--trust-pickles",
+        action="store_true",
+        help="unpickle the checkpoint fully (may run code stored in it): trusted runs only",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        record = export_run(args.run_dir, args.out, args.format, args.dtype)
-    except (ConfigError, CheckpointError) as err:
+        record = export_run(args.run_dir, args.out, args.format, args.dtype, args.trust_pickles)
+    except (ConfigError, CheckpointError, UnsafeCheckpointError) as err:
         print(f"cage_ds.train.export: {err}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2))

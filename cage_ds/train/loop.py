@@ -6,8 +6,9 @@ clips at the boundary). The learning rate (warmup then cosine) and the CAGE
 lambda (raw or from optim.cage_strength) come from cage_ds.train.recipe.
 
 Per-step record: rank 0 appends every logged metric dict to <run_dir>/metrics.jsonl as one
-JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), flushed before the
-next step, so the losses of a killed run survive it; each (re)start first appends
+JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), one write per line
+(cage_ds.train.diskio: whole lines or nothing), so the losses of a killed run survive it; each
+(re)start first drops a torn last line, then appends
 {"event": "start", "step": s, "resumed_from": tag | null, "world_size": n}.
 
 Engines: QuEST-quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE
@@ -28,10 +29,12 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, validate
+from .config import Config, validate
 from .data import TextData, build_data
+from .diskio import append_line, disk_full_guard, repair_torn_tail
 from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
+from .preflight import deepspeed_json, derived_deepspeed_keys
 from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
 from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
 from .run_lock import RunLock, RunLockError
@@ -41,9 +44,9 @@ METRICS_LOG = "metrics.jsonl"
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` as one JSON line and flush it to the OS (survives a kill -9)."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Append ``record`` as one whole JSON line in one write (survives a kill -9; a full disk
+    leaves no partial line and raises DiskFullError)."""
+    append_line(path, json.dumps(record))
 
 
 def _free_port() -> int:
@@ -66,29 +69,9 @@ def init_distributed() -> tuple[int, int]:
 
 
 def deepspeed_config(cfg: Config, world: int, on_cuda: bool) -> dict[str, Any]:
-    """The JSON of cfg.deepspeed with batch, accumulation and clipping filled from cfg; a
-    conflicting value already in the file is an error naming both."""
-    path = cfg.deepspeed.resolved_path(on_cuda)
-    ds = json.loads(path.read_text())
-    filled = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accumulation(world),
-        "gradient_clipping": cfg.optim.grad_clip,
-    }
-    for key, value in filled.items():
-        if key in ds and ds[key] not in ("auto", value):
-            raise ConfigError(
-                f"{path}: {key}={ds[key]!r} conflicts with the value {value!r} derived from "
-                "train/optim; remove it from the DeepSpeed JSON"
-            )
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(
-                f"{path}: remove the '{key}' section (cage-train builds CageAdamW "
-                "and the warmup-cosine schedule itself)"
-            )
-    return {**ds, **filled}
+    """The JSON of cfg.deepspeed (checked by preflight.deepspeed_json) with batch,
+    accumulation and clipping filled from cfg."""
+    return {**deepspeed_json(cfg, world, on_cuda), **derived_deepspeed_keys(cfg, world)}
 
 
 def uses_cage_zero(cfg: Config, stage: int) -> bool:
@@ -256,7 +239,9 @@ class Trainer:
         from .checkpoint import CheckpointManager
 
         c = self.cfg.checkpoint
-        return CheckpointManager(root, keep_last=c.keep_last, save_every=c.every)
+        return CheckpointManager(
+            root, keep_last=c.keep_last, save_every=c.every, trust_pickles=c.trust_pickles
+        )
 
     def _tracker(self):
         from .tracking import make_tracker
@@ -347,6 +332,7 @@ class Trainer:
         start = self._resume()
         if rank0:
             self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            repair_torn_tail(self.cfg.run_dir / METRICS_LOG)
             start_record = {"event": "start", "step": start, "resumed_from": self.resumed_from}
             append_jsonl(self.cfg.run_dir / METRICS_LOG, {**start_record, "world_size": self.world})
             self._write_run_files()
@@ -419,8 +405,9 @@ class Trainer:
         import yaml
 
         d = self.cfg.run_dir
-        (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        (d / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        with disk_full_guard(d):
+            (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            (d / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
         self.tracker.log_params(self.cfg.to_dict())
         self.tracker.set_tags(
             {
@@ -443,9 +430,10 @@ class Trainer:
             **result.__dict__,
             "history": {k: list(map(list, v)) for k, v in result.history.items()},
         }
-        (d / "result.json").write_text(json.dumps(data, indent=2) + "\n")
-        self.tracker.log_artifact(save_eval_table([result.row()], d / "eval_table.md"))
-        self.tracker.log_artifact(save_loss_curve(result.history, d / "loss_curve.png"))
+        with disk_full_guard(d):
+            (d / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+            self.tracker.log_artifact(save_eval_table([result.row()], d / "eval_table.md"))
+            self.tracker.log_artifact(save_loss_curve(result.history, d / "loss_curve.png"))
         self.tracker.log_artifact(d / "result.json")
 
 

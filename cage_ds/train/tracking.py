@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .diskio import disk_full_guard
+
 logger = logging.getLogger(__name__)
 
 # MLflow limits (mlflow.utils.validation): values, keys, entities per log_batch request.
@@ -267,7 +269,8 @@ class Tracker:
                 return
             except Exception as err:
                 logger.warning("MLflow: could not set run %s to %s: %s", self.run_id, status, err)
-        self.fallback_path = self._write_fallback(status)
+        with disk_full_guard(self.fallback_dir):
+            self.fallback_path = self._write_fallback(status)
         logger.warning(
             "MLflow at %s unreachable at close: undelivered tracking data written to %s; "
             "replay it with: python -m cage_ds.train.tracking replay %s [--tracking-uri URI]",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import random
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from cage_ds.train.checkpoint import (
     TMP_PREFIX,
     CheckpointError,
     CheckpointManager,
+    _sha256,
     capture_rng_state,
     restore_rng_state,
     step_of_tag,
@@ -308,3 +310,72 @@ def test_meta_rides_in_the_manifest_and_comes_back(tmp_path):
     assert manager.read_meta() == ("step000000001", None)  # saved without meta
     assert manager.resume(_engine(1)).meta is None
     assert CheckpointManager(tmp_path / "empty").read_meta() is None
+
+
+class _Touch:
+    """A pickle payload that runs code when unpickled: it creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def _tamper(manager: CheckpointManager, tag: str, marker) -> pathlib.Path:
+    """Add a code-running object to ``tag``'s model states and re-sign the manifest (what an
+    attacker with write access would do: the sha256 manifest catches accidents only)."""
+    (victim,) = (manager.root / tag).glob("*model_states.pt")
+    state = torch.load(victim, weights_only=False)  # our own file, written above
+    torch.save({**state, "payload": _Touch(marker)}, victim)
+    manifest_path = manager.root / tag / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][victim.name] = {"size": victim.stat().st_size, "sha256": _sha256(victim)}
+    manifest_path.write_text(json.dumps(manifest))
+    return victim
+
+
+def test_tampered_checkpoint_is_refused_unless_trusted(tmp_path):
+    """A model-states pickle that runs code is refused on resume (file and opt-out named, the
+    code never runs); with trust_pickles it loads (and runs)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from cage_ds.train.safe_load import UnsafeCheckpointError, safe_zero_to_fp32_loads
+
+    manager = CheckpointManager(tmp_path / "ckpt")
+    engine = _engine(0)
+    _train(engine, 1)
+    manager.save(engine, 1)
+    with safe_zero_to_fp32_loads():  # export path: DeepSpeed's files load with the allow-list
+        clean = get_fp32_state_dict_from_zero_checkpoint(str(manager.root), tag="step000000001")
+    assert torch.equal(clean["0.weight"], engine.module[0].weight)
+    marker = tmp_path / "pwned"
+    victim = _tamper(manager, "step000000001", marker)
+    with pytest.raises(UnsafeCheckpointError) as refused:
+        manager.resume(_engine(1))
+    message = str(refused.value)
+    assert str(victim) in message and "checkpoint.trust_pickles=true" in message
+    assert "refusing to load" in message and "\n" not in message
+    with pytest.raises(UnsafeCheckpointError), safe_zero_to_fp32_loads():
+        get_fp32_state_dict_from_zero_checkpoint(str(manager.root), tag="step000000001")
+    assert not marker.exists()
+    trusted = CheckpointManager(tmp_path / "ckpt", trust_pickles=True).resume(_engine(1))
+    assert trusted.step == 1 and marker.exists()
+
+
+def test_disk_full_while_saving_names_it_and_keeps_latest(tmp_path, monkeypatch):
+    import errno
+
+    from cage_ds.train.diskio import DiskFullError
+
+    manager = CheckpointManager(tmp_path / "ckpt")
+    engine = _engine(0)
+    manager.save(engine, 1)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(DiskFullError, match=f"disk full .* writing {tmp_path / 'ckpt'}/"):
+        manager.save(engine, 2)
+    assert (tmp_path / "ckpt" / LATEST_NAME).read_text() == "step000000001"
