@@ -31,7 +31,7 @@ def rtn_quantize_ref(x: torch.Tensor, bits: int, group: int) -> RtnOut:
     m = 2 ** (bits - 1) - 1
     g = x.float().reshape(*x.shape[:-1], n // group, group)
     scale = g.abs().amax(-1, keepdim=True).clamp_min(RMS_FLOOR) / m
-    k = torch.round(g / scale).clamp_(-m, m)
+    k = torch.round(g / scale).clamp_(-m, m) + 0.0  # -0 -> +0: the value is its code's
     values = (k * scale).reshape(x.shape).to(x.dtype)
     codes = (k + m).to(torch.uint8).reshape(x.shape)
     return RtnOut(values, codes, scale.squeeze(-1))

@@ -42,6 +42,7 @@ import torch.distributed as tdist
 from cage_ds.nn import QuantLinear, quantized_modules
 from cage_ds.optim.quant_ops import quant_spec_from_group
 
+from .gather import LowbitGather, allowed
 from .optimizer import ShardedQuantOps, install_quant_ops
 from .shardmap import PartitionMap, zero3_maps, zero12_maps
 
@@ -76,7 +77,8 @@ def check_config(config: Any) -> None:
     if z.get("zero_quantized_weights"):
         raise ValueError(
             "cage_ds.zero: zero_optimization.zero_quantized_weights (ZeRO++ qwZ) would "
-            "re-quantize the CAGE-quantized weights onto its own int8 grid; turn it off"
+            "re-quantize the CAGE-quantized weights onto its own int8 grid; turn it off (the "
+            "low-bit gather, lowbit_gather, already sends them losslessly as b-bit codes)"
         )
     for key, bad in (
         ("zero_quantized_gradients", lambda v: bool(v)),
@@ -147,8 +149,8 @@ def _names(params: list, names: dict[int, str], where: str) -> tuple[str, ...]:
 
 # ---------------- ZeRO-3 ----------------
 def _attach_zero3(
-    opt: Any, client: torch.optim.Optimizer, names: dict[int, str]
-) -> dict[int, ShardedQuantOps]:
+    opt: Any, client: torch.optim.Optimizer, names: dict[int, str], lowbit: bool | None
+) -> tuple[dict[int, ShardedQuantOps], LowbitGather | None]:
     if any(f is None for f in opt.fp16_partitioned_groups_flat):
         raise RuntimeError(
             "cage_ds.zero: ZeRO-3 without lp flat buffers (NVMe param offload?) is not supported"
@@ -183,24 +185,25 @@ def _attach_zero3(
         )
         registry[id(hp)] = by_sid[sid] = ops
         opt.cage_zero_partitions.append((hp, ops))
+    gather = _lowbit_gather(opt, by_sid, world, lowbit)
     original = opt._reassign_or_swap_out_partitioned_parameters
+
+    def write(self, sid):
+        by_sid[sid].write_lp(self.fp32_partitioned_groups_flat[sid],
+                             self.fp16_partitioned_groups_flat[sid])  # fmt: skip
+        if gather is not None:
+            gather.refresh(sid)
 
     def reassign(self, sub_group_id):
         original(sub_group_id)
-        ops = by_sid.get(sub_group_id)
-        if ops is not None:
-            ops.write_lp(
-                self.fp32_partitioned_groups_flat[sub_group_id],
-                self.fp16_partitioned_groups_flat[sub_group_id],
-            )
+        if sub_group_id in by_sid:
+            write(self, sub_group_id)
 
     def write_all(self):
         self._partition_all_parameters()
         for sid, ops in by_sid.items():
             ops.invalidate()
-            ops.write_lp(
-                self.fp32_partitioned_groups_flat[sid], self.fp16_partitioned_groups_flat[sid]
-            )
+            write(self, sid)
 
     opt._reassign_or_swap_out_partitioned_parameters = types.MethodType(reassign, opt)
     if opt.clip_grad > 0:
@@ -217,7 +220,24 @@ def _attach_zero3(
     write_all(opt)
     if opt.persistent_parameters:
         opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
-    return registry
+    return registry, gather
+
+
+def _lowbit_gather(
+    opt: Any, by_sid: dict[int, ShardedQuantOps], world: int, lowbit: bool | None
+) -> LowbitGather | None:
+    """The low-bit gather of ZeRO-3's quantized weights: on by default where every quantized
+    sub-group's format allows it (cage_ds.zero.gather.allowed) and world > 1."""
+    bad = [
+        f"sub-group {sid}: {ops.quantizer.spec.bits}-bit on {ops.lp_dtype}"
+        for sid, ops in by_sid.items()
+        if not allowed(ops.quantizer.spec.bits, ops.lp_dtype)
+    ]
+    if lowbit and bad:
+        raise ValueError(f"cage_ds.zero: lowbit_gather=True cannot serve {bad[0]}; pass None")
+    if lowbit is False or bad or world == 1 or not by_sid:
+        return None
+    return LowbitGather(opt, by_sid, enabled=True)
 
 
 # ---------------- ZeRO-1/2 and BF16_Optimizer ----------------
@@ -407,8 +427,14 @@ def _hook_layers(engine: Any, registry: dict[int, ShardedQuantOps]) -> None:
 
 
 # ---------------- public ----------------
-def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, ShardedQuantOps]:
+def attach(
+    engine: Any, client_optimizer: torch.optim.Optimizer, lowbit_gather: bool | None = None
+) -> dict[int, ShardedQuantOps]:
     """Attach the CAGE hooks to an initialized engine; returns {id(flat partition): ops}.
+
+    lowbit_gather (ZeRO-3): gather the quantized weights as packed codes + scales
+    (cage_ds.zero.gather, ``engine.optimizer.cage_lowbit``); None = wherever the format
+    allows it, True = required (ValueError where it cannot be served), False = stock 16-bit.
 
     Leaves a consistent state by itself: the engine module's weight-quantized QuantLinear
     layers are switched to weight_prequantized (and their saves de-rotated, _hook_layers),
@@ -426,8 +452,11 @@ def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, Sh
         raise ValueError("cage_ds.zero: fp16 (loss scaling) is not supported; use bf16 or fp32")
     names = {id(p): n for n, p in engine.module.named_parameters()}
     opt.cage_zero_partitions = []  # (fp32 master partition, its ops): cage_ds.zero.quant_stats
+    gather = None
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        registry = _attach_zero3(opt, client_optimizer, names)
+        registry, gather = _attach_zero3(opt, client_optimizer, names, lowbit_gather)
+    elif lowbit_gather:
+        raise ValueError("cage_ds.zero: lowbit_gather=True needs ZeRO stage 3")
     elif isinstance(opt, DeepSpeedZeroOptimizer):
         registry = _attach_flat(opt, client_optimizer, False, names)
     elif isinstance(opt, BF16_Optimizer):
@@ -438,12 +467,17 @@ def attach(engine: Any, client_optimizer: torch.optim.Optimizer) -> dict[int, Sh
         )
     install_quant_ops(client_optimizer, registry)
     _hook_layers(engine, registry)
+    opt.cage_lowbit = gather
+    if gather is not None:
+        gather.install(engine.module)
     opt.cage_zero_attached = True
     return registry
 
 
 def initialize(**kwargs: Any):
     """deepspeed.initialize(**kwargs) with CAGE attached; same return tuple.
+
+    ``lowbit_gather=`` (not passed to DeepSpeed): see ``attach``.
 
     Needs ``optimizer=`` a CageAdamW instance (with cage_param_groups) and ``model=`` a
     prepare_model'ed model; ``attach`` sets its QuantLinear layers to weight_prequantized.
@@ -458,9 +492,10 @@ def initialize(**kwargs: Any):
             "cage_ds.zero.initialize needs optimizer=<CageAdamW instance> (a client optimizer "
             f"with the quant_ops hook), got {type(client).__name__}"
         )
+    lowbit_gather = kwargs.pop("lowbit_gather", None)
     config = kwargs.get("config", kwargs.get("config_params"))
     if config is not None:  # refuse before building anything; attach() re-checks the engine's
         check_config(config)
     out = deepspeed.initialize(**kwargs)
-    attach(out[0], client)
+    attach(out[0], client, lowbit_gather)
     return out

@@ -64,13 +64,16 @@ class ShardedQuantOps:
                 SegmentTable(segs, spec.hadamard_block, spec.mask)
                 for segs in (self.layout.runs, self.layout.side_segments)
             )
+        self._side_at = {(s.param_id, s.param_offset // s.row_len): s
+                         for s in self.layout.side_segments}  # fmt: skip
         self.lp_dtype, self.group, self.name = lp_dtype, group, name
         self.param_names = param_names  # name of flat-group parameter j (telemetry keys)
         self._slots = sorted({p.param for m in maps for p in m.pieces})
-        self._cache: tuple[int, int, Quantization, Quantization] | None = None
+        self._cache: tuple[int, int, Quantization, Quantization, torch.Tensor] | None = None
         self._lp: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._side_mask: torch.Tensor | None = None  # the cut rows' masks, whole rows
+        self._side_w: torch.Tensor | None = None  # the cut rows of the fused step's new W
         self._lp_of: tuple[int, int] | None = None
         self.steps_on_kept_masks = 0
         self.exchanges = 0
@@ -147,6 +150,7 @@ class ShardedQuantOps:
             self.layout.scatter(side[[0, 2, 3]], [w, exp_avg, exp_avg_sq])
             self.layout.scatter(side_q, [self._lp])
             self.layout.scatter(self._side_mask[None], [self._mask])
+        self._side_w = side[0]
         self._lp_of = (w.data_ptr(), w._version)
         return True
 
@@ -176,8 +180,18 @@ class ShardedQuantOps:
         cut = self._evaluate(side[0], self.layout.side_segments)  # side rows are back to back
         for out, part in zip(full, cut, strict=True):
             self.layout.scatter(part[None], [out])
-        self._cache = (w.data_ptr(), w._version, full, cut)
+        self._cache = (w.data_ptr(), w._version, full, cut, side[0])
         return full
+
+    def _side_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """The cut rows of w, whole and back to back (side_segments): kept from the last fused
+        step or exchange of this w, else one exchange."""
+        if self._fused_of(w):
+            return self._side_w
+        c = self._cache
+        if c is None or c[0] != w.data_ptr() or c[1] != w._version:
+            self.quantize(w)
+        return self._cache[4]
 
     def _cached(self, w: torch.Tensor) -> tuple[Quantization, Quantization]:
         c = self._cache
@@ -254,6 +268,39 @@ class ShardedQuantOps:
         """Indices (in the flat group) of the parameters, ascending: the same list on every
         rank, whichever pieces this rank holds."""
         return list(self._slots)
+
+    @torch.no_grad()
+    def wire_parts(self, w: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{parameter j: (codes uint8 of the elements of j this rank holds, fp32 scales of
+        the scale groups (QuEST: rows; RTN: groups) whose first element it holds)} of q(w H),
+        the integer form of write_lp's values (cage_ds.zero.lowbit), from whole rows."""
+        self._check(w)
+        side = self._side_rows(w)
+        spec = self.quantizer.spec
+        out = {}
+        for p in self.layout.map.pieces:
+            n = p.row_len
+            r0, r1 = p.elem_start // n, -(-p.elem_end // n)
+            whole0, whole1 = -(-p.elem_start // n), p.elem_end // n
+            head = whole0 > r0  # the first row is cut (its start lies before the piece)
+            rows = [self._side_row(side, p.param, r0)] if head else []
+            if whole1 > whole0:
+                start = p.flat_start + whole0 * n - p.elem_start
+                rows.append(w[start : start + (whole1 - whole0) * n].view(-1, n))
+            if whole1 < r1 and not (head and r1 - 1 == r0):  # the last row is cut
+                rows.append(self._side_row(side, p.param, r1 - 1))
+            q = self.quantizer.quantize(torch.cat(rows))
+            group = n if spec.method == "quest" else spec.group_size
+            base = r0 * (n // group)
+            g0, g1 = -(-p.elem_start // group), -(-p.elem_end // group)
+            codes = q.codes.reshape(-1)[p.elem_start - r0 * n : p.elem_end - r0 * n]
+            out[p.param] = (codes, q.scales.reshape(-1)[g0 - base : g1 - base])
+        return out
+
+    def _side_row(self, side: torch.Tensor, param: int, row: int) -> torch.Tensor:
+        """Cut row ``row`` of parameter ``param`` as [1, row_len] from the side buffer."""
+        seg = self._side_at[(param, row)]
+        return side[seg.shard_start : seg.shard_start + seg.row_len].view(1, -1)
 
     @torch.no_grad()
     def write_lp(self, w: torch.Tensor, lp: torch.Tensor) -> None:

@@ -1,0 +1,161 @@
+"""All-gather bytes of ZeRO-3 CAGE training: the low-bit gather against the 16-bit one.
+
+    .venv/bin/python benchmarks/gather_bytes.py [--steps 3]
+
+Launches 2 CPU ranks (torchrun, gloo) of cage-train's tiny preset under ZeRO-3 (bf16
+partitions) with CAGE W4A4 twice: low-bit gather on, then off (cage_ds.zero.gather). Every
+all-gather is counted by wrapping DeepSpeed's comm backend (all_gather_into_tensor and
+all_gather, the calls ZeRO-3 makes); the bytes issued while cage_ds.zero.gather marks a
+gather of CAGE-quantized weights count as "quantized weights", the rest as "other". Prints
+both runs' losses (they must be identical), the bytes, the ratio computed from the shard map
+(cage_ds.zero.lowbit.WireFormat, no training) for the tiny, 800m and 8b presets, and ends with
+``all-gather bytes, quantized weights, W4 / bf16: <ratio>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def preset_shapes(preset: str) -> list[tuple[int, int]]:
+    """[out, in] of every quantized linear of a model preset (meta device, no memory)."""
+    import torch
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from cage_ds.train.config import load_config
+    from cage_ds.train.model import llama_config
+
+    hf = llama_config(load_config(None, [f"model.preset={preset}"]).model)
+    with torch.device("meta"):
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf)](hf)
+    return [
+        tuple(m.weight.shape) for n, m in model.named_modules() if n.split(".")[-1] in QUANTIZED
+    ]
+
+
+def shard_map_ratio(shapes: list[tuple[int, int]], world: int, bits: int) -> float:
+    """Low-bit payload bytes / bf16 bytes of one gather of every weight (QuEST row scales)."""
+    from cage_ds.zero.lowbit import WireFormat
+
+    fmts = [WireFormat(o * i, world, bits, i, "quest") for o, i in shapes]
+    return sum(f.nbytes for f in fmts) / sum(f.stock_nbytes(2) for f in fmts)
+
+
+def _count_gathers(counts: dict[str, int]) -> None:
+    """Add every all-gather's output bytes to counts[gather.current_kind()]."""
+    from deepspeed.comm import comm
+
+    from cage_ds.zero.gather import current_kind
+
+    backend = comm.cdb
+    into, listed = backend.all_gather_into_tensor, backend.all_gather
+
+    def all_gather_into_tensor(output_tensor, input_tensor, *args, **kwargs):
+        counts[current_kind()] += output_tensor.numel() * output_tensor.element_size()
+        return into(output_tensor, input_tensor, *args, **kwargs)
+
+    def all_gather(tensor_list, tensor, *args, **kwargs):
+        counts[current_kind()] += sum(t.numel() * t.element_size() for t in tensor_list)
+        return listed(tensor_list, tensor, *args, **kwargs)
+
+    backend.all_gather_into_tensor, backend.all_gather = all_gather_into_tensor, all_gather
+
+
+def worker(out: str, mode: str, steps: int, workdir: str) -> None:
+    """One rank of a cage-train run (tiny, ZeRO-3 bf16, CAGE W4A4) with the gathers counted."""
+    import torch
+
+    from cage_ds.train.config import CONFIGS_DIR, load_config
+    from cage_ds.train.loop import Trainer
+
+    ds = json.loads((CONFIGS_DIR / "deepspeed" / "zero3_cpu.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    ds_path = Path(workdir) / "zero3_bf16_cpu.json"
+    ds_path.write_text(json.dumps(ds))
+    cfg = load_config(
+        CONFIGS_DIR / "experiments" / "cage_w4a4.yaml",
+        [f"deepspeed.config={ds_path}", f"train.steps={steps}", f"train.output_dir={workdir}",
+         f"train.run_name={mode}", "train.progress=false", "train.log_every=1",
+         "tracking.enabled=false", "checkpoint.save_final=false"],
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    gather = trainer.engine.optimizer.cage_lowbit
+    if gather is None:
+        raise RuntimeError("the low-bit gather is not active on this run")
+    gather.enabled = mode == "lowbit"
+    counts = {"quantized": 0, "other": 0}
+    _count_gathers(counts)
+    result = trainer.run()
+    if torch.distributed.get_rank() == 0:
+        losses = [loss for _, loss in result.history["train/loss"]]
+        Path(out).write_text(json.dumps({"bytes": counts, "losses": losses,
+                                         "val_loss": result.val_loss}))  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, steps: int, workdir: str) -> dict:
+    """Run ``worker`` on 2 CPU ranks; returns rank 0's record."""
+    out = os.path.join(workdir, f"{mode}.json")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
+           f"--master_port={_free_port()}", __file__, "--worker", out, mode, str(steps),
+           workdir]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(Path(out).read_text())
+
+
+def measure(steps: int = 3) -> dict:
+    """Both runs, the measured ratio and the shard-map ratios (tiny at world 2, presets)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        low, stock = launch("lowbit", steps, workdir), launch("stock", steps, workdir)
+    return {
+        "lowbit": low,
+        "stock": stock,
+        "ratio": low["bytes"]["quantized"] / stock["bytes"]["quantized"],
+        "shard_map": {
+            (preset, world, bits): shard_map_ratio(preset_shapes(preset), world, bits)
+            for preset, worlds in (("tiny", (2,)), ("800m", (8, 64)), ("8b", (8, 64)))
+            for world in worlds
+            for bits in (4, 3, 2)
+        },
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        out, mode, steps, workdir = sys.argv[2:6]
+        return worker(out, mode, int(steps), workdir)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    r = measure(ap.parse_args().steps)
+    for mode in ("stock", "lowbit"):
+        rec = r[mode]
+        print(f"{mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} bytes {rec['bytes']}")
+    same = r["lowbit"]["losses"] == r["stock"]["losses"]
+    print(f"training identical with and without the low-bit gather: {same}")
+    print("shard-map ratio (low-bit / bf16), QuEST row scales included:")
+    for (preset, world, bits), ratio in r["shard_map"].items():
+        print(f"  {preset:5s} world {world:3d} W{bits}: {ratio:.4f}")
+    print(f"all-gather bytes, quantized weights, W4 / bf16: {r['ratio']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Wire format of the low-bit ZeRO-3 all-gather: packed b-bit codes plus fp32 group scales.
+
+A ZeRO-3 parameter of N elements (flattened row-major) is cut into ps = ceil(N / world)
+element slots; rank r holds [a_r, b_r) = [min(r ps, N), min((r+1) ps, N)). Its scale groups
+are G consecutive elements (a row for QuEST, an RTN group; G divides the row length).
+Rank r sends, for this parameter, ``nbytes`` bytes (the same on every rank):
+  [slots fp32 scales][ceil(ps / 8) b bytes of packed codes][zero fill to a multiple of 4]
+  scales: those of the groups whose FIRST element rank r holds, in order (the owner of a
+          group a cut divides is the rank holding its start; every holder of a cut row
+          computed the whole row, rows.py), zero-filled to slots = max_r of that count;
+  codes:  k of every element rank r holds (cage_kernels.pack layout), 0 past b_r.
+Decoding the gathered [world, nbytes] gives value = cast((k - z) s): z = (2^b - 1) / 2 for
+QuEST (cage_kernels.ops.dequantize), z = 2^(b-1) - 1 for RTN: the expression the writers
+of the low-precision partition evaluate, so the result equals the stock gather bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from cage_kernels import ops as kernel_ops
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """One parameter's low-bit payload layout (module docstring); method 'quest' or 'rtn'."""
+
+    numel: int
+    world: int
+    bits: int
+    group: int
+    method: str
+
+    @property
+    def ps(self) -> int:
+        return -(-self.numel // self.world)
+
+    def span(self, rank: int) -> tuple[int, int]:
+        """[a, b): the parameter elements ``rank`` holds."""
+        return min(rank * self.ps, self.numel), min((rank + 1) * self.ps, self.numel)
+
+    def owned(self, rank: int) -> tuple[int, int]:
+        """[g0, g1): the scale groups whose first element ``rank`` holds."""
+        a, b = self.span(rank)
+        return -(-a // self.group), -(-b // self.group)
+
+    @cached_property
+    def slots(self) -> int:
+        return max(g1 - g0 for g0, g1 in map(self.owned, range(self.world)))
+
+    @property
+    def code_bytes(self) -> int:
+        return -(-self.ps // 8) * self.bits
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes each rank sends for this parameter."""
+        return -(-(4 * self.slots + self.code_bytes) // 4) * 4
+
+    def stock_nbytes(self, itemsize: int) -> int:
+        """Bytes each rank sends for it on DeepSpeed's own gather (its ps-element slot)."""
+        return self.ps * itemsize
+
+    @cached_property
+    def _scale_index(self) -> torch.Tensor:
+        return torch.cat(
+            [r * self.slots + torch.arange(g1 - g0) for r, (g0, g1) in enumerate(
+                map(self.owned, range(self.world)))]
+        )  # fmt: skip
+
+
+def encode(fmt: WireFormat, rank: int, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """uint8 [fmt.nbytes]: rank's payload from the codes (uint8, one per element it holds)
+    and the fp32 scales of the groups it owns."""
+    a, b = fmt.span(rank)
+    g0, g1 = fmt.owned(rank)
+    if codes.numel() != b - a or scales.numel() != g1 - g0:
+        raise ValueError(
+            f"low-bit gather: rank {rank} holds {b - a} elements and {g1 - g0} scale groups, "
+            f"got {codes.numel()} codes and {scales.numel()} scales"
+        )
+    out = torch.zeros(fmt.nbytes, dtype=torch.uint8, device=codes.device)
+    out[: 4 * scales.numel()] = scales.float().contiguous().view(torch.uint8)
+    padded = torch.zeros(fmt.code_bytes * 8 // fmt.bits, dtype=torch.uint8, device=codes.device)
+    padded[: codes.numel()] = codes
+    out[4 * fmt.slots : 4 * fmt.slots + fmt.code_bytes] = kernel_ops.pack(padded, fmt.bits)
+    return out
+
+
+def decode(fmt: WireFormat, chunks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[numel] in dtype: the parameter from every rank's payload, chunks uint8 [world, nbytes]."""
+    head = chunks[:, : 4 * fmt.slots].contiguous().view(torch.float32).reshape(-1)
+    scales = head[fmt._scale_index.to(head.device)]
+    packed = chunks[:, 4 * fmt.slots : 4 * fmt.slots + fmt.code_bytes].contiguous()
+    codes = kernel_ops.unpack(packed, fmt.bits)[:, : fmt.ps].reshape(-1)[: fmt.numel]
+    codes = codes.view(-1, fmt.group)
+    if fmt.method == "quest":
+        return kernel_ops.dequantize(codes, scales.view(-1, 1), fmt.bits, dtype).view(-1)
+    zero = 2 ** (fmt.bits - 1) - 1
+    return ((codes.float() - zero) * scales.view(-1, 1)).to(dtype).view(-1)
