@@ -2,13 +2,15 @@
 
     model = cage_ds.fsdp.prepare(prepare_model(llama, QuantConfig.preset("w4a4")))
     opt = cage_ds.fsdp.attach(CageAdamW(cage_param_groups(model), ...))
-    loss.backward(); cage_ds.fsdp.clip_grad_norm_(opt, 1.0); opt.step()
+    loss.backward(); cage_ds.fsdp.clip_grad_norm_(model, 1.0); opt.step()
 
 Same layer as cage_ds.zero; touches only torch's public FSDP2 / DTensor / DCP APIs.
 """
 
-from .latent import LatentWeight, full_value, local_rows
-from .optimizer import RowShardQuantOps, attach, clip_grad_norm_
+from .latent import LatentWeight, full_value, local_rows, to_latent_grads_
+from .checkpoint import load, save
+from .clip import clip_grad_norm_
+from .optimizer import RowShardQuantOps, attach
 from .prepare import default_mesh, prepare
 
 __all__ = [
@@ -18,6 +20,9 @@ __all__ = [
     "clip_grad_norm_",
     "default_mesh",
     "full_value",
+    "load",
     "local_rows",
     "prepare",
+    "save",
+    "to_latent_grads_",
 ]

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map, tree_map_only
 
+from cage_kernels import ops as kernel_ops
+
 from cage_ds.quant import Quantizer
 
 aten = torch.ops.aten
@@ -132,4 +134,36 @@ def full_value(p: torch.Tensor) -> torch.Tensor:
         local_rows(p), p.device_mesh, p.placements, run_check=False, shape=p.shape,
         stride=p.stride(),
     )  # fmt: skip
-    return plain.full_tensor()
+    return plain.full_tensor().clone()  # one rank: full_tensor may alias the shard
+
+
+def latent_grad(quantizer: Quantizer, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The STE gradient of latent rows W_r [rows, in] from dL/dq of their q(W H):
+    (M(W_r) ⊙ dL/dq) H for QuEST (QuantLinear's fake-quant backward op), dL/dq for RTN."""
+    if not quantizer.rotated or rows.numel() == 0:
+        return grad
+    mask = quantizer.mask(rows)
+    return kernel_ops.quest_act_backward(grad, mask, quantizer.spec.hadamard_block)
+
+
+_LATENT = "_cage_latent_grad"
+
+
+def is_latent_grad(g: torch.Tensor) -> bool:
+    """Whether to_latent_grads_ already turned this gradient into dL/dW."""
+    return getattr(g, _LATENT, False)
+
+
+@torch.no_grad()
+def to_latent_grads_(params) -> None:
+    """Replace each LatentWeight parameter's sharded gradient dL/dq by the latent gradient
+    dL/dW = latent_grad(...) in place, and mark it (a second call leaves it). Call after
+    the step's last backward: a later backward would add dL/dq to a converted gradient."""
+    for p in params:
+        g = p.grad
+        shard = p.to_local() if isinstance(p, torch.distributed.tensor.DTensor) else p
+        if g is None or not isinstance(shard, LatentWeight) or is_latent_grad(g):
+            continue
+        local = local_rows(g)
+        local.copy_(latent_grad(shard.quantizer, shard.data_, local))
+        setattr(g, _LATENT, True)

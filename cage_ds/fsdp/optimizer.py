@@ -4,7 +4,8 @@ FSDP2 hands the optimizer DTensor parameters whose local part holds whole rows W
 weight [out, in], and gradients dL/dq of the gathered q(W H) sharded the same way. A row's
 QuEST scale and Hadamard blocks lie inside the row, so on the local rows
   error(W)       = W_r - Q(W_r)                       (Quantizer.error)
-  ste_grad(W, g) = (M(W_r) ⊙ g_r) H                   (QuEST; RTN: g_r)
+  ste_grad(W, g) = (M(W_r) ⊙ g_r) H                   (QuEST; RTN: g_r; a gradient that
+                                                       to_latent_grads_ converted: as is)
 equal the unsharded oracle's rows element for element. CageAdamW's update math is
 unchanged: it runs on the DTensors, whose pointwise ops act on the local rows.
 ``attach(optimizer)`` overrides ``quant_ops`` on the instance (the ZeRO adapter's seam).
@@ -16,14 +17,13 @@ import types
 from typing import Any
 
 import torch
-from cage_kernels import ops as kernel_ops
 from torch.distributed.tensor import DTensor, Shard
 
 from cage_ds.optim import CageAdamW
 from cage_ds.optim.quant_ops import quantizer_from_group
 from cage_ds.quant import Quantizer
 
-from .latent import local_rows
+from .latent import is_latent_grad, latent_grad, local_rows
 
 
 def _like(local: torch.Tensor, ref: DTensor) -> DTensor:
@@ -57,21 +57,13 @@ class RowShardQuantOps:
     def __repr__(self) -> str:
         return f"RowShardQuantOps({self.quantizer.spec})"
 
-    def mask(self, w: torch.Tensor) -> torch.Tensor:
-        """STE mask M of the local rows (rotated domain), bool."""
-        return self.quantizer.mask(local_rows(w))
-
     def error(self, w: DTensor) -> DTensor:
         return _like(self.quantizer.error(local_rows(w)), w)
 
     def ste_grad(self, w: DTensor, g: DTensor) -> DTensor:
-        if not self.quantizer.rotated:
+        if is_latent_grad(g) or not self.quantizer.rotated:
             return g
-        rows, grad = local_rows(w), local_rows(g)
-        if rows.numel() == 0:
-            return g
-        block = self.quantizer.spec.hadamard_block
-        return _like(kernel_ops.quest_act_backward(grad, self.mask(rows), block), g)
+        return _like(latent_grad(self.quantizer, local_rows(w), local_rows(g)), g)
 
 
 def _quant_ops(self: CageAdamW, group: dict[str, Any], p: torch.Tensor) -> RowShardQuantOps | None:
@@ -98,21 +90,3 @@ def attach(optimizer: CageAdamW) -> CageAdamW:
     optimizer.quant_ops = types.MethodType(_quant_ops, optimizer)
     return optimizer
 
-
-@torch.no_grad()
-def clip_grad_norm_(optimizer: CageAdamW, max_norm: float) -> torch.Tensor:
-    """Clip all gradients of ``optimizer`` to global norm ``max_norm``; returns the norm.
-
-    The norm is the one the unsharded model clips: of the latent gradients (M ⊙ dL/dq) H,
-    whose norm is ||M ⊙ dL/dq||. So the STE mask is applied to each quantized gradient in
-    place first (idempotent: the step applies M again before the rotation)."""
-    params = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            params.append(p)
-            ops = optimizer.quant_ops(group, p)
-            if ops is not None and ops.quantizer.rotated and local_rows(p).numel():
-                local_rows(p.grad).mul_(ops.mask(p))
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -1,6 +1,6 @@
 """One torchrun launch of the FSDP2 equality tests (run by tests/dist/test_fsdp_cage.py).
 
-    torchrun --nproc_per_node N tests/dist/fsdp_worker.py OUT_DIR STEPS
+    torchrun --nproc_per_node N tests/dist/fsdp_worker.py OUT_DIR STEPS [save|load CKPT]
 
 For each CAGE variant (decoupled, coupled): the tiny Llama of zero_case.py (same seed),
 prepare_model W4A4, cage_ds.fsdp.prepare, CageAdamW with zero_case's settings,
@@ -9,6 +9,11 @@ clipping zero_case.CLIP. Before every forward each gathered weight is compared w
 Quantizer.values(full fp32 latent). Rank 0 writes OUT_DIR/<variant>.pt: per step the full
 latents and Adam moments before it (trace), the final latents, the mean losses, the
 gathered-weight comparisons.
+``save CKPT`` instead (decoupled): train 1 step, cage_ds.fsdp.save to CKPT, write the full
+state there (OUT_DIR/saved.pt), then the uninterrupted run to STEPS (OUT_DIR/straight.pt)
+and a fresh model that loads CKPT and continues to STEPS (OUT_DIR/resumed.pt).
+``load CKPT``: a fresh model loads CKPT and continues to STEPS (OUT_DIR/resumed.pt, with the
+full state right after the load and the trace of the continued steps).
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def train(model, opt, first: int, steps: int, log: list, trace: list | None) -> 
         for h in handles:
             h.remove()
         loss.backward()
-        cfsdp.clip_grad_norm_(opt, CLIP)
+        cfsdp.clip_grad_norm_(model, CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         mean = loss.detach().clone()
@@ -85,10 +90,39 @@ def train(model, opt, first: int, steps: int, log: list, trace: list | None) -> 
     return losses
 
 
+def _save(out_dir: str, steps: int, ckpt: str) -> None:
+    model, opt = build("decoupled")
+    train(model, opt, 0, 1, [], None)
+    saved = named_full(model, opt)
+    cfsdp.save(ckpt, model, opt)
+    train(model, opt, 1, steps - 1, [], None)
+    straight = named_full(model, opt)[0]
+    _load(out_dir, steps, ckpt)
+    if dist.get_rank() == 0:
+        torch.save(saved, os.path.join(out_dir, "saved.pt"))
+        torch.save(straight, os.path.join(out_dir, "straight.pt"))
+
+
+def _load(out_dir: str, steps: int, ckpt: str) -> None:
+    model, opt = build("decoupled")
+    cfsdp.load(ckpt, model, opt)
+    loaded = named_full(model, opt)
+    step = {int(s["step"]) for s in opt.state.values()}
+    log: list = []
+    trace: list = []
+    train(model, opt, 1, steps - 1, log, trace)
+    out = {"loaded": loaded, "step": step, "trace": trace, "gathered": log}
+    out["latents"] = named_full(model, opt)[0]
+    if dist.get_rank() == 0:
+        torch.save(out, os.path.join(out_dir, "resumed.pt"))
+
+
 def main() -> None:
     out_dir, steps = sys.argv[1], int(sys.argv[2])
     dist.init_process_group("gloo")
-    for variant in ("decoupled", "coupled"):
+    if len(sys.argv) > 3:
+        {"save": _save, "load": _load}[sys.argv[3]](out_dir, steps, sys.argv[4])
+    for variant in ("decoupled", "coupled") if len(sys.argv) == 3 else ():
         model, opt = build(variant)
         log: list = []
         trace: list = []
