@@ -7,9 +7,9 @@
 Same layer as cage_ds.zero; touches only torch's public FSDP2 / DTensor / DCP APIs.
 """
 
-from .latent import LatentWeight, full_value, local_rows, to_latent_grads_
 from .checkpoint import load, save
 from .clip import clip_grad_norm_
+from .latent import LatentWeight, full_value, local_rows, to_latent_grads_
 from .optimizer import RowShardQuantOps, attach
 from .prepare import default_mesh, prepare
 

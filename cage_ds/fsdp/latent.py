@@ -21,9 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map, tree_map_only
-
 from cage_kernels import ops as kernel_ops
+from torch.utils._pytree import tree_map, tree_map_only
 
 from cage_ds.quant import Quantizer
 

@@ -89,4 +89,3 @@ def attach(optimizer: CageAdamW) -> CageAdamW:
                 check_row_sharded(p, optimizer.describe_param(p))
     optimizer.quant_ops = types.MethodType(_quant_ops, optimizer)
     return optimizer
-
