@@ -61,6 +61,7 @@ def prepare(
             "cage_ds.fsdp.prepare: the model has no QuantLinear with a weight quantizer; "
             "call cage_ds.prepare_model(model, QuantConfig.preset(...)) first"
         )
+    mesh = mesh or default_mesh()
     for name, layer in prepared:
         w = layer.weight
         if isinstance(w, LatentWeight) or type(w.data).__name__ == "DTensor":
@@ -75,7 +76,6 @@ def prepare(
             LatentWeight(w.detach(), layer.weight_quantizer), requires_grad=w.requires_grad
         )
         layer.weight_prequantized = True
-    mesh = mesh or default_mesh()
     kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for layer in decoder_layers(model) if layers is None else layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
