@@ -94,10 +94,13 @@ def _check_gathered(log: list, where: str) -> None:
         assert entry["mismatches"] == 0, f"{where}: {entry}"
 
 
-def _check_steps(variant: str, trace: list, final: dict, where: str, method: str = "quest") -> dict:
+def _check_steps(
+    variant: str, trace: list, final: dict, where: str, method: str = "quest", first: int = 0
+) -> dict:
+    """Each traced step (0-based steps first, first + 1, ...) against oracle_step."""
     worst = {}
     nxt = [t[0] for t in trace[1:]] + [final]
-    for k, ((w, m, v), w_next) in enumerate(zip(trace, nxt, strict=True)):
+    for k, ((w, m, v), w_next) in enumerate(zip(trace, nxt, strict=True), start=first):
         ref = oracle_step(variant, k, w, m, v, method)
         for n, want in ref.items():
             upd = (want - w[n]).norm()

@@ -1,0 +1,28 @@
+"""CAGE on torch FSDP2 (``fully_shard``): dim-0 row shards, quantize before the all-gather.
+
+    model = cage_ds.fsdp.prepare(prepare_model(llama, QuantConfig.preset("w4a4")))
+    opt = cage_ds.fsdp.attach(CageAdamW(cage_param_groups(model), ...))
+    loss.backward(); cage_ds.fsdp.clip_grad_norm_(model, 1.0); opt.step()
+
+Same layer as cage_ds.zero; touches only torch's public FSDP2 / DTensor / DCP APIs.
+"""
+
+from .checkpoint import load, save
+from .clip import clip_grad_norm_
+from .latent import LatentWeight, full_value, local_rows, to_latent_grads_
+from .optimizer import RowShardQuantOps, attach
+from .prepare import default_mesh, prepare
+
+__all__ = [
+    "LatentWeight",
+    "RowShardQuantOps",
+    "attach",
+    "clip_grad_norm_",
+    "default_mesh",
+    "full_value",
+    "load",
+    "local_rows",
+    "prepare",
+    "save",
+    "to_latent_grads_",
+]

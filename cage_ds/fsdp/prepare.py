@@ -1,0 +1,83 @@
+"""prepare: FSDP2 (``fully_shard``) over a prepare_model'd Llama, quantize before gather.
+
+Each QuantLinear with a weight quantizer gets its weight wrapped as a LatentWeight (the fp32
+latent; the all-gather input is q(W H) of the local rows) and switched to
+``weight_prequantized``; then ``fully_shard`` runs on every decoder layer and on the root.
+Mixed precision: the given MixedPrecisionPolicy (e.g. bf16 params, fp32 reduce on GPU);
+default fp32 throughout (CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from cage_ds.nn import quantized_modules
+
+from .latent import LatentWeight
+
+
+def default_mesh() -> DeviceMesh:
+    """A 1-D mesh over all ranks on this process's device type (cuda if available)."""
+    if not tdist.is_initialized():
+        raise RuntimeError(
+            "cage_ds.fsdp: torch.distributed is not initialized; launch with torchrun and call "
+            "torch.distributed.init_process_group() (gloo on CPU, nccl on GPU) first"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (tdist.get_world_size(),))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a Hugging Face Llama (``model.model.layers``), in order."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"cage_ds.fsdp.prepare: expected a Llama-style model with model.model.layers, got "
+            f"{type(model).__name__}; pass layers=[...] to shard other architectures"
+        )
+    return list(layers)
+
+
+def prepare(
+    model: nn.Module,
+    mesh: DeviceMesh | None = None,
+    *,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    layers: list[nn.Module] | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard a prepare_model'd model with FSDP2, quantizing weights before the gather.
+
+    Build the optimizer on the returned model's parameters afterwards and pass it to
+    ``cage_ds.fsdp.attach``. Returns ``model`` (sharded in place)."""
+    prepared = [(n, m) for n, m in quantized_modules(model) if m.weight_quantizer is not None]
+    if not prepared:
+        raise ValueError(
+            "cage_ds.fsdp.prepare: the model has no QuantLinear with a weight quantizer; "
+            "call cage_ds.prepare_model(model, QuantConfig.preset(...)) first"
+        )
+    mesh = mesh or default_mesh()
+    for name, layer in prepared:
+        w = layer.weight
+        if isinstance(w, LatentWeight) or type(w.data).__name__ == "DTensor":
+            raise ValueError(f"cage_ds.fsdp.prepare: {name} is already sharded; prepare once")
+        if w.dtype != torch.float32:
+            raise ValueError(
+                f"cage_ds.fsdp.prepare: {name}.weight is {w.dtype}; the latent weights must be "
+                "float32 (bf16 compute goes through mp_policy=MixedPrecisionPolicy(param_dtype="
+                "torch.bfloat16))"
+            )
+        layer.weight = nn.Parameter(
+            LatentWeight(w.detach(), layer.weight_quantizer), requires_grad=w.requires_grad
+        )
+        layer.weight_prequantized = True
+    kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    for layer in decoder_layers(model) if layers is None else layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, **kw)
+    return model

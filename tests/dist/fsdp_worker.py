@@ -1,0 +1,139 @@
+"""One torchrun launch of the FSDP2 equality tests (run by tests/dist/test_fsdp_cage.py).
+
+    torchrun --nproc_per_node N tests/dist/fsdp_worker.py OUT_DIR STEPS [save|load CKPT]
+
+For each CAGE variant (decoupled, coupled): the tiny Llama of zero_case.py (same seed),
+prepare_model W4A4, cage_ds.fsdp.prepare, CageAdamW with zero_case's settings,
+cage_ds.fsdp.attach; STEPS steps on this rank's share of the fixed global batch with
+clipping zero_case.CLIP. Before every forward each gathered weight is compared with
+Quantizer.values(full fp32 latent). Rank 0 writes OUT_DIR/<variant>.pt: per step the full
+latents and Adam moments before it (trace), the final latents, the mean losses, the
+gathered-weight comparisons.
+``save CKPT`` instead (decoupled): train 1 step, cage_ds.fsdp.save to CKPT, write the full
+state there (OUT_DIR/saved.pt), then the uninterrupted run to STEPS (OUT_DIR/straight.pt)
+and a fresh model that loads CKPT and continues to STEPS (OUT_DIR/resumed.pt).
+``load CKPT``: a fresh model loads CKPT and continues to STEPS (OUT_DIR/resumed.pt, with the
+full state right after the load and the trace of the continued steps).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import cage_ds.fsdp as cfsdp
+from cage_ds.nn import cage_param_groups, quantized_modules
+from cage_ds.optim import CageAdamW
+
+sys.path.insert(0, os.path.dirname(__file__))
+from zero_case import CLIP, GLOBAL_BATCH, make_batch, make_model_and_optimizer
+
+
+def build(variant: str, method: str = "quest"):
+    """The zero_case model, sharded by cage_ds.fsdp, and its attached CageAdamW."""
+    model, single = make_model_and_optimizer(variant, method=method)
+    cfsdp.prepare(model)
+    settings = {k: v for k, v in single.defaults.items() if k != "quant"}
+    opt = CageAdamW(cage_param_groups(model, weight_decay=0.1), **settings)
+    return model, cfsdp.attach(opt)
+
+
+def named_full(model, opt) -> tuple[dict, dict | None, dict | None]:
+    """Full latents and (when stepped) Adam moments by parameter name (collective)."""
+    named = list(model.named_parameters())
+    latents = {n: cfsdp.full_value(p) for n, p in named}
+    if not opt.state:
+        return latents, None, None
+    m = {n: cfsdp.full_value(opt.state[p]["exp_avg"]) for n, p in named}
+    v = {n: cfsdp.full_value(opt.state[p]["exp_avg_sq"]) for n, p in named}
+    return latents, m, v
+
+
+def compare_gathered(model, latents: dict, log: list) -> list:
+    """Forward pre-hooks: gathered weight vs cast(Quantizer.values(latent)), exactly."""
+    handles = []
+    for name, layer in quantized_modules(model):
+
+        def hook(mod, _args, name=name):
+            w = mod.weight.detach()
+            want = mod.weight_quantizer.values(latents[name + ".weight"]).to(w.dtype)
+            log.append({"name": name, "numel": w.numel(), "mismatches": int((w != want).sum())})
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    return handles
+
+
+def train(model, opt, first: int, steps: int, log: list, trace: list | None) -> list[float]:
+    """Steps first .. first + steps - 1; returns the global mean losses."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = GLOBAL_BATCH // world
+    losses = []
+    for k in range(first, first + steps):
+        full = named_full(model, opt)
+        if trace is not None:
+            trace.append(full)
+        handles = compare_gathered(model, full[0], log)
+        ids = make_batch(k)[rank * per : (rank + 1) * per]
+        loss = model(input_ids=ids, labels=ids).loss
+        for h in handles:
+            h.remove()
+        loss.backward()
+        cfsdp.clip_grad_norm_(model, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / world)
+    return losses
+
+
+def _save(out_dir: str, steps: int, ckpt: str) -> None:
+    model, opt = build("decoupled")
+    train(model, opt, 0, 1, [], None)
+    saved = named_full(model, opt)
+    cfsdp.save(ckpt, model, opt)
+    train(model, opt, 1, steps - 1, [], None)
+    straight = named_full(model, opt)[0]
+    _load(out_dir, steps, ckpt)
+    if dist.get_rank() == 0:
+        torch.save(saved, os.path.join(out_dir, "saved.pt"))
+        torch.save(straight, os.path.join(out_dir, "straight.pt"))
+
+
+def _load(out_dir: str, steps: int, ckpt: str) -> None:
+    model, opt = build("decoupled")
+    cfsdp.load(ckpt, model, opt)
+    loaded = named_full(model, opt)
+    step = {int(s["step"]) for s in opt.state.values()}
+    log: list = []
+    trace: list = []
+    train(model, opt, 1, steps - 1, log, trace)
+    out = {"loaded": loaded, "step": step, "trace": trace, "gathered": log}
+    out["latents"] = named_full(model, opt)[0]
+    if dist.get_rank() == 0:
+        torch.save(out, os.path.join(out_dir, "resumed.pt"))
+
+
+def main() -> None:
+    out_dir, steps = sys.argv[1], int(sys.argv[2])
+    dist.init_process_group("gloo")
+    if len(sys.argv) > 3:
+        {"save": _save, "load": _load}[sys.argv[3]](out_dir, steps, sys.argv[4])
+    for variant in ("decoupled", "coupled") if len(sys.argv) == 3 else ():
+        model, opt = build(variant)
+        log: list = []
+        trace: list = []
+        losses = train(model, opt, 0, steps, log, trace)
+        final = named_full(model, opt)[0]
+        if dist.get_rank() == 0:
+            out = {"trace": trace, "latents": final, "losses": losses, "gathered": log}
+            torch.save(out, os.path.join(out_dir, f"{variant}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
