@@ -40,8 +40,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CAGE_ACTIVE = ("optim.cage_silence=0", "optim.cage_schedule=constant",
-               "optim.cage_min_tokens_per_param=null")  # fmt: skip
+CAGE_ACTIVE = (
+    "optim.cage_silence=0",
+    "optim.cage_schedule=constant",
+    "optim.cage_min_tokens_per_param=null",
+)
 """lambda from step 1: no silence, no ramp, no min-tokens gate."""
 ARMS = {  # arm -> (label, experiment config, extra overrides)
     "fp": ("FP", "fp.yaml", ()),
@@ -53,9 +56,16 @@ QAT_TARGET = 1.1
 CAGE_TARGET = 1.02
 """CAGE step time over QuEST's."""
 FUSED_RANGE = "cage_kernels.cage_adamw_shard_step"
-COLUMNS = ("arm", "step ms (median)", "tokens/s", f"step / FP (target <= {QAT_TARGET})",
-           f"step / QuEST (target <= {CAGE_TARGET})", "peak memory MiB", "quant ops %",
-           "fused step %")  # fmt: skip
+COLUMNS = (
+    "arm",
+    "step ms (median)",
+    "tokens/s",
+    f"step / FP (target <= {QAT_TARGET})",
+    f"step / QuEST (target <= {CAGE_TARGET})",
+    "peak memory MiB",
+    "quant ops %",
+    "fused step %",
+)
 MEMORY_KIND = {
     "cuda": "CUDA max allocated over warmup + timed steps",
     "cpu": "process peak RSS over warmup + timed steps (VmHWM reset after set-up; interpreter "
@@ -71,10 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps after timing")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per step")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when a GPU is visible, else cpu")  # fmt: skip
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when a GPU is visible, else cpu",
+    )
     p.add_argument("--out", type=Path, default=None, help="append the dated table to this .md")
     p.add_argument("--machine", default=None, help="machine description for --out")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="cage-train overrides for every arm, e.g. data.source=corpus.txt",
+    )
     p.add_argument("--arm", choices=tuple(ARMS), help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p
@@ -84,15 +104,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def arm_config(arm: str, args: argparse.Namespace, output_dir: str):
-    """The arm's cage-train Config: its experiment file on the preset, ZeRO-3, one micro-batch
-    per step, args.warmup + args.steps + args.profile_steps steps, no tracking or progress."""
+    """The arm's cage-train Config: its experiment file on the preset with args.overrides, then
+    ZeRO-3, one micro-batch per step, args.warmup + args.steps + args.profile_steps steps, no
+    tracking or progress (these win over args.overrides)."""
     from cage_ds.train.config import load_config
 
     _, experiment, extra = ARMS[arm]
     steps = args.warmup + args.steps + args.profile_steps
-    overrides = [f"model.preset={args.preset}", "deepspeed.stage=3", f"train.steps={steps}",
-                 "train.tokens_per_param=null", "train.progress=false",
-                 "tracking.enabled=false", f"train.output_dir={output_dir}", *extra]  # fmt: skip
+    overrides = [
+        *args.overrides,
+        f"model.preset={args.preset}",
+        "deepspeed.stage=3",
+        f"train.steps={steps}",
+        "train.tokens_per_param=null",
+        "train.progress=false",
+        "tracking.enabled=false",
+        f"train.output_dir={output_dir}",
+        *extra,
+    ]
     if args.micro_batch is not None:
         overrides.append(f"train.micro_batch_size={args.micro_batch}")
     cfg = load_config(ROOT / "configs/experiments" / experiment, overrides)
@@ -162,9 +191,11 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     on_cuda = trainer.on_cuda
     attached = getattr(trainer.engine.optimizer, "cage_zero_attached", False)
     if trainer.stage != 3 or attached != (arm != "fp"):
-        raise RuntimeError(f"{arm}: engine {trainer.initializer} at ZeRO stage {trainer.stage}, "
-                           f"cage_ds.zero attached={attached}: not the path this benchmark "
-                           "measures")  # fmt: skip
+        raise RuntimeError(
+            f"{arm}: engine {trainer.initializer} at ZeRO stage {trainer.stage}, "
+            f"cage_ds.zero attached={attached}: not the path this benchmark "
+            "measures"
+        )
 
     def step() -> float:
         loss = trainer.train_step()
@@ -182,8 +213,10 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
             lambdas.append(float(trainer.optimizer.last_lambda))
     peak = _peak_memory(on_cuda)
     if arm == "cage" and min(lambdas) <= 0:
-        raise RuntimeError(f"cage: a timed step ran with lambda {min(lambdas)}; the correction "
-                           "must be active for the whole timing")  # fmt: skip
+        raise RuntimeError(
+            f"cage: a timed step ran with lambda {min(lambdas)}; the correction "
+            "must be active for the whole timing"
+        )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
@@ -195,14 +228,21 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
 
     cfg = trainer.cfg
     return {
-        "arm": arm, "step_times_s": times, "tokens_per_step":
-        cfg.train.global_batch_size * cfg.data.seq_len, "peak_memory_bytes": peak,
-        "quant_share": quant, "fused_share": fused, "lambda_min": min(lambdas),
-        "final_loss": loss, "engine": trainer.initializer, "device": _device_name(on_cuda),
+        "arm": arm,
+        "step_times_s": times,
+        "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
+        "peak_memory_bytes": peak,
+        "quant_share": quant,
+        "fused_share": fused,
+        "lambda_min": min(lambdas),
+        "final_loss": loss,
+        "engine": trainer.initializer,
+        "device": _device_name(on_cuda),
         "memory_kind": MEMORY_KIND["cuda" if on_cuda else "cpu"],
         "versions": f"torch {torch.__version__}, deepspeed {deepspeed.__version__}",
-        "seq_len": cfg.data.seq_len, "micro_batch": cfg.train.micro_batch_size,
-    }  # fmt: skip
+        "seq_len": cfg.data.seq_len,
+        "micro_batch": cfg.train.micro_batch_size,
+    }
 
 
 # ---------------------------------------------------------------- driver: the three arms
@@ -224,12 +264,13 @@ def run_arms(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for arm in ARMS:
             result, log = Path(tmp) / f"{arm}.json", Path(tmp) / f"{arm}.log"
-            cmd = [sys.executable, __file__, *argv, "--device", args.device, "--arm", arm,
-                   "--result", str(result)]  # fmt: skip
+            worker = ["--device", args.device, "--arm", arm, "--result", str(result)]
+            cmd = [sys.executable, __file__, *argv, *worker]
             print(f"train_step: {ARMS[arm][0]} ...", file=sys.stderr, flush=True)
             with open(log, "w") as fh:
-                code = subprocess.call(cmd, env=_arm_env(args.device), stdout=fh,
-                                       stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+                code = subprocess.call(
+                    cmd, env=_arm_env(args.device), stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT
+                )
             if code != 0:
                 tail = "\n".join(log.read_text().splitlines()[-40:])
                 raise SystemExit(f"train_step: the {arm} arm failed (exit {code}):\n{tail}")
@@ -248,12 +289,15 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         t = median[r["arm"]]
         cells = [
-            ARMS[r["arm"]][0], f"{t * 1e3:.1f}", f"{r['tokens_per_step'] / t:.0f}",
+            ARMS[r["arm"]][0],
+            f"{t * 1e3:.1f}",
+            f"{r['tokens_per_step'] / t:.0f}",
             "1.000" if r["arm"] == "fp" else _ratio(t / median["fp"], QAT_TARGET),
             _ratio(t / median["quest"], CAGE_TARGET) if r["arm"] == "cage" else "-",
-            f"{r['peak_memory_bytes'] / 2**20:.0f}", f"{100 * r['quant_share']:.1f}",
+            f"{r['peak_memory_bytes'] / 2**20:.0f}",
+            f"{100 * r['quant_share']:.1f}",
             f"{100 * r['fused_share']:.1f}",
-        ]  # fmt: skip
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -263,28 +307,37 @@ def report(args: argparse.Namespace, argv: Sequence[str], results: list[dict]) -
     r0 = results[0]
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/train_step.py " + shlex.join(argv)
-    return "\n".join([
-        f"## train_step: {args.preset} on {args.device}, {when}", "",
-        f"- Command: `{command}`",
-        f"- Machine: {args.machine or r0['device']}; {r0['versions']}",
-        f"- Per arm: DeepSpeed ZeRO-3, world size 1, {r0['micro_batch']} x {r0['seq_len']} "
-        f"tokens per step, {args.warmup} warmup + {args.steps} timed steps (median), "
-        f"{args.profile_steps} profiled; engines: "
-        + ", ".join(f"{ARMS[r['arm']][0]} {r['engine']}" for r in results),
-        f"- CAGE lambda during the timed steps: >= {results[-1]['lambda_min']:g}; final "
-        "losses: " + ", ".join(f"{r['final_loss']:.4f}" for r in results),
-        f"- Peak memory: {r0['memory_kind']}",
-        "- quant ops % / fused step %: share of the profiled steps' wall time inside the "
-        "cage_kernels op ranges (" + ("device time of their kernels" if args.device == "cuda"
-                                      else "the ranges' CPU wall time")
-        + "); fused step = cage_adamw_shard_step (AdamW + CAGE correction + q(W H))",
-        "", format_table(results), "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"## train_step: {args.preset} on {args.device}, {when}",
+            "",
+            f"- Command: `{command}`",
+            f"- Machine: {args.machine or r0['device']}; {r0['versions']}",
+            f"- Per arm: DeepSpeed ZeRO-3, world size 1, {r0['micro_batch']} x {r0['seq_len']} "
+            f"tokens per step, {args.warmup} warmup + {args.steps} timed steps (median), "
+            f"{args.profile_steps} profiled; engines: "
+            + ", ".join(f"{ARMS[r['arm']][0]} {r['engine']}" for r in results),
+            f"- CAGE lambda during the timed steps: >= {results[-1]['lambda_min']:g}; final "
+            "losses: " + ", ".join(f"{r['final_loss']:.4f}" for r in results),
+            f"- Peak memory: {r0['memory_kind']}",
+            "- quant ops % / fused step %: share of the profiled steps' wall time inside the "
+            "cage_kernels op ranges ("
+            + (
+                "device time of their kernels"
+                if args.device == "cuda"
+                else "the ranges' CPU wall time"
+            )
+            + "); fused step = cage_adamw_shard_step (AdamW + CAGE correction + q(W H))",
+            "",
+            format_table(results),
+            "",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     for name in ("steps", "warmup", "profile_steps"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1 (--warmup >= 0)")
