@@ -306,41 +306,36 @@ def report(args: argparse.Namespace, argv: Sequence[str], results: list[dict]) -
     """Dated section: command, machine, set-up, the table."""
     r0 = results[0]
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "python benchmarks/train_step.py " + shlex.join(argv)
-    return "\n".join(
-        [
-            f"## train_step: {args.preset} on {args.device}, {when}",
-            "",
-            f"- Command: `{command}`",
-            f"- Machine: {args.machine or r0['device']}; {r0['versions']}",
-            f"- Per arm: DeepSpeed ZeRO-3, world size 1, {r0['micro_batch']} x {r0['seq_len']} "
-            f"tokens per step, {args.warmup} warmup + {args.steps} timed steps (median), "
-            f"{args.profile_steps} profiled; engines: "
-            + ", ".join(f"{ARMS[r['arm']][0]} {r['engine']}" for r in results),
-            f"- CAGE lambda during the timed steps: >= {results[-1]['lambda_min']:g}; final "
-            "losses: " + ", ".join(f"{r['final_loss']:.4f}" for r in results),
-            f"- Peak memory: {r0['memory_kind']}",
-            "- quant ops % / fused step %: share of the profiled steps' wall time inside the "
-            "cage_kernels op ranges ("
-            + (
-                "device time of their kernels"
-                if args.device == "cuda"
-                else "the ranges' CPU wall time"
-            )
-            + "); fused step = cage_adamw_shard_step (AdamW + CAGE correction + q(W H))",
-            "",
-            format_table(results),
-            "",
-        ]
-    )
+    machine = f"{args.machine} ({r0['device']})" if args.machine else r0["device"]
+    engines = ", ".join(f"{ARMS[r['arm']][0]} {r['engine']}" for r in results)
+    losses = ", ".join(f"{r['final_loss']:.4f}" for r in results)
+    timed = "device time of their kernels" if args.device == "cuda" else "their CPU wall time"
+    lines = [
+        f"## train_step: {args.preset} on {args.device}, {when}",
+        "",
+        f"- Command: `python benchmarks/train_step.py {shlex.join(argv)}`",
+        f"- Machine: {machine}; {r0['versions']}",
+        f"- Per arm: DeepSpeed ZeRO-3, world size 1, {r0['micro_batch']} x {r0['seq_len']} "
+        f"tokens per step, {args.warmup} warmup + {args.steps} timed steps (median), "
+        f"{args.profile_steps} profiled; engines: {engines}",
+        f"- CAGE lambda in the timed steps: >= {results[-1]['lambda_min']:g}; last losses: "
+        + losses,
+        f"- Peak memory: {r0['memory_kind']}",
+        "- quant ops % / fused step %: share of the profiled steps' wall time inside the "
+        f"cage_kernels op ranges ({timed}); fused step = cage_adamw_shard_step (AdamW + "
+        "CAGE correction + q(W H) in one kernel)",
+        "",
+        format_table(results),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_intermixed_args(argv)
-    for name in ("steps", "warmup", "profile_steps"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1 (--warmup >= 0)")
+    if min(args.steps, args.profile_steps) < 1 or args.warmup < 0:
+        raise SystemExit("train_step: --steps and --profile-steps must be >= 1, --warmup >= 0")
     if args.arm is not None:  # worker
         args.result.write_text(json.dumps(run_arm(args.arm, args)))
         return 0
