@@ -8,13 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a writable folder}
-PY=${PYTHON:-python3}
-site=/tmp/site
-$PY -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
-DS_BUILD_OPS=0 $PY -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" \
-  .whl/deepspeed-*.tar.gz || exit 1
-ln -sfn "$PWD/kernels" "$site/cage_kernels"
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_site.sh || exit 1
 tracking=(--no-tracking)
 $PY -c "import mlflow" 2>/dev/null && tracking=()
 $PY -c "import torch; print(torch.cuda.get_device_name(), 'torch', torch.__version__)"

@@ -2,7 +2,8 @@
 
 Each op runs its Triton kernel for CUDA tensors (and CPU tensors under
 CAGE_TRITON_INTERPRET=1), else its torch twin. Triton modules are imported on first use,
-so the torch path works where triton is not installed.
+so the torch path works where triton is not installed. Every op runs inside a
+``cage_kernels.<op>`` profiler range while torch.profiler records (profiling.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .dispatch import use_triton, use_triton_float
 from .grid import check_bits, grid_values
 from .hadamard import fwht_ref
 from .pack import pack_ref, unpack_ref
+from .profiling import profiled
 from .quest import QuestOut, quest_quantize_ref
 from .quest_act import masked_unrotate, quest_act_forward
 from .quest_packed import QuestPacked, quest_quantize_packed_ref
@@ -21,6 +23,7 @@ from .rtn import RtnOut, rtn_quantize_ref
 from .segments import SegmentTable
 
 
+@profiled
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """x [..., n] -> x (I ⊗ H_block), orthonormal block Hadamard along the last dim."""
     if use_triton_float(x):
@@ -30,6 +33,7 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     return fwht_ref(x, block)
 
 
+@profiled
 def quest_quantize(
     x: torch.Tensor,
     bits: int,
@@ -49,6 +53,7 @@ def quest_quantize(
     return quest_quantize_ref(x, bits, block, sumsq, mask_rule, rotated)
 
 
+@profiled
 def quest_quantize_packed(
     x: torch.Tensor,
     bits: int,
@@ -66,6 +71,7 @@ def quest_quantize_packed(
     return quest_quantize_packed_ref(x, bits, block, sumsq, mask_rule, rotated)
 
 
+@profiled
 def quest_act(
     x: torch.Tensor, bits: int, block: int, mask_rule: str = "trust"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,16 +85,19 @@ def quest_act(
     return out.values, out.mask
 
 
+@profiled
 def quest_act_backward(grad: torch.Tensor, mask: torch.Tensor, block: int) -> torch.Tensor:
     """Backward half of quest_act: (grad ⊙ mask) H^T, grad / mask [..., n]."""
     return masked_unrotate(grad.contiguous(), mask, block)
 
 
+@profiled
 def rtn_quantize(x: torch.Tensor, bits: int, group: int) -> RtnOut:
     """x [..., n] -> RtnOut(values, codes, scale [..., n // group])."""
     return rtn_quantize_ref(x, bits, group)
 
 
+@profiled
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., n] -> uint8 [..., n * bits / 8]."""
     if use_triton(codes):
@@ -98,6 +107,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_ref(codes, bits)
 
 
+@profiled
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 [..., m] -> uint8 codes [..., m * 8 / bits]."""
     if use_triton(packed):
@@ -107,6 +117,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_ref(packed, bits)
 
 
+@profiled
 def dequantize(
     codes: torch.Tensor, step: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -118,6 +129,7 @@ def dequantize(
     return grid_values(codes, step, check_bits(bits)).to(dtype)
 
 
+@profiled
 def cage_adamw_shard_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -156,6 +168,7 @@ def cage_adamw_shard_step(
     return cage_adamw_shard_ref(param, grad, exp_avg, exp_avg_sq, table, **kw)
 
 
+@profiled
 def quest_shard_quantize(
     param: torch.Tensor,
     table: SegmentTable,

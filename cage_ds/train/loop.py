@@ -262,7 +262,7 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world
 
-    def _train_step(self) -> float:
+    def train_step(self) -> float:
         """One optimizer step over this rank's micro-batches; the loss averaged over ranks."""
         losses = []
         for batch in self.batches.next_step():
@@ -354,7 +354,7 @@ class Trainer:
         for step in range(start + 1, self.steps + 1):
             lr = float(self.engine.get_lr()[0])  # the lr this step uses
             ts = time.perf_counter()
-            loss = self._train_step()
+            loss = self.train_step()
             step_time = time.perf_counter() - ts
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {step} ({cfg.run_name})")
