@@ -77,6 +77,7 @@ def worker(out: str, mode: str, steps: int, workdir: str) -> None:
 
     from cage_ds.train.config import CONFIGS_DIR, load_config
     from cage_ds.train.loop import Trainer
+    from cage_ds.zero import attachment
 
     ds = json.loads((CONFIGS_DIR / "deepspeed" / "zero3_cpu.json").read_text())
     ds["bf16"] = {"enabled": True}
@@ -89,7 +90,7 @@ def worker(out: str, mode: str, steps: int, workdir: str) -> None:
          "tracking.enabled=false", "checkpoint.save_final=false"],
     )  # fmt: skip
     trainer = Trainer(cfg)
-    gather = trainer.engine.optimizer.cage_lowbit
+    gather = attachment(trainer.engine).lowbit
     if gather is None:
         raise RuntimeError("the low-bit gather is not active on this run")
     gather.enabled = mode == "lowbit"

@@ -183,13 +183,14 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from cage_ds.train.loop import Trainer
+    from cage_ds.zero import attachment
 
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
     trainer = Trainer(arm_config(arm, args, str(args.result.parent)))  # writes nothing there
     on_cuda = trainer.on_cuda
-    attached = getattr(trainer.engine.optimizer, "cage_zero_attached", False)
+    attached = attachment(trainer.engine) is not None
     if trainer.stage != 3 or attached != (arm != "fp"):
         raise RuntimeError(
             f"{arm}: engine {trainer.initializer} at ZeRO stage {trainer.stage}, "

@@ -8,12 +8,12 @@ QuEST scale and Hadamard blocks lie inside the row, so on the local rows
                                                        to_latent_grads_ converted: as is)
 equal the unsharded oracle's rows element for element. CageAdamW's update math is
 unchanged: it runs on the DTensors, whose pointwise ops act on the local rows.
-``attach(optimizer)`` overrides ``quant_ops`` on the instance (the ZeRO adapter's seam).
+``attach(optimizer)`` serves them through ``CageAdamW.set_quant_ops`` (the ZeRO adapter's seam).
 """
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import torch
@@ -66,10 +66,12 @@ class RowShardQuantOps:
         return _like(latent_grad(self.quantizer, local_rows(w), local_rows(g)), g)
 
 
-def _quant_ops(self: CageAdamW, group: dict[str, Any], p: torch.Tensor) -> RowShardQuantOps | None:
+def _quant_ops(
+    optimizer: CageAdamW, group: dict[str, Any], p: torch.Tensor
+) -> RowShardQuantOps | None:
     if group.get("quant") is None:
         return None
-    where = self.describe_param(p)
+    where = optimizer.describe_param(p)
     check_row_sharded(p, where)
     quantizer = quantizer_from_group(group["quant"], where)
     quantizer.spec.check_row_len(p.shape[1], where)
@@ -87,5 +89,5 @@ def attach(optimizer: CageAdamW) -> CageAdamW:
         if group.get("quant") is not None:
             for p in group["params"]:
                 check_row_sharded(p, optimizer.describe_param(p))
-    optimizer.quant_ops = types.MethodType(_quant_ops, optimizer)
+    optimizer.set_quant_ops(functools.partial(_quant_ops, optimizer))
     return optimizer

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cage_ds.nn import quant_stats as module_quant_stats
-from cage_ds.zero import attach, check_config
+from cage_ds.zero import attach, attachment, check_config
 from cage_ds.zero import quant_stats as zero_quant_stats
 
 
@@ -41,7 +41,7 @@ def attach_client(engine: Any, client: torch.optim.Optimizer, who: str) -> None:
     """cage_ds.zero.attach(engine, client) unless attached already; refuses an engine whose
     ZeRO wrapper steps another optimizer."""
     wrapper = engine.optimizer
-    if getattr(wrapper, "cage_zero_attached", False):
+    if attachment(engine) is not None:
         return
     # pinned to deepspeed==0.19.8: ZeRO wrappers keep the client optimizer as .optimizer
     inner = getattr(wrapper, "optimizer", None)

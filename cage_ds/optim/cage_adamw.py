@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from cage_kernels.adamw_update import VARIANTS, cage_adamw_update
 
-from .quant_ops import TensorQuantOps, dense_quant_ops, quant_spec_from_group
+from .quant_ops import (
+    DenseQuantOps,
+    QuantOpsFn,
+    TensorQuantOps,
+    dense_quant_ops,
+    quant_spec_from_group,
+)
 from .schedule import check_schedule, lambda_at
 
 
@@ -116,6 +122,8 @@ class CageAdamW(torch.optim.Optimizer):
         }
         check_adamw_group(defaults, "CageAdamW")
         self._labels: dict[int, str] = {}
+        self._provider: QuantOpsFn | None = None
+        self._ops: dict[int, tuple[tuple | None, TensorQuantOps | None]] = {}
         super().__init__(params, defaults)
         self.last_lambda = 0.0
 
@@ -139,10 +147,25 @@ class CageAdamW(torch.optim.Optimizer):
             self._labels = describe_params(self.param_groups)
         return f"CageAdamW {self._labels.get(id(p), 'unregistered param')}"
 
+    def set_quant_ops(self, provider: QuantOpsFn | None) -> None:
+        """Route quant_ops(group, p) to ``provider``: the seam a sharding adapter (cage_ds.zero,
+        cage_ds.fsdp) uses for the shards it hands this optimizer; None restores dense ops."""
+        self._provider = provider
+        self._ops.clear()
+
     def quant_ops(self, group: dict[str, Any], p: torch.Tensor) -> TensorQuantOps | None:
-        """Quantization ops of p, or None when its group has no "quant" (override for shards)."""
-        if group.get("quant") is None:
-            return None
+        """Quantization ops of p (None when its group has no "quant" and no provider serves
+        it): the provider's if one is set, else DenseQuantOps of the whole weight; built once
+        per parameter and "quant" spec."""
+        quant = group.get("quant")
+        key = None if quant is None else tuple(sorted(quant.items()))
+        cached = self._ops.get(id(p))
+        if cached is None or cached[0] != key:
+            build = self._provider or self._dense_quant_ops
+            cached = self._ops[id(p)] = (key, build(group, p))
+        return cached[1]
+
+    def _dense_quant_ops(self, group: dict[str, Any], p: torch.Tensor) -> DenseQuantOps | None:
         return dense_quant_ops(group, p, self.describe_param(p))
 
     @torch.no_grad()

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from .cage_adamw import check_cage_group, describe_params, group_lambda
-from .quant_ops import TensorQuantOps, dense_quant_ops
-
-QuantOpsFn = Callable[[dict[str, Any], torch.Tensor], "TensorQuantOps | None"]
+from .quant_ops import QuantOpsFn, TensorQuantOps, dense_quant_ops
 
 
 class CageCoupled:

@@ -14,7 +14,7 @@ adapter) supplies its own ops for a flat partition.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -32,6 +32,10 @@ class TensorQuantOps(Protocol):
     def error(self, w: torch.Tensor) -> torch.Tensor: ...
 
     def ste_grad(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor: ...
+
+
+QuantOpsFn = Callable[[dict[str, Any], torch.Tensor], "TensorQuantOps | None"]
+"""quant_ops(group, p): the ops of a parameter (or shard) p of ``group``, None if unquantized."""
 
 
 class DenseQuantOps:

@@ -131,8 +131,9 @@ def quant_metrics(engine, stage: int) -> dict[str, float]:
     rank calls this at the same steps). Otherwise cage_ds.nn.quant_stats of the fake-quant
     model (ZeRO-3 gathers the partitioned weights of its weight-quantized layers)."""
     from cage_ds.nn import quant_stats, quantized_modules
+    from cage_ds.zero import attachment
 
-    if getattr(engine.optimizer, "cage_zero_attached", False):
+    if attachment(engine) is not None:
         from cage_ds.zero import quant_stats as sharded_quant_stats
 
         return sharded_quant_stats(engine)

@@ -4,7 +4,7 @@ The only package touching DeepSpeed internals (pinned deepspeed==0.19.8, see eng
 """
 
 from . import guard  # noqa: F401  (installs QuantLinear.state_check)
-from .engine import attach, check_config, initialize
+from .engine import ZeroAttachment, attach, attachment, check_config, initialize
 from .optimizer import ShardedQuantOps
 from .shardmap import PartitionMap, Piece, zero3_maps, zero12_maps
 from .stats import quant_stats
@@ -13,7 +13,9 @@ __all__ = [
     "PartitionMap",
     "Piece",
     "ShardedQuantOps",
+    "ZeroAttachment",
     "attach",
+    "attachment",
     "check_config",
     "initialize",
     "quant_stats",

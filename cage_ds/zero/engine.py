@@ -34,6 +34,7 @@ import json
 import types
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +46,9 @@ from cage_ds.optim.quant_ops import quant_spec_from_group
 from .gather import LowbitGather, allowed
 from .optimizer import ShardedQuantOps, install_quant_ops
 from .shardmap import PartitionMap, zero3_maps, zero12_maps
+
+Partitions = list[tuple[torch.Tensor, ShardedQuantOps]]
+"""(fp32 master partition, its ops) per quantized flat partition of this rank."""
 
 _FLAT_WRITERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
@@ -150,14 +154,14 @@ def _names(params: list, names: dict[int, str], where: str) -> tuple[str, ...]:
 # ---------------- ZeRO-3 ----------------
 def _attach_zero3(
     opt: Any, client: torch.optim.Optimizer, names: dict[int, str], lowbit: bool | None
-) -> tuple[dict[int, ShardedQuantOps], LowbitGather | None]:
+) -> tuple[Partitions, LowbitGather | None]:
     if any(f is None for f in opt.fp16_partitioned_groups_flat):
         raise RuntimeError(
             "cage_ds.zero: ZeRO-3 without lp flat buffers (NVMe param offload?) is not supported"
         )
     pg = opt.dp_process_group
     world, rank = tdist.get_world_size(pg), tdist.get_rank(pg)
-    registry, by_sid = {}, {}
+    partitions, by_sid = [], {}
     for sid, params in enumerate(opt.fp16_groups):
         gid = opt.sub_group_to_group_id[sid]
         where = f"ZeRO-3 sub-group {sid} (param group {gid})"
@@ -183,8 +187,8 @@ def _attach_zero3(
         ops = _ops(
             maps, rank, client.param_groups[gid], lp, where, pg, _names(params, names, where)
         )
-        registry[id(hp)] = by_sid[sid] = ops
-        opt.cage_zero_partitions.append((hp, ops))
+        by_sid[sid] = ops
+        partitions.append((hp, ops))
     gather = _lowbit_gather(opt, by_sid, world, lowbit)
     original = opt._reassign_or_swap_out_partitioned_parameters
 
@@ -220,7 +224,7 @@ def _attach_zero3(
     write_all(opt)
     if opt.persistent_parameters:
         opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
-    return registry, gather
+    return partitions, gather
 
 
 def _lowbit_gather(
@@ -272,10 +276,10 @@ def _flat_layout(
 
 def _attach_flat(
     opt: Any, client: torch.optim.Optimizer, bf16: bool, names: dict[int, str]
-) -> dict[int, ShardedQuantOps]:
+) -> Partitions:
     if not bf16 and getattr(opt, "cpu_offload", False):
         raise RuntimeError("cage_ds.zero: ZeRO-1/2 cpu_offload is not supported")
-    registry, writers, group_of = {}, [], {}
+    partitions, writers, group_of = [], [], {}
     n_groups = len(opt.bf16_groups if bf16 else opt.bit16_groups)
     for i in range(n_groups):
         pg = opt.real_dp_process_group[i]
@@ -298,8 +302,7 @@ def _attach_flat(
         ops = _ops(
             maps, rank, client.param_groups[i], lps[rank], where, pg, _names(params, names, where)
         )
-        registry[id(hp)] = ops
-        opt.cage_zero_partitions.append((hp, ops))
+        partitions.append((hp, ops))
         group_of[id(hp)] = i
         writers.append((ops, hp, lps[rank]))
 
@@ -338,7 +341,7 @@ def _attach_flat(
         opt.scaled_global_norm = types.MethodType(scaled_global_norm, opt)
     _wrap_epilogue(opt, reload)
     opt.update_lp_params()
-    return registry
+    return partitions
 
 
 def _install_gather_patch() -> None:
@@ -427,13 +430,34 @@ def _hook_layers(engine: Any, registry: dict[int, ShardedQuantOps]) -> None:
 
 
 # ---------------- public ----------------
+@dataclass(frozen=True)
+class ZeroAttachment:
+    """What ``attach`` leaves on the engine's ZeRO wrapper (``engine.optimizer.cage_zero``)."""
+
+    partitions: Partitions
+    """(fp32 master partition, its ShardedQuantOps) of every quantized flat partition of this
+    rank (cage_ds.zero.quant_stats reads them)."""
+    lowbit: LowbitGather | None
+    """ZeRO-3's low-bit gather of the quantized weights, None when off."""
+
+    @property
+    def ops(self) -> dict[int, ShardedQuantOps]:
+        """{id(flat partition): its ops}: what the client optimizer's quant_ops serves."""
+        return {id(hp): ops for hp, ops in self.partitions}
+
+
+def attachment(engine: Any) -> ZeroAttachment | None:
+    """The engine's CAGE attachment, None if ``attach`` has not run on it."""
+    return getattr(getattr(engine, "optimizer", None), "cage_zero", None)
+
+
 def attach(
     engine: Any, client_optimizer: torch.optim.Optimizer, lowbit_gather: bool | None = None
-) -> dict[int, ShardedQuantOps]:
-    """Attach the CAGE hooks to an initialized engine; returns {id(flat partition): ops}.
+) -> ZeroAttachment:
+    """Attach the CAGE hooks to an initialized engine; returns the attachment.
 
     lowbit_gather (ZeRO-3): gather the quantized weights as packed codes + scales
-    (cage_ds.zero.gather, ``engine.optimizer.cage_lowbit``); None = wherever the format
+    (cage_ds.zero.gather, ``attachment(engine).lowbit``); None = wherever the format
     allows it, True = required (ValueError where it cannot be served), False = stock 16-bit.
 
     Leaves a consistent state by itself: the engine module's weight-quantized QuantLinear
@@ -446,32 +470,31 @@ def attach(
 
     opt = engine.optimizer
     check_parsed_zero_config(engine._config.zero_config)
-    if getattr(opt, "cage_zero_attached", False):
+    if attachment(engine) is not None:
         raise RuntimeError("cage_ds.zero: hooks are already attached to this engine")
     if engine.fp16_enabled():
         raise ValueError("cage_ds.zero: fp16 (loss scaling) is not supported; use bf16 or fp32")
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    opt.cage_zero_partitions = []  # (fp32 master partition, its ops): cage_ds.zero.quant_stats
     gather = None
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        registry, gather = _attach_zero3(opt, client_optimizer, names, lowbit_gather)
+        partitions, gather = _attach_zero3(opt, client_optimizer, names, lowbit_gather)
     elif lowbit_gather:
         raise ValueError("cage_ds.zero: lowbit_gather=True needs ZeRO stage 3")
     elif isinstance(opt, DeepSpeedZeroOptimizer):
-        registry = _attach_flat(opt, client_optimizer, False, names)
+        partitions = _attach_flat(opt, client_optimizer, False, names)
     elif isinstance(opt, BF16_Optimizer):
-        registry = _attach_flat(opt, client_optimizer, True, names)
+        partitions = _attach_flat(opt, client_optimizer, True, names)
     else:
         raise TypeError(
             f"cage_ds.zero: unsupported DeepSpeed optimizer wrapper {type(opt).__name__}"
         )
-    install_quant_ops(client_optimizer, registry)
-    _hook_layers(engine, registry)
-    opt.cage_lowbit = gather
+    state = ZeroAttachment(partitions, gather)
+    install_quant_ops(client_optimizer, state.ops)
+    _hook_layers(engine, state.ops)
     if gather is not None:
         gather.install(engine.module)
-    opt.cage_zero_attached = True
-    return registry
+    opt.cage_zero = state
+    return state
 
 
 def initialize(**kwargs: Any):

@@ -23,7 +23,6 @@ hits agree.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -317,18 +316,19 @@ class ShardedQuantOps:
 def install_quant_ops(
     optimizer: torch.optim.Optimizer, registry: dict[int, ShardedQuantOps]
 ) -> None:
-    """Make ``optimizer.quant_ops(group, p)`` return registry[id(p)] for flat partitions.
+    """Make ``optimizer.quant_ops(group, p)`` return registry[id(p)] for flat partitions
+    (CageAdamW.set_quant_ops).
 
     Groups without "quant" keep returning None; a quantized group's tensor that is not a
     registered partition is an error (it would be quantized as if it were a whole weight).
     """
-    if not callable(getattr(optimizer, "quant_ops", None)):
+    if not callable(getattr(optimizer, "set_quant_ops", None)):
         raise TypeError(
-            f"cage_ds.zero needs an optimizer with the quant_ops(group, p) hook (CageAdamW), "
+            f"cage_ds.zero needs an optimizer with the set_quant_ops seam (CageAdamW), "
             f"got {type(optimizer).__name__}"
         )
 
-    def quant_ops(self, group: dict, p: torch.Tensor):
+    def quant_ops(group: dict, p: torch.Tensor) -> ShardedQuantOps | None:
         ops = registry.get(id(p))
         if ops is not None:
             return ops
@@ -339,5 +339,4 @@ def install_quant_ops(
             "not a registered ZeRO partition"
         )
 
-    optimizer.quant_ops = types.MethodType(quant_ops, optimizer)
-    optimizer.cage_zero_ops = registry
+    optimizer.set_quant_ops(quant_ops)

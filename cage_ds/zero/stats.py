@@ -26,6 +26,8 @@ import torch.distributed as tdist
 from cage_ds.nn import quant_stats as module_quant_stats
 from cage_ds.nn import quantized_modules
 
+from .engine import attachment
+
 
 def _layer_of(param_name: str) -> str:
     """'model.layers.0.self_attn.q_proj.weight' -> 'model.layers.0.self_attn.q_proj'."""
@@ -35,12 +37,11 @@ def _layer_of(param_name: str) -> str:
 @torch.no_grad()
 def quant_stats(engine: Any) -> dict[str, float]:
     """Telemetry of an engine built by cage_ds.zero.initialize (module docstring)."""
-    opt = engine.optimizer
-    parts = getattr(opt, "cage_zero_partitions", None)
-    if parts is None:
+    state = attachment(engine)
+    if state is None:
         raise TypeError(
             "cage_ds.zero.quant_stats needs an engine from cage_ds.zero.initialize, got "
-            f"optimizer {type(opt).__name__} without CAGE hooks"
+            f"optimizer {type(engine.optimizer).__name__} without CAGE hooks"
         )
     prequantized = {}
     for name, layer in quantized_modules(engine.module):
@@ -54,6 +55,7 @@ def quant_stats(engine: Any) -> dict[str, float]:
         prequantized[name] = layer
     stats = module_quant_stats(engine.module)  # activations only: every weight is prequantized
     rows, layers = [], []
+    parts = state.partitions
     for hp, ops in parts:
         rows.append(ops.piece_sums(hp))
         layers += [_layer_of(ops.param_names[j]) for j in ops.slots()]

@@ -29,7 +29,7 @@ from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import InitProcessGroupKwargs
 
 from cage_ds.integrations import CageAccelerator
-from cage_ds.zero import initialize
+from cage_ds.zero import attachment, initialize
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_trainer_worker import _Rows
@@ -68,7 +68,7 @@ def main() -> None:
     result = {
         "world": world,
         "losses": losses,
-        "attached": bool(getattr(engine.optimizer, "cage_zero_attached", False)),
+        "attached": attachment(engine) is not None,
         "client_is_cage": engine.optimizer.optimizer is opt and acc.cage_optimizer is opt,
         "last_lambda": opt.last_lambda,
         "gathered": log,

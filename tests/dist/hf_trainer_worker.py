@@ -29,7 +29,7 @@ from accelerate import PartialState
 from transformers import TrainingArguments
 
 from cage_ds.integrations import CageArgs, CageTrainer
-from cage_ds.zero import initialize
+from cage_ds.zero import attachment, initialize
 
 sys.path.insert(0, os.path.dirname(__file__))
 from zero_case import CLIP, GLOBAL_BATCH, LAMBDA, LR, make_batch, make_model_and_optimizer
@@ -137,7 +137,7 @@ def main() -> None:
         h.remove()
     result = {
         "trainer_losses": trainer.losses,
-        "attached": bool(getattr(engine.optimizer, "cage_zero_attached", False)),
+        "attached": attachment(engine) is not None,
         "client_is_cage": engine.optimizer.optimizer is client,
         "client_state": sum(len(s) > 0 for s in client.state.values()),
         "last_lambda": client.last_lambda,

@@ -26,7 +26,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from cage_ds.nn import quantized_modules
-from cage_ds.zero import initialize, quant_stats
+from cage_ds.zero import attachment, initialize, quant_stats
 
 sys.path.insert(0, os.path.dirname(__file__))
 from zero_case import (
@@ -130,7 +130,7 @@ def _bf16_cases(steps: int, rank: int, world: int, out_dir: str) -> None:
             "gathered": log,
             "losses": losses,
             "moved": {n: bool((after[n] != before[n]).any()) for n in after},
-            "exchanges": sum(o.exchanges for o in opt.cage_zero_ops.values()),
+            "exchanges": sum(o.exchanges for o in attachment(engine).ops.values()),
         }
         engine.destroy()
         if rank == 0:
@@ -154,7 +154,7 @@ def main() -> None:
             losses = _train(engine, steps, rank, world, 0, log, trace)
             final = _latents(engine)
             telemetry = quant_stats(engine)  # collective: every rank, same point
-            ops = list(opt.cage_zero_ops.values())
+            ops = list(attachment(engine).ops.values())
             stats = {
                 "exchanges": sum(o.exchanges for o in ops),
                 "bytes_received": sum(o.bytes_received for o in ops),

@@ -278,6 +278,32 @@ def test_default_quant_ops_use_the_groups_quest_spec(gen, variant):
         assert (params[i] - want).abs().max().item() <= 1e-12
 
 
+def test_quant_ops_are_built_once_and_set_quant_ops_routes_them(gen):
+    """The dense ops of a parameter are cached per "quant" spec (a changed spec rebuilds
+    them); set_quant_ops(provider) serves every parameter from the provider, None restores."""
+    params = make_params(gen, torch.float64)
+    opt = CageAdamW(make_groups(params), lr=1e-2, cage_silence=0.0)
+    group = opt.param_groups[0]
+    first = opt.quant_ops(group, params[0])
+    assert opt.quant_ops(group, params[0]) is first
+    group["quant"] = {**QUANT, "bits": 3}
+    rebuilt = opt.quant_ops(group, params[0])
+    assert rebuilt is not first and rebuilt.quantizer.spec.bits == 3
+    fixed = FixedGridOps()
+    seen = []
+
+    def provider(g, p):
+        seen.append(id(p))
+        return fixed
+
+    opt.set_quant_ops(provider)
+    assert opt.quant_ops(group, params[0]) is fixed
+    assert opt.quant_ops(opt.param_groups[1], params[2]) is fixed
+    assert opt.quant_ops(group, params[0]) is fixed and seen == [id(params[0]), id(params[2])]
+    opt.set_quant_ops(None)
+    assert isinstance(opt.quant_ops(group, params[0]), DenseQuantOps)
+
+
 @pytest.mark.parametrize(
     ("k", "total", "silence", "kind", "want"),
     [
