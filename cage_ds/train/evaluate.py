@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .result import RunResult
+
 
 @torch.no_grad()
 def evaluate(engine, batches: Sequence[torch.Tensor]) -> float:
@@ -36,8 +38,6 @@ def evaluate(engine, batches: Sequence[torch.Tensor]) -> float:
 
 def result_rows(run_dirs: Sequence[str | Path]) -> list[dict]:
     """The table rows of finished runs (their result.json), in the given order."""
-    from .loop import RunResult
-
     rows = []
     for d in run_dirs:
         path = Path(d) / "result.json"

@@ -23,7 +23,6 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
 from .preflight import deepspeed_json, derived_deepspeed_keys
 from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
+from .result import RunResult
 from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
 from .run_lock import RunLock, RunLockError
 
@@ -145,38 +145,6 @@ def quant_metrics(engine, stage: int) -> dict[str, float]:
         with deepspeed.zero.GatheredParameters(fake, modifier_rank=None):
             return quant_stats(engine.module)
     return quant_stats(engine.module)
-
-
-@dataclass
-class RunResult:
-    """What a finished run reports (rank 0 writes it to <run_dir>/result.json)."""
-
-    run: str
-    quant: str
-    method: str
-    steps: int
-    val_loss: float
-    val_ppl: float
-    train_loss: float
-    quant_rel_error: float | None
-    tokens: int
-    time_s: float
-    seed: int = 0
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-    def row(self) -> dict[str, Any]:
-        """The validation-table row."""
-        err = self.quant_rel_error
-        return {
-            "run": self.run,
-            "quant": self.quant,
-            "method": self.method,
-            "steps": self.steps,
-            "train_loss": round(self.train_loss, 4),
-            "val_loss": round(self.val_loss, 4),
-            "val_ppl": round(self.val_ppl, 2),
-            "quant_rel_error": "-" if err is None else round(err, 4),
-        }
 
 
 class Trainer:
