@@ -27,7 +27,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_zero_cage import _check_gathered, _check_steps, _free_port
+from test_zero_cage import _check_gathered, _check_steps
+from testkit import free_port
 from zero_case import make_batch, make_model_and_optimizer, oracle_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +44,7 @@ def _launch(world: int, out, *args: str) -> None:
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "torchrun"),
         f"--nproc_per_node={world}",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         os.path.join(ROOT, "tests", "dist", "fsdp_worker.py"),
         str(out),
         str(STEPS),

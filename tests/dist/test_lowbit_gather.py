@@ -28,6 +28,7 @@ from cage_ds.quant import QuantSpec
 from cage_ds.zero.lowbit import WireFormat, decode, encode
 from cage_ds.zero.optimizer import ShardedQuantOps, install_quant_ops
 from cage_ds.zero.shardmap import zero3_maps
+from testkit import free_port
 
 SHAPES = [(5, 384), (3, 256), (2, 128), (1, 128)]
 SPECS = [
@@ -36,12 +37,6 @@ SPECS = [
     QuantSpec(bits=2, hadamard_block=128, mask="trust"),
     QuantSpec(method="rtn", bits=4, group_size=64),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _formats(spec: QuantSpec, world: int) -> list[WireFormat]:
@@ -105,7 +100,7 @@ def _worker(rank: int, world: int, port: int, seed: int) -> None:
 def test_lowbit_gather_equals_stock_gather(world):
     seed = random.randrange(2**31)
     print(f"seed={seed}")
-    mp.spawn(_worker, args=(world, _free_port(), seed), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), seed), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize(("bits", "target"), [(4, 0.27), (3, 0.21)])

@@ -33,6 +33,7 @@ from cage_ds.optim import CageAdamW
 from cage_ds.quant import Quantizer, QuantSpec
 from cage_ds.zero.optimizer import ShardedQuantOps, install_quant_ops
 from cage_ds.zero.shardmap import zero3_maps, zero12_maps
+from testkit import free_port
 
 BLOCK = 8
 SPECS = [
@@ -42,12 +43,6 @@ SPECS = [
     QuantSpec(method="rtn", bits=4, group_size=BLOCK),
 ]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, lam=10.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _case(rng: random.Random, gen: torch.Generator, world: int, layout: str):
@@ -158,7 +153,7 @@ def _worker(
 def test_sharded_ops_equal_unsharded(world):
     seed = random.randrange(2**31)
     print(f"seed={seed}")
-    mp.spawn(_worker, args=(world, _free_port(), seed, SPECS, 3), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), seed, SPECS, 3), nprocs=world, join=True)
 
 
 @pytest.mark.slow
@@ -170,4 +165,4 @@ def test_sharded_ops_on_the_triton_kernels(monkeypatch):
     print(f"seed={seed}")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks' first triton import
     monkeypatch.setenv("CAGE_TRITON_INTERPRET", "1")
-    mp.spawn(_worker, args=(3, _free_port(), seed, SPECS[:2], 1), nprocs=3, join=True)
+    mp.spawn(_worker, args=(3, free_port(), seed, SPECS[:2], 1), nprocs=3, join=True)

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from zero_case import LAMBDA, LR, make_batch, make_model_and_optimizer, oracle_step
 
 from cage_ds.nn import quant_stats
+from testkit import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, CKPT_AT = 3, 1
@@ -53,12 +54,6 @@ REPEAT_WORLD, REPEAT_CASES = 2, ("2:coupled", "3:coupled")  # the determinism re
 # numerator and denominator each, halved by the square root, plus a few ulps adding the 7
 # layers: RTOL 4e-6. Masked fractions: exact (same mask, same counts).
 QUANT_STATS_RTOL = 4e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(
@@ -75,7 +70,7 @@ def _launch(
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "torchrun"),
         f"--nproc_per_node={world}",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         os.path.join(ROOT, "tests", "dist", script),
         out,
         *args,

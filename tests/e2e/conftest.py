@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from testkit import free_port
 
 
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a sqlite backend; start/stop keep port and backend."""
 
     def __init__(self, root: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.root = root
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import free_port
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "dist"))
-from test_zero_cage import ROOT, _free_port
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_example_runs_on_two_cpu_ranks(tmp_path, script):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(Path(ROOT) / "launch" / "examples" / script),
+           f"--master_port={free_port()}", str(Path(ROOT) / "launch" / "examples" / script),
            "--steps", "3", "--stage", "3"]  # fmt: skip
     if script.startswith("hf_trainer"):
         cmd += ["--out", str(tmp_path / "out")]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import secrets
 import sys
 
 import pytest
@@ -95,13 +94,6 @@ def poisoned_outputs(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("CAGE_TEST_SEED") or secrets.randbits(31))
-    print(f"random seed {seed} (replay with CAGE_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture

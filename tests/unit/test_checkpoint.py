@@ -10,12 +10,12 @@ import logging
 import os
 import pathlib
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from testkit import free_port
 
 from cage_ds.train.checkpoint import (
     LATEST_NAME,
@@ -45,9 +45,7 @@ def single_process_dist():
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         for key, value in {
             "RANK": "0",
             "WORLD_SIZE": "1",
@@ -267,9 +265,7 @@ except CheckpointError as err:
 @pytest.mark.slow
 def test_two_ranks_agree_on_fallback_and_strict_error(tmp_path):
     (tmp_path / "worker.py").write_text(AGREEMENT_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "ckpt"), str(tmp_path)],

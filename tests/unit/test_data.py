@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +26,7 @@ from cage_ds.train.data import (
 
 
 @pytest.fixture
-def rng(request):
-    seed = int(os.environ.get("CAGE_TEST_SEED") or random.SystemRandom().randrange(2**31))
-    request.node.user_properties.append(("seed", seed))
-    print(f"seed={seed} (replay with CAGE_TEST_SEED={seed})")
+def rng(seed):
     return np.random.default_rng(seed)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
-import secrets
 
 import pytest
 import torch
@@ -28,13 +26,6 @@ from cage_ds.quant import Quantizer, QuantSpec
 
 SPEC = QuantSpec(bits=4, hadamard_block=16)
 QUANT = dataclasses.asdict(SPEC)
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("CAGE_TEST_SEED") or secrets.randbits(31))
-    print(f"random seed {seed} (replay with CAGE_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def ref_lambda(k: int, lam: float, silence: float, kind: str, total: int | None) -> float:

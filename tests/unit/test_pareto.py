@@ -17,9 +17,6 @@ so lambda > 4 ||A|| guarantees that (asserted below). Then ||x* - Q(x*)|| =
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import pytest
 import torch
 from cage_kernels.grid import ALPHA
@@ -30,13 +27,6 @@ from cage_ds.quant import Quantizer, QuantSpec
 ROWS, IN, BITS, BLOCK = 2, 8, 3, 8
 LAMBDAS = (5.0, 20.0, 80.0)
 STEPS = 80  # (1/2)^80 ~ 1e-24: converged to rounding
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("CAGE_TEST_SEED") or secrets.randbits(31))
-    print(f"random seed {seed} (replay with CAGE_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 class FixedScaleOps:

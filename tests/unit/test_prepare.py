@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
@@ -39,13 +38,6 @@ def tiny_llama(seed: int, **overrides) -> LlamaForCausalLM:
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**{**kw, **overrides})).eval()
-
-
-@pytest.fixture
-def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={s}")
-    return s
 
 
 def ids_for(seed: int, shape=(2, 19)) -> torch.Tensor:

@@ -5,7 +5,6 @@ of matching the operands' domains, the prequantized mode and the export."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -17,13 +16,6 @@ from cage_ds.quant import QuantConfig, QuantSpec
 
 # cage-method.md section 3: MSE-optimal Gaussian clip, in units of the RMS.
 ALPHA_DOC = {1: 0.7979, 2: 1.4935, 3: 2.0511, 4: 2.5139, 5: 2.9161, 6: 3.2766, 7: 3.6010, 8: 3.8849}
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")  # shown by pytest on failure
-    return torch.Generator().manual_seed(seed)
 
 
 def block_hadamard(n: int, block: int) -> torch.Tensor:

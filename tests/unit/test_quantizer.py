@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import secrets
 
 import pytest
 import torch
@@ -27,13 +25,6 @@ DOC_ALPHA = {1: 0.7979, 2: 1.4935, 3: 2.0511, 4: 2.5139, 5: 2.9161, 6: 3.2766, 7
 
 # (bits, hadamard block, rows, in_features): odd row counts, several blocks per row.
 CASES = [(4, 128, 7, 384), (3, 32, 5, 96), (2, 64, 13, 192), (8, 16, 9, 240), (1, 8, 9, 24)]
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("CAGE_TEST_SEED") or secrets.randbits(31))
-    print(f"random seed {seed} (replay with CAGE_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def sylvester(block: int) -> torch.Tensor:

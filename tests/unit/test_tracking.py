@@ -7,11 +7,11 @@ import csv
 import json
 import logging
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
+from testkit import free_port
 
 from cage_ds.train import tracking
 from cage_ds.train.tracking import (
@@ -31,10 +31,7 @@ from cage_ds.train.tracking import (
 
 def _closed_port_uri() -> str:
     """An http URI on loopback where nothing listens (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

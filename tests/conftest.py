@@ -1,0 +1,26 @@
+"""Fixtures every test folder shares: one replayable seed and the generator drawn from it.
+
+A test that draws random inputs takes ``seed`` (an int) or ``gen`` (a torch.Generator seeded
+with it): a fresh seed per test, printed (pytest shows it when the test fails);
+``CAGE_TEST_SEED=<n>`` replays one. Plain helpers (a free port) live in ``testkit.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int(os.environ.get("CAGE_TEST_SEED") or secrets.randbits(31))
+    print(f"random seed {value} (replay with CAGE_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
