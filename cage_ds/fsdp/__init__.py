@@ -12,6 +12,7 @@ from .clip import clip_grad_norm_
 from .latent import LatentWeight, full_value, local_rows, to_latent_grads_
 from .optimizer import RowShardQuantOps, attach
 from .prepare import default_mesh, prepare
+from .stats import quant_stats
 
 __all__ = [
     "LatentWeight",
@@ -23,6 +24,7 @@ __all__ = [
     "load",
     "local_rows",
     "prepare",
+    "quant_stats",
     "save",
     "to_latent_grads_",
 ]
