@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from .latent import local_rows
+from .prepare import reshard
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
@@ -36,7 +37,9 @@ def model_state(model: nn.Module) -> dict[str, Any]:
 
 
 def state_dict(model: nn.Module, optimizer) -> dict[str, Any]:
-    """{"model": model_state(model), "optim": get_optimizer_state_dict(model, optimizer)}."""
+    """{"model": model_state(model), "optim": get_optimizer_state_dict(model, optimizer)},
+    after resharding the model (an evaluation may have left the root gathered)."""
+    reshard(model)
     return {"model": model_state(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
 

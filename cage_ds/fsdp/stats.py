@@ -25,6 +25,7 @@ from cage_ds.nn import quantized_modules
 from cage_ds.nn.telemetry import stats_from_table
 
 from .latent import LatentWeight, local_rows
+from .prepare import reshard
 
 
 def _row_sums(layer_name: str, layer: nn.Module) -> torch.Tensor:
@@ -49,6 +50,7 @@ def _row_sums(layer_name: str, layer: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def quant_stats(model: nn.Module) -> dict[str, float]:
     """Telemetry of a cage_ds.fsdp.prepare'd model (module docstring)."""
+    reshard(model)  # the latents, not an evaluation's gathered weights
     stats = module_quant_stats(model)  # activations only: every weight is prequantized
     layers = [(n, m) for n, m in quantized_modules(model) if m.weight_quantizer is not None]
     if not layers:
