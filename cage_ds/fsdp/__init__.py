@@ -7,7 +7,7 @@
 Same layer as cage_ds.zero; touches only torch's public FSDP2 / DTensor / DCP APIs.
 """
 
-from .checkpoint import load, save
+from .checkpoint import load, load_latents, save
 from .clip import clip_grad_norm_
 from .latent import LatentWeight, full_value, local_rows, to_latent_grads_
 from .optimizer import RowShardQuantOps, attach
@@ -22,6 +22,7 @@ __all__ = [
     "default_mesh",
     "full_value",
     "load",
+    "load_latents",
     "local_rows",
     "prepare",
     "quant_stats",

@@ -5,7 +5,8 @@ torch's get_optimizer_state_dict (fqn-keyed DTensor Adam moments, step, param gr
 DCP stores every shard with its global offsets, so a checkpoint saved at N ranks loads at
 any M: each rank reads the rows its new shard holds. Loads write the latents in place (the
 model's tensors alias the LatentWeight rows), so the next forward gathers q(W H) of the
-loaded latents.
+loaded latents. ``load_latents`` reads the latents alone into an unsharded model in one
+process (export).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -56,3 +58,15 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> None:
     sd = state_dict(model, optimizer)
     dcp.load(sd, checkpoint_id=path)
     set_optimizer_state_dict(model, optimizer, sd["optim"])
+
+
+@torch.no_grad()
+def load_latents(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Write the latents of a ``save``d checkpoint (any world size) into ``model``, a fresh
+    unsharded prepare_model'd model of the same architecture, in this process alone (no
+    process group needed); returns it, its quantized layers in latent mode."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"cage_ds.fsdp.load_latents: no checkpoint directory {path}")
+    state = {"model": {name: p.detach() for name, p in model.named_parameters()}}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return model
