@@ -110,7 +110,7 @@ def export_run(
 
     from .checkpoint import step_of_tag
     from .model import build_model
-    from .safe_load import safe_zero_to_fp32_loads
+    from .safe_load import refuse_unsafe_pickles, safe_zero_to_fp32_loads
 
     cfg = run_config(Path(run_dir))
     checkpoint = newest_checkpoint(cfg)
@@ -120,7 +120,8 @@ def export_run(
     if cfg.backend == "fsdp2":
         from cage_ds.fsdp import load_latents as load_fsdp_latents
 
-        load_fsdp_latents(checkpoint, model)
+        with refuse_unsafe_pickles():
+            load_fsdp_latents(checkpoint, model, trust_pickles=trust_pickles)
     else:
         with safe_zero_to_fp32_loads(trust=trust_pickles):
             load_latents(checkpoint.parent, model, tag=checkpoint.name)

@@ -14,6 +14,7 @@ Checkpoints (called by CheckpointManager, which adds its manifest, RNG files and
 commit around them): ``root/tag/`` holds the DCP checkpoint of cage_ds.fsdp.save (latents
 and optimizer state, loadable at any world size) and ``cage_client_state.pt`` (rank 0's
 client state and the lr scheduler's state; plain data, read with ``weights_only=True``).
+The DCP files are read without running pickled code unless checkpoint.trust_pickles.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from cage_ds import fsdp
+
+from .safe_load import refuse_unsafe_pickles
 
 CLIENT_STATE = "cage_client_state.pt"
 """File of a checkpoint's client and lr-scheduler state (module docstring)."""
@@ -120,7 +123,8 @@ class FsdpEngine:
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict[str, Any]]:
         """Collective: load save_dir/tag at this world size; (path, client_state)."""
         path = Path(load_dir) / tag
-        fsdp.load(path, self.module, self.optimizer)
+        with refuse_unsafe_pickles():
+            fsdp.load(path, self.module, self.optimizer, trust_pickles=self.trust_pickles)
         state = torch.load(path / CLIENT_STATE, weights_only=True)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         return os.fspath(path), state["client_state"]

@@ -84,3 +84,13 @@ def safe_zero_to_fp32_loads(trust: bool = False) -> Iterator[None]:
 
     with mock.patch.object(zero_to_fp32.torch, "load", safe_load):
         yield
+
+
+@contextlib.contextmanager
+def refuse_unsafe_pickles() -> Iterator[None]:
+    """Turn the pickle.UnpicklingError of a safe DCP load (cage_ds.fsdp) into an
+    UnsafeCheckpointError with the opt-out."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(f"{err}; {TRUST_HINT}") from None

@@ -2,8 +2,9 @@
 CAGE W4A4 with the correction on from step 2, 4 steps, checkpoints every 2):
 
 - ``torchrun --nproc_per_node 2 -m cage_ds.train --config cage_w4a4.yaml model.preset=tiny
-  backend=fsdp2`` ends with the losses of the same run at 1 rank (FSDP2) and of the
-  DeepSpeed ZeRO-3 run, within LOSS_RTOL, and logs the same quant/* keys as ZeRO-3;
+  backend=fsdp2`` (from the tiny preset's weights saved once: _initial_weights) ends with the
+  losses of the same run at 1 rank (FSDP2) and of the DeepSpeed ZeRO-3 run, within
+  LOSS_RTOL, and logs the same quant/* keys as ZeRO-3;
 - its step-2 checkpoint resumes at 1 rank (DCP reshards) and continues within LOSS_RTOL;
 - ``python -m cage_ds.train.export`` of it writes a plain HF model whose logits equal the
   project's W4A16 forward of the checkpoint's latents, and a packed file that reloads the
@@ -94,26 +95,42 @@ def _close(got: list, want: list, where: str) -> None:
         assert abs(a - b) <= LOSS_RTOL * abs(b), f"{where}: step {step} loss {a} vs {b}"
 
 
+def _initial_weights(path: Path) -> str:
+    """The tiny preset's Llama (this test's vocabulary), saved as a local HF checkpoint: the
+    runs start from it, since ZeRO-3 initializes a from-scratch model inside zero.Init with
+    other random draws than an unpartitioned build."""
+    from transformers import LlamaForCausalLM
+
+    from cage_ds.train.config import load_config
+    from cage_ds.train.model import llama_config
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.preset=tiny", "model.vocab_size=1024"])
+    LlamaForCausalLM(llama_config(cfg.model)).save_pretrained(path)
+    return f"model.pretrained={path}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The 2-rank FSDP2 run, its 1-rank twin, and ZeRO-3 (all with the same data cache)."""
+    """The 2-rank FSDP2 run, its 1-rank twin, and ZeRO-3 (the same initial weights and data
+    cache)."""
     root = tmp_path_factory.mktemp("fsdp2-cli")
-    cache = root / "cache"
+    cache, init = root / "cache", _initial_weights(root / "init")
     out = {
-        "fsdp2_2": _train(root / "f2", cache, 2, "backend=fsdp2"),
-        "fsdp2_1": _train(root / "f1", cache, 1, "backend=fsdp2"),
-        "zero3": _train(root / "ds", cache, 1, "deepspeed.stage=3"),
+        "fsdp2_2": _train(root / "f2", cache, 2, init, "backend=fsdp2"),
+        "fsdp2_1": _train(root / "f1", cache, 1, init, "backend=fsdp2"),
+        "zero3": _train(root / "ds", cache, 1, init, "deepspeed.stage=3"),
     }
-    return root, cache, out
+    return root, cache, init, out
 
 
 def test_fsdp2_two_ranks_equal_one_rank_and_zero3(runs):
-    root, _, res = runs
+    root, _, _, res = runs
     got = res["fsdp2_2"]["history"]["train/loss"]
     assert [s for s, _ in got] == [1, 2, 3, 4]
     for name in ("fsdp2_1", "zero3"):
         want = res[name]["history"]["train/loss"]
-        assert got[0] == want[0], f"{name}: step 1 differs"  # same init and batch: exact
+        assert got[0] == want[0], f"{name}: step 1 differs"  # same weights and batch: exact
         _close(got, want, f"fsdp2 N=2 vs {name}")
         assert abs(res["fsdp2_2"]["val_loss"] - res[name]["val_loss"]) <= LOSS_RTOL * 7
     assert got[-1][1] < got[0][1] - 0.3  # it trains
@@ -127,14 +144,14 @@ def test_fsdp2_two_ranks_equal_one_rank_and_zero3(runs):
 
 
 def test_fsdp2_checkpoint_resumes_at_another_world_size(runs, tmp_path):
-    root, cache, res = runs
+    root, cache, init, res = runs
     shutil.copytree(root / "f2", tmp_path / "b")
     ckpts = tmp_path / "b" / "r" / "checkpoints"
     manifest = json.loads((ckpts / "step000000002" / "cage_manifest.json").read_text())
     assert manifest["world_size"] == 2 and ".metadata" in manifest["files"]
     shutil.rmtree(ckpts / "step000000004")
     (ckpts / "latest").write_text("step000000002")
-    resumed = _train(tmp_path / "b", cache, 1, "backend=fsdp2")
+    resumed = _train(tmp_path / "b", cache, 1, init, "backend=fsdp2")
     want = [p for p in res["fsdp2_2"]["history"]["train/loss"] if p[0] > 2]
     _close(resumed["history"]["train/loss"], want, "resumed at N=1")
     starts = [json.loads(x) for x in (tmp_path / "b" / "r" / "metrics.jsonl").read_text().split()]
@@ -152,7 +169,7 @@ def test_export_of_an_fsdp2_run(runs, tmp_path, monkeypatch):
     from cage_ds.train.export import main, newest_checkpoint, run_config
     from cage_ds.train.model import build_model
 
-    root, cache, _ = runs
+    root, cache, _, _ = runs
     run_dir = root / "f2" / "r"
     monkeypatch.setenv("CAGE_DS_CACHE", str(cache))
     out = tmp_path / "export"
@@ -176,6 +193,28 @@ def test_export_of_an_fsdp2_run(runs, tmp_path, monkeypatch):
     for key, want in quant_stats(w4a4).items():  # fake-quant latents: the oracle
         if key.startswith("quant/rel_error"):
             assert abs(logged[key] - want) <= 1e-6 * want, (key, logged[key], want)
+
+
+def test_export_refuses_dcp_metadata_that_runs_code(runs, tmp_path, capsys, monkeypatch):
+    import pickle
+
+    from cage_ds.train.export import main
+
+    root, cache, _, _ = runs
+    monkeypatch.setenv("CAGE_DS_CACHE", str(cache))
+    shutil.copytree(root / "f2" / "r", tmp_path / "r", ignore=shutil.ignore_patterns("step*2"))
+    ckpt = tmp_path / "r" / "checkpoints" / "step000000004"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(print))  # a global outside DCP's metadata
+    manifest = json.loads((ckpt / "cage_manifest.json").read_text())
+    manifest["files"][".metadata"] = {"size": (ckpt / ".metadata").stat().st_size}
+    (ckpt / "cage_manifest.json").write_text(json.dumps(manifest))
+    assert main([str(tmp_path / "r"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{ckpt / '.metadata'}: refusing to load DCP metadata: its pickle calls builtins.print"
+        in err
+    )
+    assert "--trust-pickles" in err
 
 
 def test_train_fsdp_launcher_appends_the_backend(tmp_path):
