@@ -154,7 +154,9 @@ def test_fsdp2_checkpoint_resumes_at_another_world_size(runs, tmp_path):
     resumed = _train(tmp_path / "b", cache, 1, init, "backend=fsdp2")
     want = [p for p in res["fsdp2_2"]["history"]["train/loss"] if p[0] > 2]
     _close(resumed["history"]["train/loss"], want, "resumed at N=1")
-    starts = [json.loads(x) for x in (tmp_path / "b" / "r" / "metrics.jsonl").read_text().split()]
+    starts = [
+        json.loads(x) for x in (tmp_path / "b" / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     start = [m for m in starts if m.get("event") == "start"][-1]
     assert start["resumed_from"] == "step000000002" and start["world_size"] == 1
 
