@@ -7,11 +7,12 @@
 Same layer as cage_ds.zero; touches only torch's public FSDP2 / DTensor / DCP APIs.
 """
 
-from .checkpoint import load, save
+from .checkpoint import load, load_latents, save
 from .clip import clip_grad_norm_
 from .latent import LatentWeight, full_value, local_rows, to_latent_grads_
 from .optimizer import RowShardQuantOps, attach
 from .prepare import default_mesh, prepare
+from .stats import quant_stats
 
 __all__ = [
     "LatentWeight",
@@ -21,8 +22,10 @@ __all__ = [
     "default_mesh",
     "full_value",
     "load",
+    "load_latents",
     "local_rows",
     "prepare",
+    "quant_stats",
     "save",
     "to_latent_grads_",
 ]

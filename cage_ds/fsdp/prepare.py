@@ -13,7 +13,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from cage_ds.nn import quantized_modules
 
@@ -81,3 +81,11 @@ def prepare(
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered weight so the parameters are the sharded latents again: FSDP2
+    keeps the root's parameters gathered after a forward without backward (evaluation)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

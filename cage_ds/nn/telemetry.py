@@ -42,3 +42,19 @@ def quant_stats(model: nn.Module) -> dict[str, float]:
         elif den:
             stats[key] = float(num) / den
     return stats
+
+
+def stats_from_table(layers: list[str], table: torch.Tensor) -> dict[str, float]:
+    """The weight keys of quant_stats from a sharded adapter's all-reduced table: row i of
+    ``table`` [len(layers), 4] holds (sum (W - Q(W))^2, sum W^2, masked STE entries, entries)
+    of layer ``layers[i]``'s latent weight; masked_frac/weight = masked / entries."""
+    sums: dict[str, torch.Tensor] = {}
+    for layer, row in zip(layers, table, strict=True):
+        for key in ("quant/rel_error", "quant/rel_error/" + layer.rsplit(".", 1)[-1]):
+            sums[key] = sums.get(key, 0) + row[:2]
+        sums["quant/masked_frac/weight"] = sums.get("quant/masked_frac/weight", 0) + row[2:]
+    stats = {}
+    for key, (num, den) in sorted(sums.items()):
+        ratio = float(num / den) if float(den) > 0 else 0.0
+        stats[key] = ratio**0.5 if key.startswith("quant/rel_error") else ratio
+    return stats

@@ -418,6 +418,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    """Top-level key: the sharding backend. deepspeed (ZeRO-0..3 per the deepspeed section) or
+    fsdp2 (torch fully_shard via cage_ds.fsdp under torchrun; the deepspeed section must stay
+    at its defaults: see check_backend)."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists), the form YAML/JSON files use."""
@@ -457,8 +461,14 @@ class Config:
         return self.train.global_batch_size // per_step
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+SECTIONS: dict[str, type] = {
+    k: v for k, v in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(v)
+}
 """Section name -> its dataclass."""
+TOP_KEYS: dict[str, Any] = {
+    k: v for k, v in typing.get_type_hints(Config).items() if k not in SECTIONS
+}
+"""Top-level scalar keys (``backend``) -> their annotation."""
 
 
 # ---------------------------------------------------------------- loading and type checks
@@ -478,10 +488,11 @@ def _check_keys(raw: Mapping[str, Any], origin: str) -> None:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
     for section, body in raw.items():
+        if section in TOP_KEYS:
+            continue
         if section not in SECTIONS:
-            raise ConfigError(
-                f"{origin}: unknown section {section!r}" + _suggest(section, list(SECTIONS))
-            )
+            known = [*SECTIONS, *TOP_KEYS]
+            raise ConfigError(f"{origin}: unknown section {section!r}" + _suggest(section, known))
         if not isinstance(body, Mapping):
             raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {body!r}")
         names = [f.name for f in dataclasses.fields(SECTIONS[section])]
@@ -564,7 +575,8 @@ def _build_section(name: str, body: Mapping[str, Any]) -> Any:
 def build_config(raw: Mapping[str, Any], origin: str = "config") -> Config:
     """Config from a nested dict (after presets and overrides are merged)."""
     _check_keys(raw, origin)
-    return Config(**{name: _build_section(name, raw.get(name, {})) for name in SECTIONS})
+    top = {k: _coerce(raw[k], tp, k) for k, tp in TOP_KEYS.items() if k in raw}
+    return Config(**{name: _build_section(name, raw.get(name, {})) for name in SECTIONS}, **top)
 
 
 def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -606,13 +618,17 @@ def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     return _merge(merged, raw)
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """'section.field=value' -> (section, field, YAML-parsed value); errors name the text."""
+def parse_override(text: str) -> tuple[str, str | None, Any]:
+    """'section.field=value' -> (section, field, YAML-parsed value), a top-level 'key=value'
+    (TOP_KEYS, e.g. backend=fsdp2) -> (key, None, value); errors name the text."""
     key, sep, value = text.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if parts[0] in TOP_KEYS and len(parts) == 1 and sep:
+        parts.append(None)
+    elif not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(
-            f"malformed override {text!r}: expected section.field=value, e.g. optim.lr=3e-4"
+            f"malformed override {text!r}: expected section.field=value (e.g. optim.lr=3e-4) "
+            f"or one of {sorted(TOP_KEYS)}=value"
         )
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
@@ -637,10 +653,13 @@ def preset_path(preset: str) -> Path:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Resolve field defaults < model preset < config file (+ extends) < overrides."""
     raw: dict[str, Any] = read_config_file(path) if path is not None else {}
-    cli: dict[str, dict[str, Any]] = {}
+    cli: dict[str, Any] = {}
     for text in overrides:
         section, key, value = parse_override(text)
-        cli.setdefault(section, {})[key] = value
+        if key is None:
+            cli[section] = value
+        else:
+            cli.setdefault(section, {})[key] = value
     _check_keys(cli, "command line")
     raw = _merge(raw, cli)
     preset = raw.get("model", {}).get("preset", ModelConfig.preset)
@@ -747,6 +766,7 @@ def validate(cfg: Config, world_size: int) -> None:
                     spec.check_row_len(n, f"quant ({side}) on model.{what}")
                 except ValueError as err:
                     raise ConfigError(str(err)) from None
+    check_backend(cfg)
     ds_path = cfg.deepspeed.resolved_path(on_cuda=_cuda_available())
     if not ds_path.is_file():
         raise ConfigError(f"deepspeed.config={str(ds_path)!r} does not exist")
@@ -756,7 +776,14 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"deepspeed.config={str(ds_path)!r} is not valid JSON: {err}") from None
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     weight = cfg.quant.to_quant_config().weight if cfg.quant.enabled else None
-    if stage > 0 and weight is not None and weight.method == "rtn" and cfg.optim.uses_cage:
+    deepspeed = cfg.backend == "deepspeed"
+    if (
+        deepspeed
+        and stage > 0
+        and weight is not None
+        and weight.method == "rtn"
+        and cfg.optim.uses_cage
+    ):
         raise ConfigError(
             f"optim.cage_lambda={cfg.optim.cage_lambda} (cage_strength="
             f"{cfg.optim.cage_strength}) with quant.method='rtn' under ZeRO "
@@ -771,6 +798,28 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")
+
+
+def check_backend(cfg: Config) -> None:
+    """backend=fsdp2 shards parameters, gradients and optimizer states like ZeRO-3 and reads
+    nothing from the deepspeed section, which must therefore stay at its defaults
+    (config=auto, stage=3): a DeepSpeed JSON or another stage would silently not apply, so it
+    is refused. cage_ds.fsdp shards quantized weights: a run without them is refused."""
+    if cfg.backend != "fsdp2":
+        return
+    default = DeepSpeedSection()
+    for key in ("config", "stage"):
+        value = getattr(cfg.deepspeed, key)
+        if value != getattr(default, key):
+            raise ConfigError(
+                f"deepspeed.{key}={value!r} does not apply to backend=fsdp2 (FSDP2 always shards "
+                f"like ZeRO-3 and reads no DeepSpeed JSON): remove it or use backend=deepspeed"
+            )
+    if not cfg.quant.enabled or cfg.quant.to_quant_config().weight is None:
+        raise ConfigError(
+            f"backend=fsdp2 needs quantized weights, got quant.preset={cfg.quant.preset!r}: use "
+            "a wXaY preset with X < 16, or backend=deepspeed for this run"
+        )
 
 
 def _cuda_available() -> bool:

@@ -6,7 +6,8 @@
 Reads RUN_DIR/config.yaml, takes the newest complete checkpoint under the run's checkpoint
 folder (CheckpointManager.select: ``latest`` if it verifies, else the newest that does),
 rebuilds the model on CPU, loads its latent weights (zero_to_fp32 under ZeRO-1/2/3, the fp32
-module weights at stage 0: cage_ds.zero.export.latent_state_dict) and writes:
+module weights at stage 0: cage_ds.zero.export.latent_state_dict; backend=fsdp2: the DCP
+checkpoint's latents, cage_ds.fsdp.load_latents) and writes:
 
     OUT/hf/                  plain Hugging Face export (cage_ds.nn.export.save_plain_hf) and
                              the run's tokenizer: AutoModelForCausalLM.from_pretrained(OUT/hf)
@@ -109,15 +110,21 @@ def export_run(
 
     from .checkpoint import step_of_tag
     from .model import build_model
-    from .safe_load import safe_zero_to_fp32_loads
+    from .safe_load import refuse_unsafe_pickles, safe_zero_to_fp32_loads
 
     cfg = run_config(Path(run_dir))
     checkpoint = newest_checkpoint(cfg)
     tokenizer = run_tokenizer(cfg)
     eos = None if tokenizer is None else tokenizer.eos_token_id
     model, _ = build_model(cfg, {}, eos)
-    with safe_zero_to_fp32_loads(trust=trust_pickles):
-        load_latents(checkpoint.parent, model, tag=checkpoint.name)
+    if cfg.backend == "fsdp2":
+        from cage_ds.fsdp import load_latents as load_fsdp_latents
+
+        with refuse_unsafe_pickles():
+            load_fsdp_latents(checkpoint, model, trust_pickles=trust_pickles)
+    else:
+        with safe_zero_to_fp32_loads(trust=trust_pickles):
+            load_latents(checkpoint.parent, model, tag=checkpoint.name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = []

@@ -14,6 +14,8 @@ JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), one w
 Engines: QuEST-quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE
 hooks, quantize before the all-gather); everything else (no ZeRO, full precision, RTN with
 lambda = 0) uses deepspeed.initialize and QuantLinear fake-quantizes in the forward.
+backend=fsdp2: cage_ds.fsdp.prepare shards the model and a FsdpEngine (fsdp_engine.py) stands
+in for the DeepSpeed engine.
 """
 
 from __future__ import annotations
@@ -55,16 +57,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """deepspeed.init_distributed with single-process defaults (RANK 0 of WORLD_SIZE 1 on a
-    free loopback port) when no launcher set the environment; returns (rank, world)."""
-    import deepspeed
-
+def init_distributed(backend: str = "deepspeed") -> tuple[int, int]:
+    """deepspeed.init_distributed (backend fsdp2: torch's init_process_group, nccl on CUDA,
+    gloo on CPU) with single-process defaults (RANK 0 of WORLD_SIZE 1 on a free loopback
+    port) when no launcher set the environment; returns (rank, world)."""
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed()
+    if backend == "fsdp2":
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -109,7 +116,18 @@ def build_optimizer(
 
 
 def initialize_engine(cfg: Config, model, optimizer, scheduler, ds_config: dict[str, Any]):
-    """(engine, which initialize was used); see uses_cage_zero."""
+    """(engine, which initialize was used); see uses_cage_zero. backend=fsdp2: a FsdpEngine
+    over the model cage_ds.fsdp.prepare sharded (cage_ds.train.fsdp_engine)."""
+    if cfg.backend == "fsdp2":
+        from .fsdp_engine import FsdpEngine
+
+        c = cfg.checkpoint
+        accumulation = cfg.grad_accumulation(torch.distributed.get_world_size())
+        engine = FsdpEngine(
+            model, optimizer, scheduler, grad_clip=cfg.optim.grad_clip,
+            accumulation=accumulation, trust_pickles=c.trust_pickles,
+        )  # fmt: skip
+        return engine, "cage_ds.fsdp.prepare"
     if uses_cage_zero(cfg, zero_stage(ds_config)):
         from cage_ds.zero import initialize
 
@@ -133,6 +151,10 @@ def quant_metrics(engine, stage: int) -> dict[str, float]:
     from cage_ds.nn import quant_stats, quantized_modules
     from cage_ds.zero import attachment
 
+    from .fsdp_engine import FsdpEngine
+
+    if isinstance(engine, FsdpEngine):  # cage_ds.fsdp.quant_stats: local rows, one all-reduce
+        return engine.quant_stats()
     if attachment(engine) is not None:
         from cage_ds.zero import quant_stats as sharded_quant_stats
 
@@ -152,7 +174,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(cfg.backend)
         validate(cfg, self.world)
         self.on_cuda = torch.cuda.is_available()
         if self.on_cuda:
@@ -162,12 +184,17 @@ class Trainer:
         self.cage_off_reason = cage_off_reason(cfg, self.steps)
         self.cage_lambda = resolve_cage_lambda(cfg, self.steps)
         self.data = self._load_data()
-        self.ds_config = deepspeed_config(cfg, self.world, self.on_cuda)
+        fsdp2 = cfg.backend == "fsdp2"
+        self.ds_config = {} if fsdp2 else deepspeed_config(cfg, self.world, self.on_cuda)
         torch.manual_seed(cfg.train.seed)
         model, self._hf_ds_keep_alive = build_model(
             cfg, self.ds_config, self.data.tokenizer.eos_token_id
         )
         self.params = parameter_counts(model)
+        if fsdp2:
+            from .fsdp_engine import shard_model
+
+            model = shard_model(model, self.on_cuda)
         optimizer = build_optimizer(
             cfg, model, self.steps, zero_stage(self.ds_config), self.cage_lambda
         )
@@ -376,7 +403,8 @@ class Trainer:
         d = self.cfg.run_dir
         with disk_full_guard(d):
             (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            (d / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+            if self.ds_config:  # backend=fsdp2: none
+                (d / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
         self.tracker.log_params(self.cfg.to_dict())
         self.tracker.set_tags(
             {
@@ -389,7 +417,8 @@ class Trainer:
             }
         )
         self.tracker.log_artifact(d / "config.yaml")
-        self.tracker.log_artifact(d / "deepspeed.json")
+        if self.ds_config:
+            self.tracker.log_artifact(d / "deepspeed.json")
 
     def _write_result(self, result: RunResult) -> None:
         from .tracking import save_eval_table, save_loss_curve
@@ -428,7 +457,7 @@ def lock_run_dir(cfg: Config, rank: int) -> RunLock | None:
 def train(cfg: Config) -> RunResult:
     """Run ``cfg`` to the end on this process's rank (see Trainer), holding the run dir's
     lock (cage_ds.train.run_lock) from before the set-up to the end."""
-    rank, _ = init_distributed()
+    rank, _ = init_distributed(cfg.backend)
     lock = lock_run_dir(cfg, rank)
     try:
         return Trainer(cfg).run()

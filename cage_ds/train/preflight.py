@@ -8,7 +8,8 @@ DeepSpeed JSON, the output folder, the checkpoint manifest.
 - model.pretrained: config.json and every safetensors header readable;
 - the DeepSpeed JSON: keys cage-train sets itself, fp16 / offload / ZeRO++ on a CPU machine;
 - train.output_dir: creatable and writable;
-- resume: the checkpoint's world size equals this run's under ZeRO (partitions are per rank).
+- resume: the checkpoint's world size equals this run's under ZeRO (partitions are per rank;
+  backend=fsdp2 checkpoints reshard to any world size, its runs skip the DeepSpeed checks).
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def preflight(cfg: Config, world_size: int, on_cuda: bool) -> None:
         check_data_files(resolve_data_files(cfg.data.source), cfg.data.text_field)
     if cfg.model.pretrained is not None:
         check_pretrained(Path(cfg.model.pretrained))
-    ds = deepspeed_json(cfg, world_size, on_cuda)
     check_output_dir(cfg.run_dir)
-    check_resume_world(cfg, world_size, int(ds.get("zero_optimization", {}).get("stage", 0)))
+    if cfg.backend == "deepspeed":
+        ds = deepspeed_json(cfg, world_size, on_cuda)
+        check_resume_world(cfg, world_size, int(ds.get("zero_optimization", {}).get("stage", 0)))
 
 
 def _head(path: Path) -> bytes:

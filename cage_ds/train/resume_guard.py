@@ -3,10 +3,11 @@
 Every checkpoint cage-train writes carries the run's resolved config (the manifest's
 ``meta["config"]``, ``Config.to_dict()``). Before a resume, the current config is compared with
 it key by key: a change to a key that alters the run (optimizer and lr schedule, CAGE,
-quantization, model, data, steps, global batch, seed, DeepSpeed) is a ConfigError naming every
-changed key with its old -> new value, unless ``checkpoint.allow_config_change=true``; keys
-that only change what is logged or kept (``FREE_KEYS``) may change freely. Keys the
-checkpoint's config lacks (added to cage-train since) are not compared; a checkpoint without a
+quantization, model, data, steps, global batch, seed, DeepSpeed, backend) is a ConfigError
+naming every changed key with its old -> new value, unless
+``checkpoint.allow_config_change=true``; keys that only change what is logged or kept
+(``FREE_KEYS``) may change freely. Section keys the checkpoint's config lacks (added to
+cage-train since) are not compared (a missing ``backend`` reads deepspeed); a checkpoint without a
 config (written before this check) resumes with a warning.
 
 The check runs in ``cage-train`` (and ``--check``) before any worker starts, and again in the
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import TOP_KEYS, Config, ConfigError
 
 CONFIG_META_KEY = "config"
 """Key of the resolved config in a checkpoint's ``meta``."""
@@ -58,9 +59,15 @@ def _is_free(key: str) -> bool:
 
 def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
     """(section.key, saved value, current value) for each run-altering key that differs,
-    in config order; keys the saved config lacks are skipped."""
+    in config order; keys the saved config lacks are skipped, except top-level keys
+    (``backend``), which take their default there (written before the key existed)."""
     changes = []
     for section, body in cfg.to_dict().items():
+        if section in TOP_KEYS:  # backend: deepspeed -> fsdp2 changes the run
+            old = saved.get(section, Config.__dataclass_fields__[section].default)
+            if old != body:
+                changes.append((section, old, body))
+            continue
         old_body = saved.get(section, {})
         for key, value in body.items():
             name = f"{section}.{key}"

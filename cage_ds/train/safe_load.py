@@ -63,8 +63,9 @@ def safe_engine_loads(engine: Any, trust: bool = False) -> Iterator[None]:
     """While open, ``engine.load_checkpoint`` reads every file through ``safe_load`` (unless
     ``trust``). DeepSpeed 0.19.8 reads model, optimizer and expert states through
     ``engine.checkpoint_engine.load`` (TorchCheckpointEngine: ``weights_only=False``), so
-    this one instance method is the narrowest hook."""
-    if trust:
+    this one instance method is the narrowest hook. An engine without a checkpoint_engine
+    (cage_ds.train.fsdp_engine.FsdpEngine) applies its own ``trust_pickles``."""
+    if trust or not hasattr(engine, "checkpoint_engine"):
         yield
         return
     with mock.patch.object(engine.checkpoint_engine, "load", safe_load):
@@ -83,3 +84,13 @@ def safe_zero_to_fp32_loads(trust: bool = False) -> Iterator[None]:
 
     with mock.patch.object(zero_to_fp32.torch, "load", safe_load):
         yield
+
+
+@contextlib.contextmanager
+def refuse_unsafe_pickles() -> Iterator[None]:
+    """Turn the pickle.UnpicklingError of a safe DCP load (cage_ds.fsdp) into an
+    UnsafeCheckpointError with the opt-out."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(f"{err}; {TRUST_HINT}") from None

@@ -25,6 +25,7 @@ import torch.distributed as tdist
 
 from cage_ds.nn import quant_stats as module_quant_stats
 from cage_ds.nn import quantized_modules
+from cage_ds.nn.telemetry import stats_from_table
 
 from .engine import attachment
 
@@ -73,14 +74,5 @@ def quant_stats(engine: Any) -> dict[str, float]:
         raise RuntimeError("cage_ds.zero.quant_stats: partitions over different process groups")
     if tdist.is_initialized() and tdist.get_world_size(parts[0][1].group) > 1:
         tdist.all_reduce(table, group=parts[0][1].group)
-    sums: dict[str, torch.Tensor] = {}
-    for layer, row in zip(layers, table, strict=True):
-        for key in ("quant/rel_error", "quant/rel_error/" + layer.rsplit(".", 1)[-1]):
-            sums[key] = sums.get(key, 0) + row[:2]
-        sums["quant/masked_frac/weight"] = sums.get("quant/masked_frac/weight", 0) + row[2:]
-    for key, (num, den) in sorted(sums.items()):
-        if key.startswith("quant/rel_error"):
-            stats[key] = float(num / den) ** 0.5 if float(den) > 0 else 0.0
-        else:
-            stats[key] = float(num / den) if float(den) > 0 else 0.0
+    stats.update(stats_from_table(layers, table))
     return dict(sorted(stats.items()))
