@@ -129,4 +129,6 @@ class _Handle:
             p.data = decode(fmt, chunk, p.ds_tensor.dtype).view(p.ds_shape)
             p.ds_status = Status.AVAILABLE
             off += fmt.nbytes
+        if self.out.is_cuda:  # received on the gather stream, decoded on this one: keep the
+            self.out.record_stream(torch.cuda.current_stream())  # buffer until decode ran
         self.complete = True
