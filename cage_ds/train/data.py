@@ -129,7 +129,9 @@ class PackedBlocks:
 
     def __init__(self, tokenized, seq_len: int):
         self.ds = tokenized.with_format("numpy")
-        lengths = np.asarray(tokenized.with_format("numpy")["length"], dtype=np.int64)
+        # one batch read of the column (a Column object would be iterated row by row)
+        lengths = tokenized.select_columns(["length"]).with_format("numpy")[:]["length"]
+        lengths = np.asarray(lengths, dtype=np.int64)
         self.ends = np.cumsum(lengths)
         self.seq_len = seq_len
         self.n = int(self.ends[-1] // seq_len) if len(self.ends) else 0
