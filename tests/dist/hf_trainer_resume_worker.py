@@ -3,9 +3,10 @@
     torchrun --nproc_per_node N tests/dist/hf_trainer_resume_worker.py OUT_DIR STAGE PHASE
 
 On the tiny Llama of zero_case (W4A4, fp32), CageTrainer under a ZeRO-STAGE config trains to
-STEPS optimizer steps on the global batches make_batch(0..STEPS-1) with a linear lr decay and
-a linear_ramp lambda schedule (lambda_k differs at every step after the silence, so a lost
-step counter or lr schedule shows in the losses):
+STEPS optimizer steps over the rows of make_batch(0..STEPS-1) in the Trainer's default random
+order (seeded by args.seed: the resumed run skips the first SAVE_AT batches of the same
+permutation) with a linear lr decay and a linear_ramp lambda schedule (lambda_k differs at
+every step after the silence, so a lost step counter or lr schedule shows in the losses):
   PHASE "A": from the start, a checkpoint every SAVE_AT steps (OUT_DIR/A/checkpoint-SAVE_AT);
   PHASE "B": a model of another seed (anything not restored differs) resumes from A's
     checkpoint-SAVE_AT with train(resume_from_checkpoint=...).
@@ -50,6 +51,7 @@ def main() -> None:
         lr_scheduler_type="linear",
         save_strategy="steps",
         save_steps=SAVE_AT,
+        train_sampling_strategy="random",
     )
     trainer = _Recording(
         model=model,
