@@ -12,7 +12,10 @@ Hooks into transformers==5.23.0 (pinned; read from its trainer.py / integrations
     deepspeed.initialize as the client optimizer (a DS "optimizer" section replaces it:
     refused).
   _prepare_for_training(max_steps, ...): gives the step count for the lambda schedule and
-    returns the DeepSpeedEngine before the first forward; attach runs there.
+    returns the DeepSpeedEngine before the first forward; attach runs there. On resume it
+    has loaded the DeepSpeed checkpoint by then (fp32 partitions; CageAdamW state and param
+    groups as saved, so the step counters and lambda schedule continue, total_steps
+    included); attach writes q(W H) from the loaded masters.
   evaluation_loop: before the first train() under DeepSpeed there is no engine; the stock
     loop would build a ZeRO-3 inference engine without the CAGE hooks (the guard refuses
     it), so CageTrainer evaluates the unpartitioned module on every rank instead.

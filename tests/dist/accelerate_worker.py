@@ -1,16 +1,20 @@
 """One launch of the CageAccelerator tests (run by tests/dist/test_accelerate.py).
 
-    torchrun --nproc_per_node N tests/dist/accelerate_worker.py OUT_DIR STEPS STAGE
+    torchrun --nproc_per_node N tests/dist/accelerate_worker.py OUT_DIR STEPS STAGE GA
 
 On the tiny Llama of zero_case (W4A4, fp32, CageAdamW of make_model_and_optimizer):
-  1. CageAccelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=STAGE, gradient_clipping=CLIP))
-     on gloo (InitProcessGroupKwargs(backend="gloo"): accelerate's supported way to name the
-     backend; without it accelerate finds none on a CPU-only torch and runs one process)
-     prepares the model, its CageAdamW and a DataLoader over the global batches
-     make_batch(0..STEPS-1) (rank r gets rows [r * per, (r + 1) * per) of each, as the hand
-     loop) and trains STEPS steps with the usual accelerate loop; then one forward checks the
-     gathered weights against Quantizer.values(latent);
-  2. cage_ds.zero.initialize with the config accelerate resolved and zero_worker's hand loop;
+  1. CageAccelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=STAGE, gradient_clipping=CLIP,
+     gradient_accumulation_steps=GA)) on gloo (InitProcessGroupKwargs(backend="gloo"):
+     accelerate's supported way to name the backend; without it accelerate finds none on a
+     CPU-only torch and runs one process)
+     prepares the model, its CageAdamW and a DataLoader over the global micro batches
+     make_batch(0..STEPS * GA - 1) (rank r gets rows [r * per, (r + 1) * per) of each, as the
+     hand loop) and trains STEPS optimizer steps with the usual accelerate loop (backward
+     inside accelerator.accumulate, which marks every GA-th micro batch as DeepSpeed's
+     accumulation boundary); then one forward checks the gathered weights against
+     Quantizer.values(latent);
+  2. cage_ds.zero.initialize with the config accelerate resolved and zero_worker's hand loop
+     over the same micro batches (DeepSpeed steps every GA of them);
   3. stock accelerate: a second Accelerator (same state) prepares a fresh model + CageAdamW;
      its first forward must raise the guard's message (result["stock_error"]); and a
      CageAccelerator asked to prepare a model without its CageAdamW refuses
@@ -44,30 +48,34 @@ def _loader(steps: int, per: int) -> torch.utils.data.DataLoader:
 
 
 def main() -> None:
-    out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    plugin = DeepSpeedPlugin(zero_stage=stage, gradient_clipping=CLIP)
+    out_dir, steps, stage, ga = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    plugin = DeepSpeedPlugin(
+        zero_stage=stage, gradient_clipping=CLIP, gradient_accumulation_steps=ga
+    )
     acc = CageAccelerator(
         deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
     )
     rank, world = acc.process_index, acc.num_processes
     per = GLOBAL_BATCH // world
     model, opt = make_model_and_optimizer("decoupled")
-    engine, _, loader = acc.prepare(model, opt, _loader(steps, per))
+    engine, _, loader = acc.prepare(model, opt, _loader(steps * ga, per))
     losses = []
     for batch in loader:
-        loss = engine(**batch).loss
-        losses.append(float(loss.detach()))
-        acc.backward(loss)
+        with acc.accumulate(engine):
+            loss = engine(**batch).loss
+            losses.append(float(loss.detach()))
+            acc.backward(loss)
     log: list = []
     handles = _compare_gathered(engine, _latents(engine), log)
     with torch.no_grad():
-        ids = make_batch(steps)[rank * per : (rank + 1) * per]
+        ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
         engine(input_ids=ids, labels=ids)
     for h in handles:
         h.remove()
     result = {
         "world": world,
         "losses": losses,
+        "optimizer_steps": engine.global_steps,
         "attached": attachment(engine) is not None,
         "client_is_cage": engine.optimizer.optimizer is opt and acc.cage_optimizer is opt,
         "last_lambda": opt.last_lambda,
@@ -81,7 +89,7 @@ def main() -> None:
     engine, *_ = initialize(model=model, optimizer=opt, config=config)
     hand = []  # this rank's losses
     engine.register_forward_hook(lambda _m, _a, out: hand.append(float(out.loss.detach())))
-    _train(engine, steps, rank, world, 0, [])
+    _train(engine, steps * ga, rank, world, 0, [])
     result["hand_losses"] = hand
     engine.destroy()
 

@@ -72,7 +72,7 @@ def _ds_config(stage: int) -> dict:
     }
 
 
-def _cpu_deepspeed_state() -> None:
+def cpu_deepspeed_state() -> None:
     """accelerate's DeepSpeed state on CPU: TrainingArguments(deepspeed=...) passes no backend
     and accelerate==1.16.0 finds none for a CPU-only torch, so it would run one process
     (num_processes 1). Configure the state with gloo first; the Trainer then uses it
@@ -84,18 +84,15 @@ def _cpu_deepspeed_state() -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def main() -> None:
-    out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    ga = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    evaluate = sys.argv[5:] == ["eval"]
-    deepspeed.init_distributed(dist_backend="gloo")
-    _cpu_deepspeed_state()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    per = GLOBAL_BATCH // world
-    model, hand_opt = make_model_and_optimizer("decoupled")
-    group = hand_opt.param_groups[0]  # the quantized weights' group: the settings to match
-    args = TrainingArguments(
-        output_dir=os.path.join(out_dir, "trainer"),
+def training_args(
+    out_dir: str, opt: torch.optim.Optimizer, steps: int, stage: int, ga: int, per: int, **kw
+) -> TrainingArguments:
+    """The Trainer's settings for the hand loop's: optimizer settings of ``opt``'s quantized
+    group, ``per`` rows per rank, sequential sampling, ZeRO-``stage`` config of "auto" values;
+    ``kw`` overrides (saving is off by default)."""
+    group = opt.param_groups[0]  # the quantized weights' group: the settings to match
+    settings = dict(
+        output_dir=out_dir,
         per_device_train_batch_size=per,
         per_device_eval_batch_size=per,
         max_steps=steps,
@@ -115,6 +112,19 @@ def main() -> None:
         accelerator_config={"use_configured_state": True},
         deepspeed=_ds_config(stage),
     )
+    return TrainingArguments(**{**settings, **kw})
+
+
+def main() -> None:
+    out_dir, steps, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    ga = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    evaluate = sys.argv[5:] == ["eval"]
+    deepspeed.init_distributed(dist_backend="gloo")
+    cpu_deepspeed_state()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    per = GLOBAL_BATCH // world
+    model, hand_opt = make_model_and_optimizer("decoupled")
+    args = training_args(os.path.join(out_dir, "trainer"), hand_opt, steps, stage, ga, per)
     data = _Rows(torch.cat([make_batch(k) for k in range(steps * ga)]))
     cage = CageArgs(lambda_=LAMBDA, silence=0.0, schedule="constant")
     held_out = make_batch(EVAL_BATCH)

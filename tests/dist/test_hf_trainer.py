@@ -53,3 +53,37 @@ def test_cage_trainer_equals_hand_loop(tmp_path, stage, ga, mode):
             missing = [k for k in TELEMETRY if k not in entry]
             assert not missing, f"{where}: step {entry['step']} lacks {missing}"
             assert entry["train/lambda"] > 0 and 0 < entry["quant/rel_error"] < 1, entry
+
+
+def _step_logs(history: list[dict]) -> list[dict]:
+    return [{k: h[k] for k in ("step", "loss", "train/lambda")} for h in history if "loss" in h]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2 resumes through the same Trainer path
+def test_cage_trainer_resume_equals_uninterrupted(tmp_path, stage):
+    """train(resume_from_checkpoint=checkpoint-2) in a second launch continues as the
+    uninterrupted 4-step run (tests/dist/hf_trainer_resume_worker.py), bit for bit: losses
+    of steps 3-4 (and their logged loss and lambda), final latents and Adam moments, CAGE step
+    counters and lambda; the forward weights after resuming are Q(latent)."""
+    for phase in ("A", "B"):
+        _launch(
+            WORLD, str(tmp_path), script="hf_trainer_resume_worker.py", args=(str(stage), phase)
+        )
+    a, b = (torch.load(tmp_path / f"{p}.pt", weights_only=False) for p in ("A", "B"))
+    for rank, (ra, rb) in enumerate(zip(a, b, strict=True)):
+        where = f"ZeRO-{stage} rank {rank}"
+        got, want = rb["losses"], ra["losses"]
+        assert len(want) == 4 and got == want[2:], f"{where}: resumed {got} vs {want}"
+        for name, w in ra["latents"].items():
+            assert torch.equal(rb["latents"][name], w), f"{where}: latent {name} differs"
+        for which, m_b, m_a in zip(
+            ("exp_avg", "exp_avg_sq"), rb["moments"], ra["moments"], strict=True
+        ):
+            for name, w in m_a.items():
+                assert torch.equal(m_b[name], w), f"{where}: {which} of {name} differs"
+        assert ra["steps"] and rb["steps"] == ra["steps"] == [4.0] * len(ra["steps"]), where
+        assert rb["last_lambda"] == ra["last_lambda"] > 0, where
+        logs_a, logs_b = _step_logs(ra["log_history"]), _step_logs(rb["log_history"])
+        assert logs_b == logs_a, f"{where}: {logs_b} vs {logs_a}"  # 1-2 from trainer_state
+        _check_gathered(rb["gathered"], where)
