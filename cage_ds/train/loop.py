@@ -36,8 +36,10 @@ from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
 from .preflight import deepspeed_json, derived_deepspeed_keys
 from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
+from .rendezvous import init_loopback_process_group
 from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
 from .run_lock import RunLock, RunLockError
+from .run_record import RUN_RECORD, Continuation, lineage_points, read_run_id, retire_fallbacks
 
 METRICS_LOG = "metrics.jsonl"
 """Per-step metrics of a run, under its run_dir (see the module docstring)."""
@@ -57,14 +59,19 @@ def _free_port() -> int:
 
 def init_distributed() -> tuple[int, int]:
     """deepspeed.init_distributed with single-process defaults (RANK 0 of WORLD_SIZE 1 on a
-    free loopback port) when no launcher set the environment; returns (rank, world)."""
+    free loopback port) when no launcher set the environment; a single-node rendezvous
+    listens on loopback only (cage_ds.train.rendezvous). Returns (rank, world)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.constants import default_pg_timeout
 
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed()
+    backend = get_accelerator().communication_backend_name()
+    init_loopback_process_group(backend, default_pg_timeout)
+    deepspeed.init_distributed(dist_backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -217,7 +224,6 @@ class Trainer:
         self.val = self.data.val_batches(cfg.train.micro_batch_size, self.rank, self.world)
         self.checkpoints = self._checkpoint_manager()
         self.resumed_from: str | None = None
-        self.tracker = self._tracker()
 
     def _barrier(self) -> None:
         torch.distributed.barrier()
@@ -243,18 +249,29 @@ class Trainer:
             root, keep_last=c.keep_last, save_every=c.every, trust_pickles=c.trust_pickles
         )
 
-    def _tracker(self):
-        from .tracking import make_tracker
+    def _tracker(self, start: int):
+        """The run's tracker (rank 0); resumed at ``start`` > 0, it continues the recorded
+        MLflow run with the local record of steps 1..start (cage_ds.train.run_record)."""
+        from .tracking import NullTracker, Tracker, default_tracking_uri
 
-        t = self.cfg.tracking
-        return make_tracker(
-            t.enabled,
-            self.rank,
+        t, d = self.cfg.tracking, self.cfg.run_dir
+        if not t.enabled or self.rank != 0:
+            return NullTracker()
+        uri, fallback_dir = t.tracking_uri or default_tracking_uri(), d / "mlflow-fallback"
+        continuation = None
+        if start > 0:
+            run_id = read_run_id(d / RUN_RECORD, uri, t.experiment)
+            continuation = Continuation(run_id, lineage_points(d / METRICS_LOG, start), start)
+            for path in retire_fallbacks(fallback_dir, run_id):
+                print(f"cage-train ({self.cfg.run_name}): {path} recovered on resume", flush=True)
+        return Tracker(
             t.experiment,
             self.cfg.run_name,
-            tracking_uri=t.tracking_uri,
+            tracking_uri=uri,
             system_metrics=t.system_metrics,
-            fallback_dir=self.cfg.run_dir / "mlflow-fallback",
+            fallback_dir=fallback_dir,
+            run_record=d / RUN_RECORD,
+            continuation=continuation,
         )
 
     def _mean(self, value: float) -> float:
@@ -333,6 +350,8 @@ class Trainer:
         if rank0:
             self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.cfg.run_dir / METRICS_LOG)
+        self.tracker = self._tracker(start)
+        if rank0:
             start_record = {"event": "start", "step": start, "resumed_from": self.resumed_from}
             append_jsonl(self.cfg.run_dir / METRICS_LOG, {**start_record, "world_size": self.world})
             self._write_run_files()
