@@ -106,9 +106,8 @@ def test_killing_the_launcher_takes_the_ranks_along(probe, tmp_path, kill):
     job = launch(env, tmp_path / "job.log", PROBE_HANG="1")
     deadline = time.monotonic() + 300
     while not all((out / f"pid{r}").is_file() for r in (0, 1)):
-        assert job.poll() is None and time.monotonic() < deadline, (
-            (tmp_path / "job.log").read_text()[-3000:]
-        )
+        log = (tmp_path / "job.log").read_text()[-3000:]
+        assert job.poll() is None and time.monotonic() < deadline, log
         time.sleep(0.1)
     ranks = [int((out / f"pid{r}").read_text()) for r in (0, 1)]
     if kill == "TERM-to-deepspeed":

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_cli_resume import cli_args
 
 pytestmark = pytest.mark.slow
@@ -78,7 +77,7 @@ def test_outage_then_kill9_resumes_into_one_complete_run(server, tmp_path):
     segments: list[list[dict]] = []
     for r in records(run_dir):
         segments.append([]) if r.get("event") == "start" else segments[-1].append(r)
-    assert [len(s) for s in segments][0] >= KILL_AFTER and len(segments) == 2
+    assert len(segments) == 2 and len(segments[0]) >= KILL_AFTER
     kept = [r for r in segments[0] if r["step"] <= 4] + segments[1]  # resumed at step 4
     want: dict[str, list[tuple[int, float]]] = {}
     for r in kept:
