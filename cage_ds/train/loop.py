@@ -10,6 +10,9 @@ JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), one w
 (cage_ds.train.diskio: whole lines or nothing), so the losses of a killed run survive it; each
 (re)start first drops a torn last line, then appends
 {"event": "start", "step": s, "resumed_from": tag | null, "world_size": n}.
+MLflow (rank 0, cage_ds.train.tracking): a run resumed at step s continues the MLflow run
+recorded in <run_dir>/mlflow_run.json with the points of steps <= s from metrics.jsonl
+(cage_ds.train.run_record).
 
 Engines: QuEST-quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE
 hooks, quantize before the all-gather); everything else (no ZeRO, full precision, RTN with
