@@ -364,6 +364,8 @@ class Tracker:
         if run is None:
             experiment_id = _get_or_create_experiment(self._client, self.experiment)
             run = self._client.create_run(experiment_id, run_name=self.run_name)
+        if self._continuation is not None:  # before run_id: a failure here is retried whole
+            self._hold(run)
         self.run_id = run.info.run_id
         logger.info(
             "MLflow run %s (%s) in experiment %r at %s",
@@ -372,8 +374,6 @@ class Tracker:
             self.experiment,
             self.tracking_uri,
         )
-        if self._continuation is not None:
-            self._hold(run)
         if self._run_record is not None:
             try:
                 write_run_record(self._run_record, self.run_id, self.tracking_uri, self.experiment)
@@ -410,7 +410,7 @@ class Tracker:
         on_server = {
             (key, m.step)
             for key in run.data.metrics
-            for m in self._client.get_metric_history(self.run_id, key)
+            for m in self._client.get_metric_history(run.info.run_id, key)
         }
         with self._lock:
             self._buffer.metrics = [
@@ -424,7 +424,7 @@ class Tracker:
             logger.warning(
                 "MLflow run %s: steps %s have no metric point on the server nor in the local "
                 "record (metrics.jsonl); the run has a gap there",
-                self.run_id,
+                run.info.run_id,
                 step_ranges(missing),
             )
 
