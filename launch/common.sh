@@ -79,3 +79,26 @@ cage_run_local_nodes() {
   trap - INT TERM
   return "$status"
 }
+
+# cage_run_group CMD...: run CMD (the DeepSpeed launcher) in a process group of its own and
+# return its status. INT/TERM/HUP to this script are passed on to CMD; once CMD has ended
+# (however: signalled, killed, or done) whatever is left in its group - the ranks - gets TERM,
+# then KILL after CAGE_KILL_GRACE_S (5) seconds. The DeepSpeed launcher alone does not take
+# its ranks down when it is killed (they would train on and hold MASTER_PORT).
+cage_run_group() {
+  setsid "$@" &
+  local pid=$! status=0
+  trap 'kill -TERM "$pid" 2>/dev/null' INT TERM HUP
+  while kill -0 "$pid" 2>/dev/null; do
+    status=0
+    wait "$pid" || status=$?  # returns early (status > 128) when a trapped signal arrives
+  done
+  trap - INT TERM HUP
+  if kill -0 -- "-$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null
+    local tenths=$(( ${CAGE_KILL_GRACE_S:-5} * 10 ))
+    while (( tenths-- > 0 )) && kill -0 -- "-$pid" 2>/dev/null; do sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  return "$status"
+}

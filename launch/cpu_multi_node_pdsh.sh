@@ -30,5 +30,5 @@ else
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 cage_preflight "$(cage_hostfile_slots "$HOSTFILE")" "$@"
-deepspeed --hostfile "$HOSTFILE" --launcher pdsh "${ssh_check[@]}" --master_addr "$MASTER_ADDR" \
+cage_run_group deepspeed --hostfile "$HOSTFILE" --launcher pdsh "${ssh_check[@]}" --master_addr "$MASTER_ADDR" \
   --master_port "$MASTER_PORT" --module "$CAGE_TRAIN_MODULE" "$@"

@@ -12,5 +12,5 @@ cage_cpu_env
 NPROC="${NPROC:-2}"
 cage_count_or_exit NPROC "$NPROC"
 cage_preflight "$NPROC" "$@"
-exec deepspeed --num_accelerators "$NPROC" --master_port "$MASTER_PORT" \
+cage_run_group deepspeed --num_accelerators "$NPROC" --master_port "$MASTER_PORT" \
   --module "$CAGE_TRAIN_MODULE" "$@"

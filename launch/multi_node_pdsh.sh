@@ -13,5 +13,5 @@ cage_usage_if_asked "$@"
 : "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (\"<host> slots=<gpus>\" lines)}"
 MASTER_ADDR="${MASTER_ADDR:-$(awk '!/^[[:space:]]*(#|$)/ { print $1; exit }' "$HOSTFILE")}"
 cage_preflight "$(cage_hostfile_slots "$HOSTFILE")" "$@"
-exec deepspeed --hostfile "$HOSTFILE" --launcher pdsh --master_addr "$MASTER_ADDR" \
+cage_run_group deepspeed --hostfile "$HOSTFILE" --launcher pdsh --master_addr "$MASTER_ADDR" \
   --master_port "$MASTER_PORT" --module "$CAGE_TRAIN_MODULE" "$@"

@@ -13,5 +13,5 @@ source "$(dirname "$0")/common.sh"
 cage_usage_if_asked "$@"
 : "${HOSTFILE:?set HOSTFILE}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 cage_preflight "$(cage_hostfile_slots "$HOSTFILE")" "$@"
-exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+cage_run_group deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module "$CAGE_TRAIN_MODULE" "$@"

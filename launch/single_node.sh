@@ -10,5 +10,5 @@ cage_usage_if_asked "$@"
 NUM_GPUS="${NUM_GPUS:-$(nvidia-smi -L | wc -l)}"
 cage_count_or_exit NUM_GPUS "$NUM_GPUS"
 cage_preflight "$NUM_GPUS" "$@"
-exec deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" \
+cage_run_group deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" \
   --module "$CAGE_TRAIN_MODULE" "$@"

@@ -10,6 +10,9 @@ JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), one w
 (cage_ds.train.diskio: whole lines or nothing), so the losses of a killed run survive it; each
 (re)start first drops a torn last line, then appends
 {"event": "start", "step": s, "resumed_from": tag | null, "world_size": n}.
+MLflow (rank 0, cage_ds.train.tracking): a run resumed at step s continues the MLflow run
+recorded in <run_dir>/mlflow_run.json with the points of steps <= s from metrics.jsonl
+(cage_ds.train.run_record).
 
 Engines: QuEST-quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE
 hooks, quantize before the all-gather); everything else (no ZeRO, full precision, RTN with
@@ -37,9 +40,11 @@ from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
 from .preflight import deepspeed_json, derived_deepspeed_keys
 from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
+from .rendezvous import init_loopback_process_group
 from .result import RunResult
 from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
 from .run_lock import RunLock, RunLockError
+from .run_record import RUN_RECORD, Continuation, lineage_points, read_run_id, retire_fallbacks
 
 METRICS_LOG = "metrics.jsonl"
 """Per-step metrics of a run, under its run_dir (see the module docstring)."""
@@ -58,20 +63,28 @@ def _free_port() -> int:
 
 
 def init_distributed(backend: str = "deepspeed") -> tuple[int, int]:
-    """deepspeed.init_distributed (backend fsdp2: torch's init_process_group, nccl on CUDA,
-    gloo on CPU) with single-process defaults (RANK 0 of WORLD_SIZE 1 on a free loopback
-    port) when no launcher set the environment; returns (rank, world)."""
+    """deepspeed.init_distributed (backend fsdp2: torch's process group, nccl on CUDA, gloo
+    on CPU) with single-process defaults (RANK 0 of WORLD_SIZE 1 on a free loopback port)
+    when no launcher set the environment; a single-node rendezvous listens on loopback only
+    (cage_ds.train.rendezvous). Returns (rank, world)."""
+    from deepspeed.constants import default_pg_timeout
+
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if backend == "fsdp2":
+        comm = "nccl" if torch.cuda.is_available() else "gloo"
+        init_loopback_process_group(comm, default_pg_timeout)
         if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            torch.distributed.init_process_group(comm, timeout=default_pg_timeout)
     else:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
-        deepspeed.init_distributed()
+        comm = get_accelerator().communication_backend_name()
+        init_loopback_process_group(comm, default_pg_timeout)
+        deepspeed.init_distributed(dist_backend=comm)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -213,7 +226,6 @@ class Trainer:
         self.val = self.data.val_batches(cfg.train.micro_batch_size, self.rank, self.world)
         self.checkpoints = self._checkpoint_manager()
         self.resumed_from: str | None = None
-        self.tracker = self._tracker()
 
     def _barrier(self) -> None:
         torch.distributed.barrier()
@@ -239,18 +251,29 @@ class Trainer:
             root, keep_last=c.keep_last, save_every=c.every, trust_pickles=c.trust_pickles
         )
 
-    def _tracker(self):
-        from .tracking import make_tracker
+    def _tracker(self, start: int):
+        """The run's tracker (rank 0); resumed at ``start`` > 0, it continues the recorded
+        MLflow run with the local record of steps 1..start (cage_ds.train.run_record)."""
+        from .tracking import NullTracker, Tracker, default_tracking_uri
 
-        t = self.cfg.tracking
-        return make_tracker(
-            t.enabled,
-            self.rank,
+        t, d = self.cfg.tracking, self.cfg.run_dir
+        if not t.enabled or self.rank != 0:
+            return NullTracker()
+        uri, fallback_dir = t.tracking_uri or default_tracking_uri(), d / "mlflow-fallback"
+        continuation = None
+        if start > 0:
+            run_id = read_run_id(d / RUN_RECORD, uri, t.experiment)
+            continuation = Continuation(run_id, lineage_points(d / METRICS_LOG, start), start)
+            for path in retire_fallbacks(fallback_dir, run_id):
+                print(f"cage-train ({self.cfg.run_name}): {path} recovered on resume", flush=True)
+        return Tracker(
             t.experiment,
             self.cfg.run_name,
-            tracking_uri=t.tracking_uri,
+            tracking_uri=uri,
             system_metrics=t.system_metrics,
-            fallback_dir=self.cfg.run_dir / "mlflow-fallback",
+            fallback_dir=fallback_dir,
+            run_record=d / RUN_RECORD,
+            continuation=continuation,
         )
 
     def _mean(self, value: float) -> float:
@@ -329,6 +352,8 @@ class Trainer:
         if rank0:
             self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.cfg.run_dir / METRICS_LOG)
+        self.tracker = self._tracker(start)
+        if rank0:
             start_record = {"event": "start", "step": start, "resumed_from": self.resumed_from}
             append_jsonl(self.cfg.run_dir / METRICS_LOG, {**start_record, "world_size": self.world})
             self._write_run_files()

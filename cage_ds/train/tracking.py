@@ -20,6 +20,11 @@ Notable choices:
 - Artifacts are logged by path: the file must still exist when it is delivered (or at close).
 - A tracker not closed by the caller is closed as FAILED at interpreter exit (atexit), so an
   exception in training still flushes or falls back; only a hard kill loses the buffer.
+- Crashes (cage_ds.train.run_record): the run id is recorded in ``run_record`` once the run
+  exists; a ``continuation`` continues the recorded run (status back to RUNNING) and queues
+  the local record of the steps before the resume. A continued run holds one point per
+  (key, step): points the server already has are not sent again; steps with no point on the
+  server nor in the local record are a warning naming them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .diskio import disk_full_guard
+from .run_record import Continuation, step_ranges, write_run_record
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +147,8 @@ class Tracker:
     undelivered data at close (default ``./mlflow-fallback``); deliveries run every
     ``flush_interval_s``, after a failure every ``backoff_s * 2**k`` up to ``max_backoff_s``;
     ``close`` keeps trying for ``close_timeout_s``; ``http_timeout_s`` bounds one request.
+    ``run_record`` receives the run id once the run exists; ``continuation`` continues a
+    recorded run after a crash (module docstring).
     """
 
     def __init__(
@@ -157,6 +165,8 @@ class Tracker:
         max_backoff_s: float = 60.0,
         close_timeout_s: float = 15.0,
         http_timeout_s: int = 10,
+        run_record: str | os.PathLike | None = None,
+        continuation: Continuation | None = None,
     ) -> None:
         if not experiment:
             raise ValueError("Tracker: experiment name must be a non-empty string")
@@ -181,6 +191,15 @@ class Tracker:
         self._close_timeout_s = close_timeout_s
         self._buffer = _Buffer()
         self._logged_params: dict[str, str] = {}
+        self._run_record = Path(run_record) if run_record else None
+        self._continuation = continuation
+        # (key, step) a continued run holds or has queued: later points there are dropped
+        self._held: set[tuple[str, int]] | None = None
+        self._held_params: dict[str, str] = {}
+        if continuation is not None:
+            now = int(time.time() * 1000)
+            self._buffer.metrics = [(k, v, now, s) for k, v, s in continuation.points]
+            self._held = {(k, s) for k, _, s in continuation.points}
         self._lock = threading.Lock()
         self._deliver_lock = threading.Lock()
         self._wake = threading.Event()
@@ -225,6 +244,9 @@ class Tracker:
         rows = [(sanitize_key(k), float(v), ts, int(step)) for k, v in metrics.items()]
         self._check_open()
         with self._lock:
+            if self._held is not None:
+                rows = [r for r in rows if (r[0], r[3]) not in self._held]
+                self._held.update((r[0], r[3]) for r in rows)
             self._buffer.metrics.extend(rows)
             big = len(self._buffer.metrics) >= MAX_METRICS_PER_BATCH
         if big:
@@ -338,8 +360,12 @@ class Tracker:
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
-        experiment_id = _get_or_create_experiment(self._client, self.experiment)
-        run = self._client.create_run(experiment_id, run_name=self.run_name)
+        run = self._continued_run()
+        if run is None:
+            experiment_id = _get_or_create_experiment(self._client, self.experiment)
+            run = self._client.create_run(experiment_id, run_name=self.run_name)
+        if self._continuation is not None:  # before run_id: a failure here is retried whole
+            self._hold(run)
         self.run_id = run.info.run_id
         logger.info(
             "MLflow run %s (%s) in experiment %r at %s",
@@ -348,8 +374,59 @@ class Tracker:
             self.experiment,
             self.tracking_uri,
         )
+        if self._run_record is not None:
+            try:
+                write_run_record(self._run_record, self.run_id, self.tracking_uri, self.experiment)
+            except OSError as err:
+                logger.warning("MLflow run id not recorded in %s: %s", self._run_record, err)
         if self._system_metrics:
             self._start_system_metrics()
+
+    def _continued_run(self) -> Any:
+        """The recorded run of the continuation, set RUNNING again; None when there is none
+        (or the server does not know it: a new run, with a warning)."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = self._continuation.run_id if self._continuation else None
+        if run_id is None:
+            return None
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            logger.warning(
+                "MLflow run %s (recorded) not found at %s: the resumed run gets a new run",
+                run_id,
+                self.tracking_uri,
+            )
+            return None
+        self._client.update_run(run_id, status="RUNNING")
+        return run
+
+    def _hold(self, run: Any) -> None:
+        """Drop the buffered points ``run`` already holds on the server, hold its params, and
+        warn about steps 1..through_step with no point anywhere."""
+        on_server = {
+            (key, m.step)
+            for key in run.data.metrics
+            for m in self._client.get_metric_history(run.info.run_id, key)
+        }
+        with self._lock:
+            self._buffer.metrics = [
+                r for r in self._buffer.metrics if (r[0], r[3]) not in on_server
+            ]
+            self._held |= on_server
+            covered = {step for _, step in self._held}
+        self._held_params = dict(run.data.params)
+        missing = set(range(1, self._continuation.through_step + 1)) - covered
+        if missing:
+            logger.warning(
+                "MLflow run %s: steps %s have no metric point on the server nor in the local "
+                "record (metrics.jsonl); the run has a gap there",
+                run.info.run_id,
+                step_ranges(missing),
+            )
 
     def _send_params_and_tags(self) -> None:
         from mlflow.entities import Param, RunTag
@@ -357,7 +434,14 @@ class Tracker:
         with self._lock:
             params = dict(self._buffer.params)
             tags = dict(self._buffer.tags)
-        items = [Param(k, v) for k, v in params.items()]
+        changed = [k for k, v in params.items() if self._held_params.get(k, v) != v]
+        if changed:
+            logger.warning(
+                "MLflow run %s keeps its params %s (immutable); the resumed run's values differ",
+                self.run_id,
+                ", ".join(changed),
+            )
+        items = [Param(k, v) for k, v in params.items() if k not in self._held_params]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
         tag_items = [RunTag(k, v) for k, v in tags.items()]
@@ -433,7 +517,7 @@ class Tracker:
                 "tracking_uri": self.tracking_uri,
                 "experiment": self.experiment,
                 "run_name": self.run_name,
-                "run_id": self.run_id,
+                "run_id": self.run_id or (self._continuation and self._continuation.run_id),
                 "status": status,
             }
         ]
@@ -547,9 +631,12 @@ def log_to_run(
 def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
     """Deliver a fallback file written by ``Tracker.close`` and return the run id.
 
-    Uses the recorded run when it exists on the target server, else creates a run with the
-    recorded experiment and run name (tagged ``cage_ds.replayed_from``). Params already
-    present with the same value are skipped; metrics re-sent are idempotent.
+    Uses the recorded run when the target server has it, else (the server answers "does not
+    exist") creates a run with the recorded experiment and run name (tagged
+    ``cage_ds.replayed_from``); any other error (server unreachable, timeout) is raised, so a
+    replay never lands in a second run. Params already present with the same value are
+    skipped, and so are metric points at a (key, step) the run already holds (one point per
+    (key, step)).
     """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
@@ -564,9 +651,18 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
     client = MlflowClient(uri)
     run_id = header.get("run_id")
     existing_params: dict[str, str] = {}
+    held: set[tuple[str, int]] = set()
     try:
-        existing_params = client.get_run(run_id).data.params if run_id else {}
-    except MlflowException:
+        if run_id:
+            run = client.get_run(run_id)
+            existing_params = run.data.params
+            held = {
+                (key, m.step) for key in run.data.metrics
+                for m in client.get_metric_history(run_id, key)
+            }  # fmt: skip
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         run_id = None
     if run_id is None:
         experiment_id = _get_or_create_experiment(client, header["experiment"])
@@ -584,7 +680,7 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
     metrics = [
         Metric(r["key"], r["value"], r["timestamp"], r["step"])
         for r in records
-        if r["kind"] == "metric"
+        if r["kind"] == "metric" and (r["key"], r["step"]) not in held
     ]
     for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])

@@ -48,18 +48,22 @@ class MlflowServer:
             start_new_session=True,
             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
         )
+        # Ready = an API call answers, not just /health: the worker opens its tracking store on
+        # the first API call, which takes seconds under load (longer than the 3 s request
+        # timeout the trackers of the tests use).
+        ready = f"{self.uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log_text = (self.root / "server.log").read_text()
                 raise RuntimeError(f"mlflow server exited: {log_text}")
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                with urllib.request.urlopen(ready, timeout=30) as response:
                     if response.status == 200:
                         return
             except OSError:
                 time.sleep(0.5)
-        raise TimeoutError(f"mlflow server on {self.uri} not healthy after {timeout_s} s")
+        raise TimeoutError(f"mlflow server on {self.uri} not ready after {timeout_s} s")
 
     def stop(self) -> None:
         if self.proc is None:
