@@ -26,13 +26,13 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from testkit import free_port
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -41,12 +41,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-3
 FP32_ATOL = 1e-4  # plain x Q(W)^T vs the project's x H q(W H)^T: fp32 rounding only
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(out: Path, *extra: str) -> list[str]:
@@ -76,7 +70,7 @@ def _train(out: Path, cache: Path, world: int, *extra: str) -> dict:
         launcher = [sys.executable]
     else:
         torchrun = str(Path(sys.executable).parent / "torchrun")
-        launcher = [torchrun, f"--nproc_per_node={world}", f"--master_port={_free_port()}"]
+        launcher = [torchrun, f"--nproc_per_node={world}", f"--master_port={free_port()}"]
     cmd = [*launcher, "-m", "cage_ds.train", *_args(out, *extra)]
     proc = subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -230,7 +224,7 @@ def test_train_fsdp_launcher_appends_the_backend(tmp_path):
     path = f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"
     env = {**_env(tmp_path / "cache"), "PYTHONPATH": path,
            "PROBE_OUT": str(tmp_path), "CAGE_TRAIN_MODULE": "probe_train",
-           "MASTER_PORT": str(_free_port()), "NPROC_PER_NODE": "2"}  # fmt: skip
+           "MASTER_PORT": str(free_port()), "NPROC_PER_NODE": "2"}  # fmt: skip
     args = ["--config", "configs/experiments/cage_w4a4.yaml", "train.steps=3"]
     proc = subprocess.run(["bash", str(ROOT / "launch" / "train_fsdp.sh"), *args], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from testkit import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
@@ -44,14 +44,8 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(script: str, args: list[str], env: dict[str, str], timeout: float = 600):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), **env}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **env}
     return subprocess.run(
         ["bash", str(LAUNCH / script), *args],
         env=full_env,

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testkit import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY, KILL_AFTER = 12, 4, 9
 TRUNCATED = "step000000008/zero_pp_rank_1_mp_rank_00_optim_states.pt"
 TIMINGS = ("train/step_time_s", "train/tokens_per_s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(out: Path, run_name: str, cache: Path) -> list[str]:
@@ -73,7 +67,7 @@ class Job:
     @classmethod
     def start(cls, out: Path, run_name: str, cache: Path, tracking_uri: str, log: Path) -> Job:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-        env.update(OMP_NUM_THREADS="1", NPROC="2", MASTER_PORT=str(_free_port()),
+        env.update(OMP_NUM_THREADS="1", NPROC="2", MASTER_PORT=str(free_port()),
                    MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
                    PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
         cmd = ["bash", "launch/cpu_single_node.sh", "--config",
