@@ -550,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_configs(study: Study, quick: bool) -> None:
     """Resolve and validate every run's config before any worker starts (fine-tuning runs:
     resolve only)."""
-    from cage_ds.train.config import ConfigError, load_config, validate
+    from cage_ds.train.config import ConfigError, load_config
+    from cage_ds.train.preflight import validate
 
     for spec in study.runs(quick):
         try:

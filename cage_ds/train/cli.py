@@ -109,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse and validate every config, then train them in turn; returns the exit status."""
     import yaml
 
-    from .config import ConfigError, load_config, validate
-    from .preflight import preflight
+    from .config import ConfigError, load_config
+    from .preflight import cuda_available, preflight, validate
     from .recipe import resolve_cage_lambda, total_steps
     from .resume_guard import check_before_resume
 
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_config = split_overrides(args.overrides, paths)
         cfgs = [load_config(path, ovr) for path, ovr in zip(paths, per_config, strict=True)]
         notes = []
-        on_cuda = _cuda_available()
+        on_cuda = cuda_available()
         for cfg in cfgs:
             validate(cfg, world)
             preflight(cfg, world, on_cuda)
@@ -194,12 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ui = f"{sys.executable} -m mlflow ui --backend-store-uri {uri}"
             print(f"MLflow UI: {ui}   (then open http://127.0.0.1:5000)")
     return 0
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _print_config(cfg, world: int, yaml) -> None:

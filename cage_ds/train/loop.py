@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from .config import Config, validate
+from .config import Config
 from .data import TextData, build_data
 from .diskio import append_line, disk_full_guard, repair_torn_tail
 from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
-from .preflight import deepspeed_json, derived_deepspeed_keys
+from .preflight import deepspeed_json, derived_deepspeed_keys, validate
 from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
 from .rendezvous import init_loopback_process_group
 from .result import RunResult

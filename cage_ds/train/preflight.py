@@ -1,7 +1,11 @@
-"""Checks a run must pass before any worker starts (``cage-train`` and ``--check`` run them
-after ``config.validate``): each failure is one ConfigError line naming the file or key and
-the fix. They read small things only: file headers, the first records of each data file, the
-DeepSpeed JSON, the output folder, the checkpoint manifest.
+"""Checks a run must pass before any worker starts: each failure is one ConfigError line
+naming the file or key and the fix. They read small things only: file headers, the first
+records of each data file, the DeepSpeed JSON, the output folder, the checkpoint manifest.
+
+``validate(cfg, world_size)``: the resolved config as a whole (batch divisibility, vocab
+sizes, row lengths against the quantizer, paths, backend rules); cage-train and ``--check``
+run it before the workers start, and every worker again on its own world size.
+``preflight(cfg, world_size, on_cuda)``, run after it by cage-train and ``--check`` only:
 
 - data: empty files, binary files read as text, JSON lines that do not parse, a missing
   ``data.text_field``, unreadable parquet;
@@ -21,13 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import (
-    PARQUET_SUFFIXES,
-    Config,
-    ConfigError,
-    data_format,
-    resolve_data_files,
-)
+from .config import Config, ConfigError, DeepSpeedSection
+from .data import PARQUET_SUFFIXES, data_format, resolve_data_files
+from .tokenizer import tokenizer_vocab_size
 
 SAMPLE_BYTES = 1 << 20
 """Bytes of each data file the checks read (the head of a large file)."""
@@ -40,6 +40,120 @@ _CPU_UNSUPPORTED = (
     ("zero_quantized_gradients", "zero_optimization.zero_quantized_gradients (ZeRO++ qgZ)"),
     ("zero_hpz_partition_size", "zero_optimization.zero_hpz_partition_size (ZeRO++ hpZ)"),
 )
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Cross-section checks of a resolved config for ``world_size`` ranks; raise ConfigError.
+
+    Cheap enough to run in the launcher before workers start (reads small files only).
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(
+            f"world size must be an int >= 1 (--world-size, $WORLD_SIZE or the launcher's rank "
+            f"count), got {world_size!r}"
+        )
+    cfg.grad_accumulation(world_size)
+    d, m = cfg.data, cfg.model
+    if not d.source.startswith("hf:"):
+        if not resolve_data_files(d.source):
+            raise ConfigError(f"data.source={d.source!r}: no such file, folder or glob match")
+        data_format(resolve_data_files(d.source))
+    if m.pretrained is not None:
+        if not (Path(m.pretrained) / "config.json").is_file():
+            raise ConfigError(
+                f"model.pretrained={m.pretrained!r}: no config.json in that directory"
+            )
+        hf = json.loads((Path(m.pretrained) / "config.json").read_text())
+        model_vocab, hidden = hf.get("vocab_size"), hf.get("hidden_size")
+        ffn, max_pos = hf.get("intermediate_size"), hf.get("max_position_embeddings")
+    else:
+        model_vocab, hidden, ffn, max_pos = (
+            m.vocab_size,
+            m.hidden_size,
+            m.ffn_size,
+            m.max_position_embeddings,
+        )
+    if max_pos is not None and d.seq_len > max_pos:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={max_pos}"
+        )
+    tok_vocab = tokenizer_vocab_size(d)
+    if model_vocab is not None and tok_vocab > model_vocab:
+        raise ConfigError(
+            f"tokenizer vocabulary {tok_vocab} (data.tokenizer={d.tokenizer!r}) is larger than the "
+            f"model's vocab_size={model_vocab}: raise model.vocab_size or lower "
+            "data.bpe_vocab_size"
+        )
+    if cfg.quant.enabled:
+        qc = cfg.quant.to_quant_config()
+        for spec, side in ((qc.weight, "weight"), (qc.activation, "activation")):
+            if spec is None:
+                continue
+            for n, what in ((hidden, "hidden_size"), (ffn, "intermediate_size")):
+                try:
+                    spec.check_row_len(n, f"quant ({side}) on model.{what}")
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+    check_backend(cfg)
+    ds_path = cfg.deepspeed.resolved_path(on_cuda=cuda_available())
+    if not ds_path.is_file():
+        raise ConfigError(f"deepspeed.config={str(ds_path)!r} does not exist")
+    try:
+        ds = json.loads(ds_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config={str(ds_path)!r} is not valid JSON: {err}") from None
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    weight = cfg.quant.to_quant_config().weight if cfg.quant.enabled else None
+    deepspeed = cfg.backend == "deepspeed"
+    if (
+        deepspeed
+        and stage > 0
+        and weight is not None
+        and weight.method == "rtn"
+        and cfg.optim.uses_cage
+    ):
+        raise ConfigError(
+            f"optim.cage_lambda={cfg.optim.cage_lambda} (cage_strength="
+            f"{cfg.optim.cage_strength}) with quant.method='rtn' under ZeRO "
+            f"stage {stage}: the sharded CAGE correction supports QuEST weights only; use "
+            "quant.method=quest, optim.cage_lambda=0 (RTN-STE) or deepspeed.stage=0"
+        )
+    stray = sorted(set(cfg.optim.cage_targets or ()) - set(cfg.quant.targets))
+    if stray:
+        raise ConfigError(
+            f"optim.cage_targets has {stray}, which quant.targets={list(cfg.quant.targets)} does "
+            "not quantize: the correction applies to quantized layers only"
+        )
+    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")
+
+
+def check_backend(cfg: Config) -> None:
+    """backend=fsdp2 shards parameters, gradients and optimizer states like ZeRO-3 and reads
+    nothing from the deepspeed section, which must therefore stay at its defaults
+    (config=auto, stage=3): a DeepSpeed JSON or another stage would silently not apply, so it
+    is refused. cage_ds.fsdp shards quantized weights: a run without them is refused."""
+    if cfg.backend != "fsdp2":
+        return
+    default = DeepSpeedSection()
+    for key in ("config", "stage"):
+        value = getattr(cfg.deepspeed, key)
+        if value != getattr(default, key):
+            raise ConfigError(
+                f"deepspeed.{key}={value!r} does not apply to backend=fsdp2 (FSDP2 always shards "
+                f"like ZeRO-3 and reads no DeepSpeed JSON): remove it or use backend=deepspeed"
+            )
+    if not cfg.quant.enabled or cfg.quant.to_quant_config().weight is None:
+        raise ConfigError(
+            f"backend=fsdp2 needs quantized weights, got quant.preset={cfg.quant.preset!r}: use "
+            "a wXaY preset with X < 16, or backend=deepspeed for this run"
+        )
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def preflight(cfg: Config, world_size: int, on_cuda: bool) -> None:

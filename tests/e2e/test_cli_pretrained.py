@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cage_ds.train.config import CONFIGS_DIR, ConfigError, load_config, validate
+from cage_ds.train.config import CONFIGS_DIR, ConfigError, load_config
 from cage_ds.train.model import build_model
+from cage_ds.train.preflight import validate
 
 VOCAB = 1024
 

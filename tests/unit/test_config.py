@@ -12,8 +12,8 @@ from cage_ds.train.config import (
     ConfigError,
     load_config,
     swiglu_hidden,
-    validate,
 )
+from cage_ds.train.preflight import validate
 
 EXPERIMENT = CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cage_ds.train.config import CONFIGS_DIR, ConfigError, load_config, validate
+from cage_ds.train.config import CONFIGS_DIR, ConfigError, load_config
+from cage_ds.train.preflight import validate
 from cage_ds.train.resume_guard import check_config, config_changes
 
 EXPERIMENT = CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"
