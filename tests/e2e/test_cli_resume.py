@@ -87,7 +87,7 @@ def test_relaunch_with_a_changed_optimizer_is_refused_unless_allowed(tmp_path, c
     starts = (tmp_path / "r" / "metrics.jsonl").read_text().count('"event": "start"')
     assert starts == 1, "the refused relaunch started"
     monkeypatch.setenv("CAGE_DS_CACHE", str(tmp_path / "cache"))
-    assert main(["--check", "--world-size", "2", *cli_args(tmp_path, *changed)]) == 2
+    assert main(["--check", "--world-size", "1", *cli_args(tmp_path, *changed)]) == 2
     assert capsys.readouterr().err == refused.stderr  # the launchers' pre-flight refuses too
 
     allowed = cli(tmp_path, tmp_path / "cache", *changed, "checkpoint.allow_config_change=true")
