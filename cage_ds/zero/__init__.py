@@ -5,6 +5,7 @@ The only package touching DeepSpeed internals (pinned deepspeed==0.19.8, see eng
 
 from . import guard  # noqa: F401  (installs QuantLinear.state_check)
 from .engine import ZeroAttachment, attach, attachment, check_config, initialize
+from .export import export_engine
 from .optimizer import ShardedQuantOps
 from .shardmap import PartitionMap, Piece, zero3_maps, zero12_maps
 from .stats import quant_stats
@@ -17,6 +18,7 @@ __all__ = [
     "attach",
     "attachment",
     "check_config",
+    "export_engine",
     "initialize",
     "quant_stats",
     "zero3_maps",

@@ -9,17 +9,27 @@ module weights are the latents:
     latent W  = latent_state_dict(checkpoint_dir, tag)
     model     = load_latents(checkpoint_dir, fresh prepared model, tag)
     exported  = cage_ds.nn.export.save_plain_hf(model, ...) / save_packed(model, ...)
+
+From a live engine (``export_engine``, collective) the same formats come from the latents
+gathered with deepspeed.utils.safe_get_full_fp32_param, loaded into an unpartitioned copy of
+the engine's model on rank 0.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from cage_ds.nn import set_weight_prequantized
-from cage_ds.nn.export import save_packed
+from cage_ds.nn import prepare_model, quant_config_of, set_weight_prequantized
+from cage_ds.nn.export import save_packed, save_plain_hf
+from cage_ds.quant import QuantConfig
+
+FORMATS = {"hf": ("hf",), "packed": ("packed",), "both": ("hf", "packed")}
+"""export_engine's ``format``: which of OUT/hf/ (plain HF) and OUT/packed.safetensors."""
 
 
 def _tag_of(checkpoint_dir: Path, tag: str | None) -> str:
@@ -80,12 +90,18 @@ def load_latents(checkpoint_dir: str | Path, model: nn.Module, tag: str | None =
     (on CPU, not partitioned); its quantized layers are left in latent mode
     (weight_prequantized=False). ValueError when a parameter is missing or unexpected."""
     latents = latent_state_dict(checkpoint_dir, tag)
+    return _load_latent_dict(model, latents, f"load_latents: checkpoint {checkpoint_dir}")
+
+
+def _load_latent_dict(model: nn.Module, latents: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Every parameter of ``model`` from ``latents`` (layers left in latent mode); ValueError
+    naming ``where`` when a parameter is missing or a latent unexpected."""
     set_weight_prequantized(model, False)
     missing, unexpected = model.load_state_dict(latents, strict=False)
     absent = [k for k in missing if k in dict(model.named_parameters())]
     if absent or unexpected:
         raise ValueError(
-            f"load_latents: checkpoint {checkpoint_dir} does not match the model "
+            f"{where} does not match the model "
             f"(missing parameters {absent[:4]}, unexpected {unexpected[:4]})"
         )
     return model
@@ -97,3 +113,76 @@ def export_quantized_checkpoint(
     """The packed export (cage_ds.nn.export.save_packed) of the checkpoint's latents, loaded
     into ``model`` (see load_latents); returns the tensors written to ``out_file``."""
     return save_packed(load_latents(checkpoint_dir, model, tag), out_file)
+
+
+def _engine_latents(engine: Any) -> dict[str, torch.Tensor]:
+    """{name: full fp32 latent on CPU} of every parameter of ``engine.module`` (collective).
+
+    Under a ZeRO optimizer or BF16_Optimizer the latents are the fp32 master partitions,
+    gathered with deepspeed.utils.safe_get_full_fp32_param; without one (stage 0, fp32) the
+    fake-quant layers train on the module's own weights, which are then the latents."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    named = list(engine.module.named_parameters())
+    mastered = engine.zero_optimization() or any(
+        hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named
+    )
+    latents = {}
+    for name, p in named:
+        full = safe_get_full_fp32_param(p) if mastered else p.detach()
+        if full is None or full.dtype != torch.float32:
+            what = "no fp32 master" if full is None else f"only a {full.dtype} module weight"
+            raise ValueError(
+                f"export_engine: parameter {name!r} has {what}, so its latent is not "
+                "recoverable; train it under ZeRO-1/2/3 (or bf16) or in fp32 at stage 0, "
+                "or export from a DeepSpeed checkpoint (cage_ds.zero.export.load_latents)"
+            )
+        latents[name] = full.detach().to("cpu", copy=True)
+    return latents
+
+
+def _prepared_config(module: nn.Module) -> QuantConfig:
+    """The QuantConfig ``module`` (a Hugging Face model) was prepared with; else ValueError."""
+    from transformers import PreTrainedModel
+
+    quant = quant_config_of(module) if isinstance(module, PreTrainedModel) else None
+    if quant is None:
+        raise ValueError(
+            f"export_engine: the engine's module ({type(module).__name__}) is not a Hugging "
+            "Face model prepared with cage_ds.nn.prepare_model; pass the prepared "
+            "PreTrainedModel to deepspeed.initialize / cage_ds.zero.initialize"
+        )
+    return quant
+
+
+@torch.no_grad()
+def export_engine(
+    engine: Any, out: str | Path, format: str = "both", dtype: torch.dtype | None = None
+) -> Path:
+    """Export a live DeepSpeed engine's model under ``out``: OUT/hf/ (save_plain_hf, floating
+    weights cast to ``dtype`` when given) and/or OUT/packed.safetensors (save_packed).
+
+    Collective: every rank calls it (the latents are gathered from all partitions); rank 0
+    alone builds the unpartitioned model, loads the latents (every parameter, else
+    ValueError) and writes; all ranks meet at a barrier before returning ``out``."""
+    import deepspeed.comm as dist
+
+    if format not in FORMATS:
+        raise ValueError(f"export_engine: format {format!r} is not one of {sorted(FORMATS)}")
+    out = Path(out)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    quant = _prepared_config(engine.module)  # every rank: a refusal must not strand the rest
+    latents = _engine_latents(engine)
+    if rank0:
+        # built outside any zero.Init: whole fp32 weights on CPU
+        model = type(engine.module)(copy.deepcopy(engine.module.config)).float()
+        prepare_model(model, quant)
+        _load_latent_dict(model, latents, "export_engine: the engine's parameters").eval()
+        out.mkdir(parents=True, exist_ok=True)
+        if "hf" in FORMATS[format]:
+            save_plain_hf(model, out / "hf", dtype=dtype)
+        if "packed" in FORMATS[format]:
+            save_packed(model, out / "packed.safetensors")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
