@@ -156,6 +156,22 @@ def _prepared_config(module: nn.Module) -> QuantConfig:
 
 
 @torch.no_grad()
+def _write(
+    module: nn.Module, quant: QuantConfig, latents: dict[str, torch.Tensor], out: Path, format: str,
+    dtype: torch.dtype | None,
+) -> None:  # fmt: skip
+    """Rank 0's part of export_engine: a whole fp32 copy of ``module`` (built outside any
+    zero.Init) holding ``latents``, written in ``format`` under ``out``."""
+    model = type(module)(copy.deepcopy(module.config)).float()
+    prepare_model(model, quant)
+    _load_latent_dict(model, latents, "export_engine: the engine's parameters").eval()
+    out.mkdir(parents=True, exist_ok=True)
+    if "hf" in FORMATS[format]:
+        save_plain_hf(model, out / "hf", dtype=dtype)
+    if "packed" in FORMATS[format]:
+        save_packed(model, out / "packed.safetensors")
+
+
 def export_engine(
     engine: Any, out: str | Path, format: str = "both", dtype: torch.dtype | None = None
 ) -> Path:
@@ -164,7 +180,8 @@ def export_engine(
 
     Collective: every rank calls it (the latents are gathered from all partitions); rank 0
     alone builds the unpartitioned model, loads the latents (every parameter, else
-    ValueError) and writes; all ranks meet at a barrier before returning ``out``."""
+    ValueError) and writes; its outcome is broadcast, so a failure there raises on every
+    rank (none waits forever) and every rank returns ``out`` only once the files exist."""
     import deepspeed.comm as dist
 
     if format not in FORMATS:
@@ -173,16 +190,16 @@ def export_engine(
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     quant = _prepared_config(engine.module)  # every rank: a refusal must not strand the rest
     latents = _engine_latents(engine)
+    error: list[str | None] = [None]
     if rank0:
-        # built outside any zero.Init: whole fp32 weights on CPU
-        model = type(engine.module)(copy.deepcopy(engine.module.config)).float()
-        prepare_model(model, quant)
-        _load_latent_dict(model, latents, "export_engine: the engine's parameters").eval()
-        out.mkdir(parents=True, exist_ok=True)
-        if "hf" in FORMATS[format]:
-            save_plain_hf(model, out / "hf", dtype=dtype)
-        if "packed" in FORMATS[format]:
-            save_packed(model, out / "packed.safetensors")
+        try:
+            _write(engine.module, quant, latents, out, format, dtype)
+        except Exception as err:  # the other ranks raise it too instead of waiting forever
+            error[0] = f"{type(err).__name__}: {err}"
+            if not dist.is_initialized():
+                raise
     if dist.is_initialized():
-        dist.barrier()
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"export_engine: rank 0 failed writing {out}: {error[0]}")
     return out

@@ -5,8 +5,10 @@
 For ZeRO-2 and ZeRO-3: the tiny Llama of zero_case (W4A4, fp32, CAGE decoupled) under
 cage_ds.zero.initialize trains STEPS steps, then every rank calls
 cage_ds.zero.export_engine(engine, OUT_DIR/export_<stage>_rank<rank>, "both") (a folder per
-rank: only rank 0's may exist afterwards). Rank 0 writes OUT_DIR/result.pt: the engine's
-full fp32 latents per stage (safe_get_full_fp32_param), {stage: latents}.
+rank: only rank 0's may exist afterwards). After ZeRO-3, every rank exports once more to
+OUT_DIR/blocked, a file, so rank 0 fails writing: each rank records the error it got (every
+rank must raise, none may hang). Rank 0 writes OUT_DIR/result.pt: the engine's full fp32
+latents per stage (safe_get_full_fp32_param), {stage: latents}, and OUT_DIR/errors<rank>.txt.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def main() -> None:
         latents = _latents(engine)
         export_engine(engine, out_dir / f"export_{stage}_rank{rank}", "both")
         result[stage] = latents
+        if stage == 3:
+            if rank == 0:
+                (out_dir / "blocked").write_text("a file where the export folder should go")
+            torch.distributed.barrier()
+            try:
+                export_engine(engine, out_dir / "blocked", "hf")
+                (out_dir / f"errors{rank}.txt").write_text("no error")
+            except RuntimeError as err:
+                (out_dir / f"errors{rank}.txt").write_text(str(err))
         engine.destroy()
     if rank == 0:
         torch.save(result, out_dir / "result.pt")

@@ -64,6 +64,15 @@ def test_live_export_reloads_as_w4a16_and_packed_w4a4(result, stage):
         assert torch.equal(packed, _latent_model(latents)(input_ids=ids).logits)
 
 
+@pytest.mark.slow
+def test_a_failure_on_rank_0_raises_on_every_rank(result):
+    out = result[0]
+    for rank in range(WORLD):
+        text = (out / f"errors{rank}.txt").read_text()
+        assert text.startswith("export_engine: rank 0 failed writing"), (rank, text)
+        assert "FileExistsError" in text, (rank, text)
+
+
 def _engine(module, zero: bool) -> SimpleNamespace:
     return SimpleNamespace(module=module, zero_optimization=lambda: zero)
 
