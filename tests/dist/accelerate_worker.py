@@ -37,8 +37,15 @@ from cage_ds.zero import attachment, initialize
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_trainer_worker import _Rows
-from zero_case import CLIP, GLOBAL_BATCH, make_batch, make_model_and_optimizer
-from zero_worker import _compare_gathered, _latents, _train
+from zero_case import (
+    CLIP,
+    GLOBAL_BATCH,
+    compare_gathered,
+    make_batch,
+    make_model_and_optimizer,
+    save_gathered,
+)
+from zero_worker import _latents, _train
 
 
 def _loader(steps: int, per: int) -> torch.utils.data.DataLoader:
@@ -66,7 +73,7 @@ def main() -> None:
             losses.append(float(loss.detach()))
             acc.backward(loss)
     log: list = []
-    handles = _compare_gathered(engine, _latents(engine), log)
+    handles = compare_gathered(engine.module, _latents(engine), log)
     with torch.no_grad():
         ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
         engine(input_ids=ids, labels=ids)
@@ -106,11 +113,7 @@ def main() -> None:
         result["alone_error"] = None
     except ValueError as e:
         result["alone_error"] = str(e)
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, result)
-    if rank == 0:
-        torch.save(gathered, os.path.join(out_dir, "result.pt"))
-    torch.distributed.barrier()
+    save_gathered(result, os.path.join(out_dir, "result.pt"))
 
 
 if __name__ == "__main__":

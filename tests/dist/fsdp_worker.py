@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 import cage_ds.fsdp as cfsdp
-from cage_ds.nn import cage_param_groups, quantized_modules
+from cage_ds.nn import cage_param_groups
 from cage_ds.optim import CageAdamW
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_case import CLIP, GLOBAL_BATCH, make_batch, make_model_and_optimizer
+from zero_case import CLIP, GLOBAL_BATCH, compare_gathered, make_batch, make_model_and_optimizer
 
 
 def build(variant: str, method: str = "quest"):
@@ -50,20 +50,6 @@ def named_full(model, opt) -> tuple[dict, dict | None, dict | None]:
     m = {n: cfsdp.full_value(opt.state[p]["exp_avg"]) for n, p in named}
     v = {n: cfsdp.full_value(opt.state[p]["exp_avg_sq"]) for n, p in named}
     return latents, m, v
-
-
-def compare_gathered(model, latents: dict, log: list) -> list:
-    """Forward pre-hooks: gathered weight vs cast(Quantizer.values(latent)), exactly."""
-    handles = []
-    for name, layer in quantized_modules(model):
-
-        def hook(mod, _args, name=name):
-            w = mod.weight.detach()
-            want = mod.weight_quantizer.values(latents[name + ".weight"]).to(w.dtype)
-            log.append({"name": name, "numel": w.numel(), "mismatches": int((w != want).sum())})
-
-        handles.append(layer.register_forward_pre_hook(hook))
-    return handles
 
 
 def train(model, opt, first: int, steps: int, log: list, trace: list | None) -> list[float]:

@@ -28,8 +28,15 @@ from cage_ds.integrations import CageArgs
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_trainer_worker import _Recording, _Rows, cpu_deepspeed_state, training_args
-from zero_case import GLOBAL_BATCH, LAMBDA, make_batch, make_model_and_optimizer
-from zero_worker import _compare_gathered, _latents, _moments
+from zero_case import (
+    GLOBAL_BATCH,
+    LAMBDA,
+    compare_gathered,
+    make_batch,
+    make_model_and_optimizer,
+    save_gathered,
+)
+from zero_worker import _latents, _moments
 
 STEPS, SAVE_AT, SILENCE = 4, 2, 0.25
 
@@ -65,7 +72,7 @@ def main() -> None:
     engine, client = trainer.model_wrapped, trainer.cage_optimizer
     latents = _latents(engine)
     log: list = []
-    handles = _compare_gathered(engine, latents, log)
+    handles = compare_gathered(engine.module, latents, log)
     with torch.no_grad():
         ids = make_batch(STEPS)[rank * per : (rank + 1) * per]
         engine(input_ids=ids, labels=ids)
@@ -81,11 +88,7 @@ def main() -> None:
         "gathered": log,
     }
     engine.destroy()
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, result)
-    if rank == 0:
-        torch.save(gathered, os.path.join(out_dir, f"{phase}.pt"))
-    torch.distributed.barrier()
+    save_gathered(result, os.path.join(out_dir, f"{phase}.pt"))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,17 @@ from cage_ds.integrations import CageArgs, CageTrainer
 from cage_ds.zero import attachment, initialize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_case import CLIP, GLOBAL_BATCH, LAMBDA, LR, make_batch, make_model_and_optimizer
-from zero_worker import _compare_gathered, _latents, _train
+from zero_case import (
+    CLIP,
+    GLOBAL_BATCH,
+    LAMBDA,
+    LR,
+    compare_gathered,
+    make_batch,
+    make_model_and_optimizer,
+    save_gathered,
+)
+from zero_worker import _latents, _train
 
 EVAL_BATCH = 99
 
@@ -139,7 +148,7 @@ def main() -> None:
     trainer.train()
     engine, client = trainer.model_wrapped, trainer.cage_optimizer
     log: list = []
-    handles = _compare_gathered(engine, _latents(engine), log)
+    handles = compare_gathered(engine.module, _latents(engine), log)
     with torch.no_grad():
         ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
         engine(input_ids=ids, labels=ids)
@@ -166,11 +175,7 @@ def main() -> None:
     _train(engine, steps * ga, rank, world, 0, [])
     result["hand_losses"] = losses
     engine.destroy()
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, result)
-    if rank == 0:
-        torch.save(gathered, os.path.join(out_dir, "result.pt"))
-    torch.distributed.barrier()
+    save_gathered(result, os.path.join(out_dir, "result.pt"))
 
 
 if __name__ == "__main__":

@@ -15,20 +15,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import socket
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 from test_shardmap import _zero3_flats
+from testkit import free_port
 
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import QuantSpec
 from cage_ds.zero.lowbit import WireFormat, decode, encode
 from cage_ds.zero.optimizer import ShardedQuantOps, install_quant_ops
 from cage_ds.zero.shardmap import zero3_maps
-from testkit import free_port
 
 SHAPES = [(5, 384), (3, 256), (2, 128), (1, 128)]
 SPECS = [

@@ -19,21 +19,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import socket
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from test_shardmap import _zero3_flats, _zero12_flats, _zero12_layout
-
 from cage_kernels.dispatch import use_triton
+from test_shardmap import _zero3_flats, _zero12_flats, _zero12_layout
+from testkit import free_port
 
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import Quantizer, QuantSpec
 from cage_ds.zero.optimizer import ShardedQuantOps, install_quant_ops
 from cage_ds.zero.shardmap import zero3_maps, zero12_maps
-from testkit import free_port
 
 BLOCK = 8
 SPECS = [

@@ -22,14 +22,14 @@ by O(update) and fails the bulk bound by orders of magnitude.
 
 Also checked here, sharing the launches: resume after save/load equals the uninterrupted run
 bit for bit (ZeRO-1/2/3); cage_ds.zero.quant_stats equals cage_ds.nn.quant_stats of the
-gathered latents at every N (fp32 and the bf16 cases, see QUANT_STATS_RTOL); and, at N = 2, a second launch (another PYTHONHASHSEED, fresh
-allocator) of the ZeRO-2/3 coupled cases reproduces the first bit for bit (run to run).
+gathered latents at every N (fp32 and the bf16 cases, see QUANT_STATS_RTOL); and, at N = 2,
+a second launch (another PYTHONHASHSEED, fresh allocator) of the ZeRO-2/3 coupled cases
+reproduces the first bit for bit (run to run).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -37,10 +37,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from testkit import free_port
 from zero_case import LAMBDA, LR, make_batch, make_model_and_optimizer, oracle_step
 
 from cage_ds.nn import quant_stats
-from testkit import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, CKPT_AT = 3, 1

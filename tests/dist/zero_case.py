@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cage_ds.nn import cage_param_groups, prepare_model
+from cage_ds.nn import cage_param_groups, prepare_model, quantized_modules
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import QuantConfig
 
@@ -99,3 +99,28 @@ def oracle_step(
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
     return {n: p.detach().clone() for n, p in named.items()}
+
+
+def compare_gathered(module, latents: dict[str, torch.Tensor], log: list) -> list:
+    """Forward pre-hooks on ``module``'s QuantLinear layers: the weight each forward sees
+    (gathered by ZeRO-3 / FSDP2) vs cast(Quantizer.values(latent)) of the full tensor,
+    element for element; appends one record per layer and forward to ``log``."""
+    handles = []
+    for name, layer in quantized_modules(module):
+
+        def hook(mod, _args, name=name):
+            w = mod.weight.detach()
+            want = mod.weight_quantizer.values(latents[name + ".weight"]).to(w.dtype)
+            log.append({"name": name, "numel": w.numel(), "mismatches": int((w != want).sum())})
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    return handles
+
+
+def save_gathered(result: dict, path: str) -> None:
+    """Collective: rank 0 saves every rank's ``result`` (a list by rank) to ``path``."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, result)
+    if torch.distributed.get_rank() == 0:
+        torch.save(gathered, path)
+    torch.distributed.barrier()

@@ -25,12 +25,12 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-from cage_ds.nn import quantized_modules
 from cage_ds.zero import attachment, initialize, quant_stats
 
 sys.path.insert(0, os.path.dirname(__file__))
 from zero_case import (
     GLOBAL_BATCH,
+    compare_gathered,
     ds_config,
     make_batch,
     make_model_and_optimizer,
@@ -56,21 +56,6 @@ def _moments(engine) -> tuple[dict, dict]:
     return m, v
 
 
-def _compare_gathered(engine, latents: dict[str, torch.Tensor], log: list) -> list:
-    """Forward pre-hooks: gathered weight vs cast(Quantizer.values(latent)) of the full
-    tensor, element for element."""
-    handles = []
-    for name, layer in quantized_modules(engine.module):
-
-        def hook(mod, _args, name=name):
-            w = mod.weight.detach()
-            want = mod.weight_quantizer.values(latents[name + ".weight"]).to(w.dtype)
-            log.append({"name": name, "numel": w.numel(), "mismatches": int((w != want).sum())})
-
-        handles.append(layer.register_forward_pre_hook(hook))
-    return handles
-
-
 def _train(
     engine, steps: int, rank: int, world: int, first: int, log: list, trace=None
 ) -> list[float]:
@@ -80,7 +65,7 @@ def _train(
         latents = _latents(engine)
         if trace is not None:
             trace.append((latents, *_moments(engine)) if k > 0 else (latents, None, None))
-        handles = _compare_gathered(engine, latents, log)
+        handles = compare_gathered(engine.module, latents, log)
         ids = make_batch(k)
         per = GLOBAL_BATCH // world
         mine = ids[rank * per : (rank + 1) * per]
@@ -118,7 +103,7 @@ def _bf16_cases(steps: int, rank: int, world: int, out_dir: str) -> None:
     """bf16 smoke (no fp32 oracle): BF16_Optimizer (stage 1) and ZeRO-3 write and gather
     cast_bf16(q(W H)) and train; OUT_DIR/bf16_<stage>.pt holds the gathered checks."""
     for stage in (1, 3):
-        engine, opt = _engine(stage, "decoupled", world, bf16=True)
+        engine, _opt = _engine(stage, "decoupled", world, bf16=True)
         log: list = []
         before = _latents(engine)
         losses = _train(engine, steps, rank, world, 0, log)
@@ -150,7 +135,7 @@ def main() -> None:
             t0 = time.time()
             log: list = []
             trace: list = []
-            engine, opt = _engine(stage, variant, world)
+            engine, _opt = _engine(stage, variant, world)
             losses = _train(engine, steps, rank, world, 0, log, trace)
             final = _latents(engine)
             telemetry = quant_stats(engine)  # collective: every rank, same point
