@@ -40,7 +40,7 @@ from hf_trainer_worker import _Rows
 from zero_case import (
     CLIP,
     GLOBAL_BATCH,
-    compare_gathered,
+    forward_with_checks,
     make_batch,
     make_model_and_optimizer,
     save_gathered,
@@ -72,13 +72,8 @@ def main() -> None:
             loss = engine(**batch).loss
             losses.append(float(loss.detach()))
             acc.backward(loss)
-    log: list = []
-    handles = compare_gathered(engine.module, _latents(engine), log)
-    with torch.no_grad():
-        ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
-        engine(input_ids=ids, labels=ids)
-    for h in handles:
-        h.remove()
+    ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
+    log = forward_with_checks(engine, _latents(engine), ids)
     result = {
         "world": world,
         "losses": losses,

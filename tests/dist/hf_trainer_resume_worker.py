@@ -31,7 +31,7 @@ from hf_trainer_worker import _Recording, _Rows, cpu_deepspeed_state, training_a
 from zero_case import (
     GLOBAL_BATCH,
     LAMBDA,
-    compare_gathered,
+    forward_with_checks,
     make_batch,
     make_model_and_optimizer,
     save_gathered,
@@ -71,13 +71,8 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=resume)
     engine, client = trainer.model_wrapped, trainer.cage_optimizer
     latents = _latents(engine)
-    log: list = []
-    handles = compare_gathered(engine.module, latents, log)
-    with torch.no_grad():
-        ids = make_batch(STEPS)[rank * per : (rank + 1) * per]
-        engine(input_ids=ids, labels=ids)
-    for h in handles:
-        h.remove()
+    ids = make_batch(STEPS)[rank * per : (rank + 1) * per]
+    log = forward_with_checks(engine, latents, ids)
     result = {
         "losses": trainer.losses,
         "latents": latents,

@@ -37,7 +37,7 @@ from zero_case import (
     GLOBAL_BATCH,
     LAMBDA,
     LR,
-    compare_gathered,
+    forward_with_checks,
     make_batch,
     make_model_and_optimizer,
     save_gathered,
@@ -147,13 +147,8 @@ def main() -> None:
     eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
     trainer.train()
     engine, client = trainer.model_wrapped, trainer.cage_optimizer
-    log: list = []
-    handles = compare_gathered(engine.module, _latents(engine), log)
-    with torch.no_grad():
-        ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
-        engine(input_ids=ids, labels=ids)
-    for h in handles:
-        h.remove()
+    ids = make_batch(steps * ga)[rank * per : (rank + 1) * per]
+    log = forward_with_checks(engine, _latents(engine), ids)
     result = {
         "trainer_losses": trainer.losses,
         "attached": attachment(engine) is not None,

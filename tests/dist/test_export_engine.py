@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_zero_cage import _launch
-from test_zero_guards import W4A16_TOL, _w4a16_reference
+from test_zero_guards import W4A16_TOL, _w4a16_reference, latent_model
 from zero_case import make_batch, make_model_and_optimizer
 
 from cage_ds.nn.export import load_packed
@@ -35,15 +35,6 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("export_engine")
     _launch(WORLD, str(out), script="export_engine_worker.py", args=(str(STEPS),))
     return out, torch.load(out / "result.pt", weights_only=False)
-
-
-def _latent_model(latents: dict[str, torch.Tensor]):
-    """The single-process prepared W4A4 model holding ``latents`` (the oracle)."""
-    model, _ = make_model_and_optimizer("decoupled")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(latents[n])
-    return model.eval()
 
 
 @pytest.mark.slow
@@ -61,7 +52,7 @@ def test_live_export_reloads_as_w4a16_and_packed_w4a4(result, stage):
         got, want = plain(input_ids=ids).logits, _w4a16_reference(latents)(input_ids=ids).logits
         assert (got - want).abs().max() <= W4A16_TOL, f"ZeRO-{stage}: plain HF != W4A16 view"
         packed = load_packed(folder / "packed.safetensors")(input_ids=ids).logits
-        assert torch.equal(packed, _latent_model(latents)(input_ids=ids).logits)
+        assert torch.equal(packed, latent_model(latents)(input_ids=ids).logits)
 
 
 @pytest.mark.slow

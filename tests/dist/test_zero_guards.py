@@ -51,15 +51,21 @@ def result(tmp_path_factory):
     return out, torch.load(out / "result.pt", weights_only=False)
 
 
-def _w4a16_reference(latents: dict[str, torch.Tensor]):
-    """The project's model holding the latents, activations full precision (weights Q(W))."""
+def latent_model(latents: dict[str, torch.Tensor]):
+    """The single-process prepared W4A4 model holding ``latents`` (the oracle), eval mode."""
     model, _ = make_model_and_optimizer("decoupled")
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(latents[n])
+    return model.eval()
+
+
+def _w4a16_reference(latents: dict[str, torch.Tensor]):
+    """The project's model holding the latents, activations full precision (weights Q(W))."""
+    model = latent_model(latents)
     for _, layer in quantized_modules(model):
         layer.act_quantizer = None
-    return model.eval()
+    return model
 
 
 @pytest.mark.slow

@@ -117,6 +117,18 @@ def compare_gathered(module, latents: dict[str, torch.Tensor], log: list) -> lis
     return handles
 
 
+def forward_with_checks(engine, latents: dict[str, torch.Tensor], ids: torch.Tensor) -> list:
+    """One no-grad forward of ``ids`` through ``engine`` under compare_gathered's hooks;
+    returns their log (one record per quantized layer)."""
+    log: list = []
+    handles = compare_gathered(engine.module, latents, log)
+    with torch.no_grad():
+        engine(input_ids=ids, labels=ids)
+    for h in handles:
+        h.remove()
+    return log
+
+
 def save_gathered(result: dict, path: str) -> None:
     """Collective: rank 0 saves every rank's ``result`` (a list by rank) to ``path``."""
     gathered = [None] * torch.distributed.get_world_size()
