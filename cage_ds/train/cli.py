@@ -156,30 +156,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tracking import format_eval_table
 
     rows, runs = [], []
-    for path, cfg in zip(paths, cfgs, strict=True):
-        if rank == 0:
-            _print_config(cfg, world, yaml)
-        try:
-            result = train(cfg)
-        except (RunLockError, CheckpointError, UnsafeCheckpointError, DiskFullError) as err:
-            if rank == 0 or isinstance(err, UnsafeCheckpointError):  # the others: every rank
-                print(f"cage-train: {err}", file=sys.stderr)
-            return 2
-        except ConfigError as err:  # found only once the data is read (every rank the same)
+    try:
+        for path, cfg in zip(paths, cfgs, strict=True):
             if rank == 0:
-                print(f"cage-train: config error: {err}", file=sys.stderr)
-            return 2
-        rows.append(result.row())
-        name = Path(path).stem if path is not None else cfg.run_name
-        runs.append(
-            {"name": name, "method": result.method, "quant": result.quant,
-             "steps": result.steps, "seed": result.seed, "val_loss": result.val_loss,
-             "note": cage_off_reason(cfg, result.steps)}
-        )  # fmt: skip
-    import torch.distributed as dist
+                _print_config(cfg, world, yaml)
+            try:
+                result = train(cfg)
+            except (RunLockError, CheckpointError, UnsafeCheckpointError, DiskFullError) as err:
+                if rank == 0 or isinstance(err, UnsafeCheckpointError):  # the others: every rank
+                    print(f"cage-train: {err}", file=sys.stderr)
+                return 2
+            except ConfigError as err:  # found only once the data is read (every rank the same)
+                if rank == 0:
+                    print(f"cage-train: config error: {err}", file=sys.stderr)
+                return 2
+            rows.append(result.row())
+            name = Path(path).stem if path is not None else cfg.run_name
+            runs.append(
+                {"name": name, "method": result.method, "quant": result.quant,
+                 "steps": result.steps, "seed": result.seed, "val_loss": result.val_loss,
+                 "note": cage_off_reason(cfg, result.steps)}
+            )  # fmt: skip
+    finally:  # gloo aborts a process that exits inside a process group
+        import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if rank == 0:
         print("\nvalidation:")
         print(format_eval_table(rows))

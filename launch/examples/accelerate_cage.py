@@ -58,6 +58,7 @@ def main() -> None:
     stats = accelerator.cage_telemetry()  # collective: every rank
     if accelerator.is_main_process:
         print(json.dumps({"step": step, "loss": float(loss), **stats}))
+    accelerator.end_training()  # leaves the process group: gloo aborts a process exiting inside one
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def main() -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         print(json.dumps([h for h in trainer.state.log_history if "loss" in h][-1]))
+    if torch.distributed.is_initialized():  # gloo aborts a process exiting inside a group
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

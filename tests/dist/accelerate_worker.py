@@ -43,6 +43,7 @@ from zero_case import (
     forward_with_checks,
     make_batch,
     make_model_and_optimizer,
+    run_worker,
     save_gathered,
 )
 from zero_worker import _latents, _train
@@ -112,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

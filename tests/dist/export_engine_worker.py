@@ -23,7 +23,7 @@ import torch
 from cage_ds.zero import export_engine, initialize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_case import ds_config, make_model_and_optimizer
+from zero_case import ds_config, make_model_and_optimizer, run_worker
 from zero_worker import _latents, _train
 
 
@@ -55,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

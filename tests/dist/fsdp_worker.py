@@ -29,7 +29,14 @@ from cage_ds.nn import cage_param_groups
 from cage_ds.optim import CageAdamW
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_case import CLIP, GLOBAL_BATCH, compare_gathered, make_batch, make_model_and_optimizer
+from zero_case import (
+    CLIP,
+    GLOBAL_BATCH,
+    compare_gathered,
+    make_batch,
+    make_model_and_optimizer,
+    run_worker,
+)
 
 
 def build(variant: str, method: str = "quest"):
@@ -118,8 +125,7 @@ def main() -> None:
             out = {"trace": trace, "latents": final, "losses": losses, "gathered": log}
             torch.save(out, os.path.join(out_dir, f"{variant}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

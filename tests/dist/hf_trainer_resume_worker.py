@@ -34,6 +34,7 @@ from zero_case import (
     forward_with_checks,
     make_batch,
     make_model_and_optimizer,
+    run_worker,
     save_gathered,
 )
 from zero_worker import _latents, _moments
@@ -87,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

@@ -12,6 +12,7 @@ covers arbitrary cuts for 1..5 ranks.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cage_ds.nn import cage_param_groups, prepare_model, quantized_modules
@@ -136,3 +137,16 @@ def save_gathered(result: dict, path: str) -> None:
     if torch.distributed.get_rank() == 0:
         torch.save(gathered, path)
     torch.distributed.barrier()
+
+
+def run_worker(main) -> None:
+    """Run a worker's main, then leave the process group on every exit path.
+
+    A rank that exits with gloo's worker threads still alive aborts at interpreter
+    finalization ("terminate called without an active exception", pytorch#190489).
+    """
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -28,7 +28,7 @@ from cage_ds.nn import QuantLinear, quantized_modules, set_weight_prequantized
 from cage_ds.zero import attach, initialize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_case import GLOBAL_BATCH, ds_config, make_batch, make_model_and_optimizer
+from zero_case import GLOBAL_BATCH, ds_config, make_batch, make_model_and_optimizer, run_worker
 from zero_worker import _train
 
 
@@ -144,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

@@ -34,6 +34,7 @@ from zero_case import (
     ds_config,
     make_batch,
     make_model_and_optimizer,
+    run_worker,
 )
 
 
@@ -189,4 +190,4 @@ def _resume(stage, variant, world, rank, steps, ckpt_at, out_dir) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)
