@@ -11,13 +11,18 @@ covers arbitrary cuts for 1..5 ranks.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from cage_ds.nn import cage_param_groups, prepare_model, quantized_modules
+from cage_ds.nn import cage_param_groups, quantized_modules
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import QuantConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workers run as scripts
+from testkit import tiny_llama
 
 GLOBAL_BATCH = 12  # divisible by every world size tested (1..4)
 SEQ = 16
@@ -29,19 +34,10 @@ CLIP = 1.0  # the paper's; the step-0 gradient norm here is ~2.7, so clipping is
 
 def make_model_and_optimizer(variant: str, seed: int = 1234, method: str = "quest"):
     """Fresh fp32 tiny Llama, W4A4-prepared, and its CageAdamW (lambda active from step 1)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=640,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=128,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-    )
-    model = prepare_model(LlamaForCausalLM(cfg).float(), QuantConfig.preset("w4a4", method=method))
+    quant = QuantConfig.preset("w4a4", method=method)
+    model = tiny_llama(seed, quant, vocab_size=VOCAB, intermediate_size=640, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=128,
+                       max_position_embeddings=SEQ)  # fmt: skip
     groups = cage_param_groups(model, weight_decay=0.1)
     opt = CageAdamW(
         groups,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import tiny_llama
 
 from cage_ds.train.config import CONFIGS_DIR, ConfigError, load_config
 from cage_ds.train.model import build_model
@@ -21,14 +22,15 @@ VOCAB = 1024
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    hf = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=256)  # fmt: skip
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(hf).save_pretrained(path)
+    tiny_llama(
+        1234,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ).save_pretrained(path)
     return path
 
 

@@ -8,11 +8,10 @@ import importlib.resources
 import math
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from testkit import tiny_llama
 
-from cage_ds.nn import cage_param_groups, prepare_model, quant_stats
+from cage_ds.nn import cage_param_groups, quant_stats
 from cage_ds.optim import CageAdamW
-from cage_ds.quant import QuantConfig
 
 STEPS, BATCH, SEQ = 30, 4, 64
 
@@ -31,17 +30,7 @@ def test_cage_w4a4_tiny_llama_learns_shakespeare():
     data = shakespeare_bytes()
     split = data.numel() * 9 // 10
     train, held_out = data[:split], data[split:]
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=512,
-        vocab_size=256,
-        max_position_embeddings=SEQ,
-    )
-    model = prepare_model(LlamaForCausalLM(config), QuantConfig.preset("w4a4"))
+    model = tiny_llama(0, "w4a4", vocab_size=256, max_position_embeddings=SEQ)
     opt = CageAdamW(
         cage_param_groups(model, weight_decay=0.1),
         lr=3e-3,

@@ -15,8 +15,9 @@ import pytest
 import torch
 from cage_kernels import cage_adamw_triton, hadamard_triton, quest_triton
 from cage_kernels.grid import ALPHA
+from testkit import tiny_llama
 
-from cage_ds.nn import cage_param_groups, prepare_model
+from cage_ds.nn import cage_param_groups
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import QuantConfig
 
@@ -26,14 +27,10 @@ LR, LAM, BITS = 3e-3, 5.0, 4
 FLIPS = 2  # grid-boundary code flips of Q(W) tolerated per weight over the run
 
 
-def tiny_llama(seed: int, config: QuantConfig) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+def small_llama(seed: int, config: QuantConfig) -> torch.nn.Module:
+    return tiny_llama(seed, config, vocab_size=96, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                       max_position_embeddings=16)  # fmt: skip
-    return prepare_model(LlamaForCausalLM(cfg), config)
 
 
 def train(model: torch.nn.Module, tokens: torch.Tensor) -> list[float]:
@@ -69,13 +66,13 @@ def test_w4a4_cage_training_on_kernels_matches_the_twins(gen, dev, monkeypatch):
     count_calls(monkeypatch, hadamard_triton, "fwht_triton", counts)
     count_calls(monkeypatch, cage_adamw_triton, "cage_adamw_shard_triton", counts)
 
-    model = tiny_llama(seed, config).to(dev)
+    model = small_llama(seed, config).to(dev)
     got = train(model, tokens.to(dev))
     assert all(counts.values()), f"a kernel never ran: {counts}"
 
     monkeypatch.delenv("CAGE_TRITON_INTERPRET", raising=False)  # the twins, on the CPU
     ran = dict(counts)
-    twin = tiny_llama(seed, config)
+    twin = small_llama(seed, config)
     want = train(twin, tokens)
     assert counts == ran, "the twin run must not reach the kernels"
 

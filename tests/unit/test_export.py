@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from testkit import tiny_llama
 
 from cage_ds import CageAdamW, QuantConfig, cage_param_groups, prepare_model
 from cage_ds.nn import quant_config_of
@@ -22,12 +23,15 @@ BF16_RTOL = 2e-2
 
 
 def _llama(tie: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      max_position_embeddings=64, tie_word_embeddings=tie)  # fmt: skip
-    return LlamaForCausalLM(cfg).float()
+    return tiny_llama(
+        0,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
 
 
 def _batch(seed: int) -> torch.Tensor:
@@ -37,7 +41,6 @@ def _batch(seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def trained(request):
     """A W4A4 Llama after 3 CAGE steps (latents moved away from the init)."""
-    torch.manual_seed(0)
     model = prepare_model(_llama(request.param), QuantConfig.preset("w4a4"))
     opt = CageAdamW(cage_param_groups(model), lr=1e-2, cage_lambda=1.0, total_steps=3)
     for k in range(3):

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testkit import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import cage_ds.fsdp as cfsdp
-from cage_ds.nn import cage_param_groups, prepare_model
+from cage_ds.nn import cage_param_groups
 from cage_ds.optim import CageAdamW
-from cage_ds.quant import QuantConfig
 
 
 def _llama(prepared: bool) -> nn.Module:
-    cfg = LlamaConfig(
-        vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, head_dim=128,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).float()
-    return prepare_model(model, QuantConfig.preset("w4a4")) if prepared else model
+    return tiny_llama(0, "w4a4" if prepared else None, vocab_size=32, hidden_size=128,
+                      intermediate_size=256, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, head_dim=128)  # fmt: skip
 
 
 def test_prepare_needs_a_prepared_model():

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from testkit import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cage_ds.nn import (
     cage_param_groups,
@@ -24,20 +24,6 @@ from cage_ds.nn import (
 from cage_ds.quant import DEFAULT_TARGETS, QuantConfig, QuantSpec
 
 VOCAB = 512
-
-
-def tiny_llama(seed: int, **overrides) -> LlamaForCausalLM:
-    kw = dict(
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=512,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**kw, **overrides})).eval()
 
 
 def ids_for(seed: int, shape=(2, 19)) -> torch.Tensor:
@@ -92,11 +78,8 @@ def test_state_dict_round_trip_gives_identical_logits_and_generate_works(seed, t
 
 
 def test_prepare_on_meta_device_allocates_nothing():
-    config = LlamaConfig(
-        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512
-    )
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = tiny_llama()
     prepare_model(model, QuantConfig.preset("w4a4"))
     layers = list(quantized_modules(model))
     assert len(layers) == 14 and all(layer.weight.is_meta for _, layer in layers)
