@@ -58,6 +58,7 @@ Float = Annotated[float, BeforeValidator(_refuse_bool), Field(strict=False, allo
 Names = Annotated[tuple[str, ...], Field(strict=False)]
 """Module-name suffixes; a YAML list becomes a tuple."""
 Beta = Annotated[Float, Field(ge=0, lt=1)]
+"""An Adam beta in [0, 1)."""
 
 
 def swiglu_hidden(d: int, multiple: int = 256) -> int:
@@ -66,7 +67,9 @@ def swiglu_hidden(d: int, multiple: int = 256) -> int:
 
 
 class _Model(BaseModel):
-    """Strict types, unknown keys refused, field docstrings kept as descriptions."""
+    """Strict types, unknown keys refused, field docstrings kept as descriptions. Built
+    directly, a bad value raises pydantic's ValidationError (a ValueError); load_config turns
+    it into one ConfigError line. Fields may be assigned after load (not re-validated)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
