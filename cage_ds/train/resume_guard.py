@@ -64,7 +64,7 @@ def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[tuple[str, Any
     changes = []
     for section, body in cfg.to_dict().items():
         if section in TOP_KEYS:  # backend: deepspeed -> fsdp2 changes the run
-            old = saved.get(section, Config.__dataclass_fields__[section].default)
+            old = saved.get(section, Config.model_fields[section].default)
             if old != body:
                 changes.append((section, old, body))
             continue

@@ -7,7 +7,6 @@ latents in the module state (no ZeRO partitions): the same checks hold."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -51,7 +50,7 @@ def _latent_model(cfg, preset: str):
     from cage_ds.train.model import build_model
     from cage_ds.zero.export import load_latents
 
-    cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, preset=preset))
+    cfg = cfg.model_copy(update={"quant": cfg.quant.model_copy(update={"preset": preset})})
     model, _ = build_model(cfg, {}, None)
     checkpoint = newest_checkpoint(cfg)
     return load_latents(checkpoint.parent, model, tag=checkpoint.name).eval()

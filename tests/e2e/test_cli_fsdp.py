@@ -22,7 +22,6 @@ steps: 6e-5 relative (2 vs 1 rank); LOSS_RTOL = 1e-3.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -175,7 +174,7 @@ def test_export_of_an_fsdp2_run(runs, tmp_path, monkeypatch):
     assert checkpoint.name == "step000000004"
 
     def latent_model(preset: str):
-        c = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, preset=preset))
+        c = cfg.model_copy(update={"quant": cfg.quant.model_copy(update={"preset": preset})})
         return load_latents(checkpoint, build_model(c, {}, None)[0]).eval()
 
     plain, info = LlamaForCausalLM.from_pretrained(out / "hf", output_loading_info=True)
