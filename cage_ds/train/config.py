@@ -566,11 +566,6 @@ def _file_layers(path: Path, _seen: tuple[Path, ...] = ()) -> list[Layer]:
     ]
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON config file with its ``extends:`` files merged underneath."""
-    return _merged(_file_layers(Path(path)))
-
-
 def parse_override(text: str) -> tuple[str, str | None, Any]:
     """'section.field=value' -> (section, field, YAML-parsed value), a top-level 'key=value'
     (TOP_KEYS, e.g. backend=fsdp2) -> (key, None, value); errors name the text."""
