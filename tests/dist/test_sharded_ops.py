@@ -148,19 +148,15 @@ def _worker(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_sharded_ops_equal_unsharded(world):
-    seed = random.randrange(2**31)
-    print(f"seed={seed}")
+def test_sharded_ops_equal_unsharded(world, seed):
     mp.spawn(_worker, args=(world, free_port(), seed, SPECS, 3), nprocs=world, join=True)
 
 
 @pytest.mark.slow
-def test_sharded_ops_on_the_triton_kernels(monkeypatch):
+def test_sharded_ops_on_the_triton_kernels(monkeypatch, seed):
     """The same checks with the Triton kernels (interpreter) on both sides at N = 3 (cuts
     inside rows and blocks): the fused step over runs and cut rows, its mask output and the
     sharded quantization, against the dense path's kernels."""
-    seed = random.randrange(2**31)
-    print(f"seed={seed}")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks' first triton import
     monkeypatch.setenv("CAGE_TRITON_INTERPRET", "1")
     mp.spawn(_worker, args=(3, free_port(), seed, SPECS[:2], 1), nprocs=3, join=True)

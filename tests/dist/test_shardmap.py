@@ -14,12 +14,6 @@ from cage_ds.zero.shardmap import Piece, zero3_maps, zero12_maps
 GARBAGE = 3.7e28
 
 
-def _seed() -> int:
-    s = random.randrange(2**31)
-    print(f"seed={s}")
-    return s
-
-
 def _shapes(rng: random.Random, block: int) -> list[tuple[int, ...]]:
     shapes = []
     for _ in range(rng.randint(1, 4)):
@@ -73,8 +67,8 @@ def _check_maps(maps, params, flats):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
-def test_zero3_map_matches_brute_force_slicing(world):
-    rng = random.Random(_seed())
+def test_zero3_map_matches_brute_force_slicing(world, seed):
+    rng = random.Random(seed)
     for _ in range(20):
         params = [torch.randn(s) for s in _shapes(rng, 8)]
         maps = zero3_maps([tuple(p.shape) for p in params], world)
@@ -82,8 +76,8 @@ def test_zero3_map_matches_brute_force_slicing(world):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
-def test_zero12_map_matches_brute_force_slicing(world):
-    rng = random.Random(_seed())
+def test_zero12_map_matches_brute_force_slicing(world, seed):
+    rng = random.Random(seed)
     for _ in range(20):
         params = [torch.randn(s) for s in _shapes(rng, 8)]
         offsets, numel = _zero12_layout(params, world, align=rng.choice([1, 4]))
@@ -91,8 +85,8 @@ def test_zero12_map_matches_brute_force_slicing(world):
         _check_maps(maps, params, _zero12_flats(params, offsets, numel, world))
 
 
-def test_piece_rows_and_blocks_by_element():
-    rng = random.Random(_seed())
+def test_piece_rows_and_blocks_by_element(seed):
+    rng = random.Random(seed)
     for _ in range(300):
         n, block = rng.choice([(8, 4), (12, 4), (16, 16), (6, 2)])
         numel = n * rng.randint(1, 6)
@@ -114,11 +108,11 @@ def test_piece_rows_and_blocks_by_element():
 
 @pytest.mark.parametrize("layout", ["zero3", "zero12"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
-def test_row_layout_sees_whole_rows(layout, world):
+def test_row_layout_sees_whole_rows(layout, world, seed):
     """Every rank's runs and cut rows (rows.py), the peers' payloads routed in one process:
     each element of each piece is in exactly one run or one cut-row part of its holder, and
     every assembled side row equals the parameter's whole row."""
-    rng = random.Random(_seed())
+    rng = random.Random(seed)
     for _ in range(10):
         shapes = [(rng.randint(1, 7), 8 * rng.randint(1, 3)) for _ in range(rng.randint(1, 4))]
         params = [torch.randn(s) for s in shapes]
