@@ -8,7 +8,7 @@ all-gather is counted by wrapping DeepSpeed's comm backend (all_gather_into_tens
 all_gather, the calls ZeRO-3 makes); the bytes issued while cage_ds.zero.gather marks a
 gather of CAGE-quantized weights count as "quantized weights", the rest as "other". Prints
 both runs' losses (they must be identical), the bytes, the ratio computed from the shard map
-(cage_ds.zero.lowbit.WireFormat, no training) for the tiny, 800m and 8b presets, and ends with
+(cage_ds.quant.lowbit.WireFormat, no training) for the tiny, 800m and 8b presets, and ends with
 ``all-gather bytes, quantized weights, W4 / bf16: <ratio>``.
 """
 
@@ -45,7 +45,7 @@ def preset_shapes(preset: str) -> list[tuple[int, int]]:
 
 def shard_map_ratio(shapes: list[tuple[int, int]], world: int, bits: int) -> float:
     """Low-bit payload bytes / bf16 bytes of one gather of every weight (QuEST row scales)."""
-    from cage_ds.zero.lowbit import WireFormat
+    from cage_ds.quant.lowbit import WireFormat
 
     fmts = [WireFormat(o * i, world, bits, i, "quest") for o, i in shapes]
     return sum(f.nbytes for f in fmts) / sum(f.stock_nbytes(2) for f in fmts)
