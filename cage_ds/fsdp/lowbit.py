@@ -41,6 +41,11 @@ def sent_bytes(model: nn.Module) -> int:
     return sum(plan.sent for plan in gather_plans(model).values())
 
 
+# FSDP2's default gathers with all_gather_single where torch has it (2.13: the older name
+# warns that it is deprecated)
+_all_gather = getattr(tdist, "all_gather_single", tdist.all_gather_into_tensor)
+
+
 class CountingAllGather:
     """An all-gather for FSDP2's ``set_custom_all_gather`` (its AllGather interface:
     ``allocate`` and the call) that gathers as the default one and adds each call's input
@@ -54,7 +59,7 @@ class CountingAllGather:
 
     def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
         self.nbytes += input_tensor.numel() * input_tensor.element_size()
-        return tdist.all_gather_into_tensor(output_tensor, input_tensor, group, async_op)
+        return _all_gather(output_tensor, input_tensor, group, async_op)
 
 
 def count_all_gathers(model: nn.Module) -> CountingAllGather:
