@@ -1,4 +1,4 @@
-"""All-gather bytes of ZeRO-3 CAGE training: the low-bit gather against the 16-bit one.
+"""All-gather bytes of ZeRO-3 and FSDP2 CAGE training: the low-bit gather against the stock one.
 
     .venv/bin/python benchmarks/gather_bytes.py [--steps 3]
 
@@ -8,8 +8,13 @@ all-gather is counted by wrapping DeepSpeed's comm backend (all_gather_into_tens
 all_gather, the calls ZeRO-3 makes); the bytes issued while cage_ds.zero.gather marks a
 gather of CAGE-quantized weights count as "quantized weights", the rest as "other". Prints
 both runs' losses (they must be identical), the bytes, the ratio computed from the shard map
-(cage_ds.zero.lowbit.WireFormat, no training) for the tiny, 800m and 8b presets, and ends with
+(cage_ds.quant.lowbit.WireFormat, no training) for the tiny, 800m and 8b presets, and ends with
 ``all-gather bytes, quantized weights, W4 / bf16: <ratio>``.
+FSDP2 row (before it): the same preset with ``backend=fsdp2`` on 2 CPU ranks (fp32 params
+on CPU), the quantized weights gathered in values, then low-bit (cage_ds.fsdp's
+set_lowbit_gather); per rank, the bytes the quantized weights hand to the all-gathers
+(cage_ds.fsdp.sent_bytes) and those of every FSDP2 all-gather input (count_all_gathers);
+its shard-map ratios use FSDP2's row cut (ceil(rows / world) rows per rank).
 """
 
 from __future__ import annotations
@@ -43,12 +48,20 @@ def preset_shapes(preset: str) -> list[tuple[int, int]]:
     ]
 
 
-def shard_map_ratio(shapes: list[tuple[int, int]], world: int, bits: int) -> float:
-    """Low-bit payload bytes / bf16 bytes of one gather of every weight (QuEST row scales)."""
-    from cage_ds.zero.lowbit import WireFormat
+def shard_map_ratio(
+    shapes: list[tuple[int, int]], world: int, bits: int, rows: bool = False, itemsize: int = 2
+) -> float:
+    """Low-bit payload bytes / stock bytes (``itemsize`` per value) of one gather of every
+    weight (QuEST row scales); ZeRO-3's flat cut, or FSDP2's whole-row cut if ``rows``."""
+    from cage_ds.quant import QuantSpec
+    from cage_ds.quant.lowbit import WireFormat
 
-    fmts = [WireFormat(o * i, world, bits, i, "quest") for o, i in shapes]
-    return sum(f.nbytes for f in fmts) / sum(f.stock_nbytes(2) for f in fmts)
+    spec = QuantSpec(bits=bits)
+    fmts = [
+        WireFormat.of(spec, o * i, i, world, -(-o // world) * i if rows else None)
+        for o, i in shapes
+    ]
+    return sum(f.nbytes for f in fmts) / sum(f.stock_nbytes(itemsize) for f in fmts)
 
 
 def _count_gathers(counts: dict[str, int]) -> None:
@@ -71,36 +84,59 @@ def _count_gathers(counts: dict[str, int]) -> None:
     backend.all_gather_into_tensor, backend.all_gather = all_gather_into_tensor, all_gather
 
 
-def worker(out: str, mode: str, steps: int, workdir: str) -> None:
-    """One rank of a cage-train run (tiny, ZeRO-3 bf16, CAGE W4A4) with the gathers counted."""
-    import torch
-
+def _trainer(mode: str, steps: int, workdir: str, *overrides: str):
+    """cage-train's Trainer of the tiny preset, CAGE W4A4, ``steps`` steps, no tracking."""
     from cage_ds.train.config import CONFIGS_DIR, load_config
     from cage_ds.train.loop import Trainer
+
+    cfg = load_config(
+        CONFIGS_DIR / "experiments" / "cage_w4a4.yaml",
+        [f"train.steps={steps}", f"train.output_dir={workdir}", f"train.run_name={mode}",
+         "train.progress=false", "train.log_every=1", "tracking.enabled=false",
+         "checkpoint.save_final=false", *overrides],
+    )  # fmt: skip
+    return Trainer(cfg)
+
+
+def _write(out: str, result, counts: dict[str, int]) -> None:
+    import torch
+
+    if torch.distributed.get_rank() == 0:
+        losses = [loss for _, loss in result.history["train/loss"]]
+        Path(out).write_text(json.dumps({"bytes": counts, "losses": losses,
+                                         "val_loss": result.val_loss}))  # fmt: skip
+
+
+def worker(out: str, mode: str, steps: int, workdir: str) -> None:
+    """One rank of a cage-train run (tiny, ZeRO-3 bf16, CAGE W4A4) with the gathers counted."""
+    from cage_ds.train.config import CONFIGS_DIR
     from cage_ds.zero import attachment
 
     ds = json.loads((CONFIGS_DIR / "deepspeed" / "zero3_cpu.json").read_text())
     ds["bf16"] = {"enabled": True}
     ds_path = Path(workdir) / "zero3_bf16_cpu.json"
     ds_path.write_text(json.dumps(ds))
-    cfg = load_config(
-        CONFIGS_DIR / "experiments" / "cage_w4a4.yaml",
-        [f"deepspeed.config={ds_path}", f"train.steps={steps}", f"train.output_dir={workdir}",
-         f"train.run_name={mode}", "train.progress=false", "train.log_every=1",
-         "tracking.enabled=false", "checkpoint.save_final=false"],
-    )  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = _trainer(mode, steps, workdir, f"deepspeed.config={ds_path}")
     gather = attachment(trainer.engine).lowbit
     if gather is None:
         raise RuntimeError("the low-bit gather is not active on this run")
     gather.enabled = mode == "lowbit"
     counts = {"quantized": 0, "other": 0}
     _count_gathers(counts)
+    _write(out, trainer.run(), counts)
+
+
+def fsdp_worker(out: str, mode: str, steps: int, workdir: str) -> None:
+    """One rank of a cage-train run (tiny, backend=fsdp2, CAGE W4A4), gathers counted."""
+    from cage_ds import fsdp
+
+    trainer = _trainer(mode, steps, workdir, "backend=fsdp2")
+    model = trainer.engine.module
+    fsdp.set_lowbit_gather(model, mode == "fsdp_lowbit")
+    counter = fsdp.count_all_gathers(model)
     result = trainer.run()
-    if torch.distributed.get_rank() == 0:
-        losses = [loss for _, loss in result.history["train/loss"]]
-        Path(out).write_text(json.dumps({"bytes": counts, "losses": losses,
-                                         "val_loss": result.val_loss}))  # fmt: skip
+    quantized = fsdp.sent_bytes(model)
+    _write(out, result, {"quantized": quantized, "other": counter.nbytes - quantized})
 
 
 def _free_port() -> int:
@@ -110,7 +146,8 @@ def _free_port() -> int:
 
 
 def launch(mode: str, steps: int, workdir: str) -> dict:
-    """Run ``worker`` on 2 CPU ranks; returns rank 0's record."""
+    """Run ``worker`` (``fsdp_worker`` for modes fsdp_*) on 2 CPU ranks; returns rank 0's
+    record."""
     out = os.path.join(workdir, f"{mode}.json")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
@@ -121,6 +158,24 @@ def launch(mode: str, steps: int, workdir: str) -> dict:
     if proc.returncode:
         raise RuntimeError(f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return json.loads(Path(out).read_text())
+
+
+def measure_fsdp(steps: int = 3) -> dict:
+    """FSDP2: both runs, the measured ratio (vs fp32 values) and the row-cut shard-map
+    ratios vs bf16 (tiny at world 2, presets)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        low, values = launch("fsdp_lowbit", steps, workdir), launch("fsdp_values", steps, workdir)
+    return {
+        "lowbit": low,
+        "values": values,
+        "ratio": low["bytes"]["quantized"] / values["bytes"]["quantized"],
+        "shard_map": {
+            (preset, world, bits): shard_map_ratio(preset_shapes(preset), world, bits, rows=True)
+            for preset, worlds in (("tiny", (2,)), ("800m", (8, 64)), ("8b", (8, 64)))
+            for world in worlds
+            for bits in (4, 3, 2)
+        },
+    }
 
 
 def measure(steps: int = 3) -> dict:
@@ -143,10 +198,23 @@ def measure(steps: int = 3) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         out, mode, steps, workdir = sys.argv[2:6]
-        return worker(out, mode, int(steps), workdir)
+        run = fsdp_worker if mode.startswith("fsdp_") else worker
+        return run(out, mode, int(steps), workdir)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
-    r = measure(ap.parse_args().steps)
+    steps = ap.parse_args().steps
+    f = measure_fsdp(steps)
+    print("FSDP2 (backend=fsdp2, fp32 params on CPU), bytes handed to the all-gathers per rank:")
+    for mode in ("values", "lowbit"):
+        rec = f[mode]
+        print(f"{mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} bytes {rec['bytes']}")
+    same = f["lowbit"]["losses"] == f["values"]["losses"]
+    print(f"training identical with and without the low-bit gather: {same}")
+    print("shard-map ratio, FSDP2 row cut (low-bit / bf16), QuEST row scales included:")
+    for (preset, world, bits), ratio in f["shard_map"].items():
+        print(f"  {preset:5s} world {world:3d} W{bits}: {ratio:.4f}")
+    print(f"all-gather bytes, FSDP2, quantized weights, W4 / fp32: {f['ratio']:.4f}")
+    r = measure(steps)
     for mode in ("stock", "lowbit"):
         rec = r[mode]
         print(f"{mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} bytes {rec['bytes']}")

@@ -4,20 +4,24 @@ A wrapper tensor subclass around the latent rows W [rows, in] of one QuantLinear
 FSDP2 (``fully_shard``) shards it on dim 0 like any parameter (whole rows per rank; the
 last ranks may hold fewer rows, or none), the optimizer steps it in place, and checkpoints
 save it. Before every all-gather FSDP2 calls ``fsdp_pre_all_gather`` on the local shard,
-which hands the gather Quantizer.values(W_shard) = q(W H) of the shard's rows (cast to the
-mixed-precision param dtype), zero-padded to FSDP2's padded shard size. Each row's
-quantization depends on that row only, so the gathered weight equals
-cast(Quantizer.values(W)) of the unsharded latent element for element. The forward's
-QuantLinear runs in ``weight_prequantized`` mode, and the gradient FSDP2 reduce-scatters
-into the shard is dL/dq (the optimizer's ops apply the STE).
+which hands the gather the shard's q(W H) as its GatherPlan says:
+- values: Quantizer.values(W_shard) cast to the param dtype, zero-padded to FSDP2's
+  padded shard of ceil(rows / N) rows;
+- low-bit: the shard's packed codes and row / group scales (cage_ds.quant.lowbit, slots
+  of ceil(rows / N) rows), decoded after the gather into cast((k - z) s) = the same values.
+Each row's quantization depends on that row only, so the gathered weight equals
+cast(Quantizer.values(W)) of the unsharded latent element for element either way. The
+forward's QuantLinear runs in ``weight_prequantized`` mode, and the gradient FSDP2
+reduce-scatters into the shard is dL/dq (the optimizer's ops apply the STE).
 
 Every aten op on a LatentWeight runs on the wrapped tensor; the ops FSDP2 uses to shard,
-pad and view a parameter (``_KEEP``) return LatentWeights again, all others plain tensors
-(so optimizer states built with ``zeros_like`` are plain).
+pad and view a parameter (``_KEEP``) return LatentWeights again (sharing the plan), all
+others plain tensors (so optimizer states built with ``zeros_like`` are plain).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ from cage_kernels import ops as kernel_ops
 from torch.utils._pytree import tree_map, tree_map_only
 
 from cage_ds.quant import Quantizer
+from cage_ds.quant.lowbit import WireFormat, allowed, decode, encode
 
 aten = torch.ops.aten
 _KEEP = {
@@ -42,15 +47,67 @@ _KEEP = {
 }
 
 
+@dataclass(eq=False)
+class GatherPlan:
+    """How FSDP2 gathers one weight of unsharded ``shape`` [rows, in] over ``world`` ranks:
+    in ``param_dtype`` values, or as ``wire`` payloads when set (module docstring).
+    ``sent``: bytes this rank handed to the all-gathers so far."""
+
+    quantizer: Quantizer
+    shape: torch.Size
+    param_dtype: torch.dtype
+    world: int
+    wire: WireFormat | None = None
+    sent: int = 0
+
+    @property
+    def padded_rows(self) -> int:
+        return -(-self.shape[0] // self.world)
+
+    def use_lowbit(self, lowbit: bool | None, where: str) -> None:
+        """Gather low-bit if ``lowbit`` (raise where the format cannot serve it), in values
+        if False; None: low-bit where the format allows it and world > 1."""
+        if self.sent:
+            raise RuntimeError(
+                f"cage_ds.fsdp: {where} was gathered already; FSDP2 sizes its gather buffers "
+                "at the first gather, so choose lowbit_gather before the first forward"
+            )
+        ok = allowed(self.quantizer.spec.bits, self.param_dtype)
+        if lowbit and not ok:
+            raise ValueError(
+                f"cage_ds.fsdp: lowbit_gather=True cannot serve {where} ({self.quantizer.spec.bits}"
+                f"-bit into {self.param_dtype}; bf16 / fp32 only); pass lowbit_gather=None"
+            )
+        on = ok and (self.world > 1 if lowbit is None else lowbit)
+        rows, width = self.shape
+        spec, slot = self.quantizer.spec, self.padded_rows * width
+        self.wire = WireFormat.of(spec, rows * width, width, self.world, slot) if on else None
+
+    def inputs(self, rows: torch.Tensor, rank: int) -> torch.Tensor:
+        """This rank's all-gather input from its latent rows (values or payload)."""
+        if self.wire is None:
+            out = rows.new_zeros((self.padded_rows, self.shape[1]), dtype=self.param_dtype)
+            if rows.numel():
+                out[: rows.shape[0]].copy_(self.quantizer.values(rows))
+        elif rows.numel():
+            q = self.quantizer.quantize(rows)
+            out = encode(self.wire, rank, q.codes.reshape(-1), q.scales.reshape(-1))
+        else:  # a rank holding no row sends zeros of the same size
+            none = rows.new_zeros(0, dtype=torch.uint8)
+            out = encode(self.wire, rank, none, rows.new_zeros(0))
+        self.sent += out.numel() * out.element_size()
+        return out
+
+
 class LatentWeight(torch.Tensor):
     """fp32 latent rows ``data`` [rows, in] whose FSDP2 all-gather input is q(W H) (module
-    docstring); ``quantizer`` is the layer's weight quantizer."""
+    docstring), gathered as ``plan`` says."""
 
     data_: torch.Tensor
-    quantizer: Quantizer
+    plan: GatherPlan
 
     @staticmethod
-    def __new__(cls, data: torch.Tensor, quantizer: Quantizer) -> LatentWeight:
+    def __new__(cls, data: torch.Tensor, plan: GatherPlan) -> LatentWeight:
         return torch.Tensor._make_wrapper_subclass(
             cls,
             data.shape,
@@ -61,27 +118,32 @@ class LatentWeight(torch.Tensor):
             requires_grad=data.requires_grad,
         )
 
-    def __init__(self, data: torch.Tensor, quantizer: Quantizer):
+    def __init__(self, data: torch.Tensor, plan: GatherPlan):
         self.data_ = data
-        self.quantizer = quantizer
+        self.plan = plan
+
+    @property
+    def quantizer(self) -> Quantizer:
+        """The layer's weight quantizer."""
+        return self.plan.quantizer
 
     def __repr__(self) -> str:
         return f"LatentWeight({self.data_!r}, {self.quantizer.spec})"
 
-    def __tensor_flatten__(self) -> tuple[list[str], Quantizer]:
-        return ["data_"], self.quantizer
+    def __tensor_flatten__(self) -> tuple[list[str], GatherPlan]:
+        return ["data_"], self.plan
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict, quantizer: Quantizer, outer_size, outer_stride):
-        return LatentWeight(inner["data_"], quantizer)
+    def __tensor_unflatten__(inner: dict, plan: GatherPlan, outer_size, outer_stride):
+        return LatentWeight(inner["data_"], plan)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        quantizers = [a.quantizer for a in args if isinstance(a, LatentWeight)]
-        if not quantizers and kwargs:
-            quantizers = [a.quantizer for a in kwargs.values() if isinstance(a, LatentWeight)]
+        plans = [a.plan for a in args if isinstance(a, LatentWeight)]
+        if not plans and kwargs:
+            plans = [a.plan for a in kwargs.values() if isinstance(a, LatentWeight)]
 
         def unwrap(t: Any) -> Any:
             return t.data_ if isinstance(t, LatentWeight) else t
@@ -89,33 +151,39 @@ class LatentWeight(torch.Tensor):
         out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
         if func not in _KEEP:
             return out
-        return tree_map_only(torch.Tensor, lambda t: LatentWeight(t, quantizers[0]), out)
+        return tree_map_only(torch.Tensor, lambda t: LatentWeight(t, plans[0]), out)
 
-    def fsdp_pre_all_gather(
-        self, mesh, outer_size: torch.Size, outer_stride, module, mp_policy
-    ) -> tuple[tuple[torch.Tensor], None]:
-        """(q(W H) of this shard's rows in the param dtype, zero-padded to ceil(rows / N)
-        rows,), no metadata."""
-        dtype = mp_policy.param_dtype or self.dtype
-        padded_rows = -(-outer_size[0] // mesh.size())
-        out = self.data_.new_zeros((padded_rows, *outer_size[1:]), dtype=dtype)
-        if self.data_.numel():
-            out[: self.shape[0]].copy_(self.quantizer.values(self.data_))
-        return (out,), None
+    # The one-argument form of the hook: FSDP2 (torch 2.13, _fsdp_param.all_gather_inputs)
+    # requires of the five-argument form that a rank holding fewer rows than the padded
+    # shard return inputs of the padded [rows, in] size, which a packed payload is not; it
+    # accepts any 1-D inputs from this form, and inputs of several dtypes in one group (its
+    # all-gather then runs on their uint8 views). The plan holds what the other arguments
+    # would give: the unsharded shape and the param dtype.
+    def fsdp_pre_all_gather(self, mesh) -> tuple[tuple[torch.Tensor], WireFormat | None]:
+        """(the plan's all-gather input from this shard,), metadata: the wire format or None."""
+        return (self.plan.inputs(self.data_, mesh.get_local_rank()),), self.plan.wire
 
     def fsdp_post_all_gather(
         self,
         all_gather_outputs: tuple[torch.Tensor, ...],
-        metadata: None,
+        metadata: WireFormat | None,
         param_dtype: torch.dtype,
         *,
         out: torch.Tensor | None = None,
     ):
-        """The gathered q(W H) as the unsharded weight (FSDP2 views it to [out, in])."""
+        """The unsharded weight q(W H) (FSDP2 views it to [out, in]) and the tensors FSDP2
+        frees and re-allocates around gathers; with ``out`` (a re-gather) fill it instead."""
         (gathered,) = all_gather_outputs
-        if out is not None:  # FSDP2 re-gathered into the buffer ``out`` already views
-            return None
-        return gathered, (gathered,)
+        if metadata is None:  # values: the gathered buffer is the weight (``out`` views it)
+            return None if out is not None else (gathered, (gathered,))
+        full = decode(metadata, gathered.view(metadata.world, -1), param_dtype)
+        if out is None:
+            full = full.view(self.plan.shape)
+            return full, (full,)
+        # Through .data: no version bump, as FSDP2 refills its own gather outputs; autograd
+        # may hold ``out`` from the forward, and it receives the same values again.
+        out.data.view(-1).copy_(full)
+        return None
 
 
 def local_rows(t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Each QuantLinear with a weight quantizer gets its weight wrapped as a LatentWeig
 latent; the all-gather input is q(W H) of the local rows) and switched to
 ``weight_prequantized``; then ``fully_shard`` runs on every decoder layer and on the root.
 Mixed precision: the given MixedPrecisionPolicy (e.g. bf16 params, fp32 reduce on GPU);
-default fp32 throughout (CPU).
+default fp32 throughout (CPU). ``lowbit_gather``: the quantized weights travel as packed
+codes + scales (latent.GatherPlan), on by default at world > 1 where the format allows it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from cage_ds.nn import quantized_modules
 
-from .latent import LatentWeight
+from .latent import GatherPlan, LatentWeight
 
 
 def default_mesh() -> DeviceMesh:
@@ -50,9 +51,13 @@ def prepare(
     mp_policy: MixedPrecisionPolicy | None = None,
     layers: list[nn.Module] | None = None,
     reshard_after_forward: bool = True,
+    lowbit_gather: bool | None = None,
 ) -> nn.Module:
     """Shard a prepare_model'd model with FSDP2, quantizing weights before the gather.
 
+    lowbit_gather: gather the quantized weights as packed b-bit codes + fp32 scales
+    (bit-identical weights, ~b/16 of the bf16 bytes); None = where the format allows it
+    (b <= 8 into bf16 / fp32 params) at world > 1, True = everywhere or raise, False = never.
     Build the optimizer on the returned model's parameters afterwards and pass it to
     ``cage_ds.fsdp.attach``. Returns ``model`` (sharded in place)."""
     prepared = [(n, m) for n, m in quantized_modules(model) if m.weight_quantizer is not None]
@@ -62,6 +67,8 @@ def prepare(
             "call cage_ds.prepare_model(model, QuantConfig.preset(...)) first"
         )
     mesh = mesh or default_mesh()
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    param_dtype = mp_policy.param_dtype or torch.float32
     for name, layer in prepared:
         w = layer.weight
         if isinstance(w, LatentWeight) or type(w.data).__name__ == "DTensor":
@@ -72,11 +79,11 @@ def prepare(
                 "float32 (bf16 compute goes through mp_policy=MixedPrecisionPolicy(param_dtype="
                 "torch.bfloat16))"
             )
-        layer.weight = nn.Parameter(
-            LatentWeight(w.detach(), layer.weight_quantizer), requires_grad=w.requires_grad
-        )
+        plan = GatherPlan(layer.weight_quantizer, w.shape, param_dtype, mesh.shape[-1])
+        plan.use_lowbit(lowbit_gather, f"{name}.weight")
+        layer.weight = nn.Parameter(LatentWeight(w.detach(), plan), requires_grad=w.requires_grad)
         layer.weight_prequantized = True
-    kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    kw = {"mesh": mesh, "mp_policy": mp_policy}
     for layer in decoder_layers(model) if layers is None else layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, **kw)

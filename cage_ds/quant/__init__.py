@@ -1,4 +1,5 @@
-"""Quantizers and their specs: what a quantized number is, with no distribution."""
+"""Quantizers and their specs: what a quantized number is, with no distribution; and
+(lowbit) the packed form in which sharding adapters gather quantized rows."""
 
 from .quantizer import Quantization, QuantizedTensor, Quantizer
 from .spec import DEFAULT_TARGETS, QuantConfig, QuantSpec

@@ -42,8 +42,9 @@ import torch.distributed as tdist
 
 from cage_ds.nn import QuantLinear, quantized_modules
 from cage_ds.optim.quant_ops import quant_spec_from_group
+from cage_ds.quant.lowbit import allowed
 
-from .gather import LowbitGather, allowed
+from .gather import LowbitGather
 from .optimizer import ShardedQuantOps, install_quant_ops
 from .shardmap import PartitionMap, zero3_maps, zero12_maps
 
@@ -231,7 +232,7 @@ def _lowbit_gather(
     opt: Any, by_sid: dict[int, ShardedQuantOps], world: int, lowbit: bool | None
 ) -> LowbitGather | None:
     """The low-bit gather of ZeRO-3's quantized weights: on by default where every quantized
-    sub-group's format allows it (cage_ds.zero.gather.allowed) and world > 1."""
+    sub-group's format allows it (cage_ds.quant.lowbit.allowed) and world > 1."""
     bad = [
         f"sub-group {sid}: {ops.quantizer.spec.bits}-bit on {ops.lp_dtype}"
         for sid, ops in by_sid.items()

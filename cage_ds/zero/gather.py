@@ -3,7 +3,7 @@
 Pinned to deepspeed==0.19.8: the coordinator fetches with ``params[0].all_gather_coalesced(
 params, quantize=...)``, a per-parameter closure of partition_parameters.Init; it is
 replaced on every parameter of the engine's module by a wrapper that takes the CAGE-quantized
-weights out of the list and gathers them as cage_ds.zero.lowbit payloads (encoded by
+weights out of the list and gathers them as cage_ds.quant.lowbit payloads (encoded by
 ``refresh`` right after the hooks write a sub-group's lp partition); the other parameters
 keep the stock call. Synchronous gathers (``param.all_gather()``: persistent parameters,
 GatheredParameters, 16-bit saves) stay stock: the lp partition still holds the values.
@@ -21,7 +21,8 @@ from deepspeed import comm as ds_comm
 from deepspeed.runtime.zero.partition_parameters import MultipleAllGatherHandles
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus as Status
 
-from .lowbit import WireFormat, decode, encode
+from cage_ds.quant.lowbit import WireFormat, decode, encode
+
 from .optimizer import ShardedQuantOps
 
 _KIND: contextvars.ContextVar[str] = contextvars.ContextVar("cage_gather_kind", default="other")
@@ -30,11 +31,6 @@ _KIND: contextvars.ContextVar[str] = contextvars.ContextVar("cage_gather_kind", 
 def current_kind() -> str:
     """'quantized' while a gather of CAGE-quantized weights is being issued, else 'other'."""
     return _KIND.get()
-
-
-def allowed(bits: int, lp_dtype: torch.dtype) -> bool:
-    """The format serves b <= 8 bit grids on bf16 / fp32 partitions (codes fit a byte)."""
-    return 1 <= bits <= 8 and lp_dtype in (torch.bfloat16, torch.float32)
 
 
 class LowbitGather:
@@ -48,12 +44,8 @@ class LowbitGather:
         for sid, ops in by_sid.items():
             spec = ops.quantizer.spec
             for p in opt.fp16_groups[sid]:
-                n = p.ds_shape[-1]
-                group = n if spec.method == "quest" else spec.group_size
-                self.formats[id(p)] = (
-                    WireFormat(p.ds_numel, self.world, spec.bits, group, spec.method),
-                    sid,
-                )
+                fmt = WireFormat.of(spec, p.ds_numel, p.ds_shape[-1], self.world)
+                self.formats[id(p)] = (fmt, sid)
         self.payload: dict[int, torch.Tensor] = {}
         self.version: dict[int, int] = {}
         self.gathers = 0

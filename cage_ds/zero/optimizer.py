@@ -272,7 +272,7 @@ class ShardedQuantOps:
     def wire_parts(self, w: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """{parameter j: (codes uint8 of the elements of j this rank holds, fp32 scales of
         the scale groups (QuEST: rows; RTN: groups) whose first element it holds)} of q(w H),
-        the integer form of write_lp's values (cage_ds.zero.lowbit), from whole rows."""
+        the integer form of write_lp's values (cage_ds.quant.lowbit), from whole rows."""
         self._check(w)
         side = self._side_rows(w)
         spec = self.quantizer.spec

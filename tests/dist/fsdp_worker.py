@@ -14,6 +14,11 @@ state there (OUT_DIR/saved.pt), then the uninterrupted run to STEPS (OUT_DIR/str
 and a fresh model that loads CKPT and continues to STEPS (OUT_DIR/resumed.pt).
 ``load CKPT``: a fresh model loads CKPT and continues to STEPS (OUT_DIR/resumed.pt, with the
 full state right after the load and the trace of the continued steps).
+``lowbit`` instead: for each LOWBIT_CASES entry, STEPS decoupled steps (clipping) twice, with
+the weights gathered in values and low-bit (prepare's lowbit_gather False / True); rank 0
+writes OUT_DIR/lowbit.pt: per case and run the weights every forward saw, the losses, the
+final latents, the compare_gathered log, every rank's bytes handed to the all-gathers by the
+quantized weights (sent_bytes) and by all parameters (count_all_gathers).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import cage_ds.fsdp as cfsdp
-from cage_ds.nn import cage_param_groups
+from cage_ds.nn import cage_param_groups, quantized_modules
 from cage_ds.optim import CageAdamW
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -38,11 +44,15 @@ from zero_case import (
     run_worker,
 )
 
+LOWBIT_CASES = {"quest": ("quest", torch.float32), "rtn": ("rtn", torch.float32),
+                "quest_bf16": ("quest", torch.bfloat16)}  # fmt: skip
+"""case: (weight quantizer method, FSDP2 param dtype)."""
 
-def build(variant: str, method: str = "quest"):
-    """The zero_case model, sharded by cage_ds.fsdp, and its attached CageAdamW."""
+
+def build(variant: str, method: str = "quest", **prepare_kw):
+    """The zero_case model, sharded by cage_ds.fsdp (prepare_kw), and its attached CageAdamW."""
     model, single = make_model_and_optimizer(variant, method=method)
-    cfsdp.prepare(model)
+    cfsdp.prepare(model, **prepare_kw)
     settings = {k: v for k, v in single.defaults.items() if k != "quant"}
     opt = CageAdamW(cage_param_groups(model, weight_decay=0.1), **settings)
     return model, cfsdp.attach(opt)
@@ -110,11 +120,43 @@ def _load(out_dir: str, steps: int, ckpt: str) -> None:
         torch.save(out, os.path.join(out_dir, "resumed.pt"))
 
 
+def _lowbit(out_dir: str, steps: int) -> None:
+    result = {}
+    for case, (method, dtype) in LOWBIT_CASES.items():
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for lowbit in (False, True):
+            model, opt = build("decoupled", method, mp_policy=policy, lowbit_gather=lowbit)
+            counter = cfsdp.count_all_gathers(model)
+            seen: list = []
+            hooks = [
+                layer.register_forward_pre_hook(
+                    lambda mod, _a, name=name, seen=seen: seen.append(
+                        (name, mod.weight.detach().clone())
+                    )
+                )
+                for name, layer in quantized_modules(model)
+            ]
+            log: list = []
+            losses = train(model, opt, 0, steps, log, None)
+            for h in hooks:
+                h.remove()
+            sent = [None] * dist.get_world_size()
+            dist.all_gather_object(sent, (cfsdp.sent_bytes(model), counter.nbytes))
+            result[case, lowbit] = {
+                "weights": seen, "losses": losses, "gathered": log, "bytes": sent,
+                "latents": named_full(model, opt)[0],
+                "lowbit": [n for n, p in cfsdp.gather_plans(model).items() if p.wire],
+            }  # fmt: skip
+    if dist.get_rank() == 0:
+        torch.save(result, os.path.join(out_dir, "lowbit.pt"))
+
+
 def main() -> None:
     out_dir, steps = sys.argv[1], int(sys.argv[2])
     dist.init_process_group("gloo")
     if len(sys.argv) > 3:
-        {"save": _save, "load": _load}[sys.argv[3]](out_dir, steps, sys.argv[4])
+        modes = {"save": _save, "load": _load, "lowbit": _lowbit}
+        modes[sys.argv[3]](out_dir, steps, *sys.argv[4:])
     for variant in ("decoupled", "coupled") if len(sys.argv) == 3 else ():
         model, opt = build(variant)
         log: list = []

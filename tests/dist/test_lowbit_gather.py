@@ -4,7 +4,7 @@ Every rank builds the same random weights in the ZeRO-3 layout (rows of 384, 256
 so cuts fall inside rows and RTN groups), writes its low-precision partition as the hooks
 do (ShardedQuantOps.write_lp), then gathers it twice: the stock way (all_gather_into_tensor
 of the lp partition, what ZeRO-3 sends today) and as packed codes plus the scales each rank
-owns (cage_ds.zero.lowbit). The decoded weights must equal the stock ones in every bit,
+owns (cage_ds.quant.lowbit). The decoded weights must equal the stock ones in every bit,
 after a fresh quantization and after a fused CAGE-AdamW step (whose kept cut rows the
 payload reuses without another exchange). Also checks each rank's payload size and the
 W4 / W3 byte ratios against the targets (<= 0.27, <= 0.21 of bf16).
@@ -24,7 +24,7 @@ from testkit import free_port
 
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import QuantSpec
-from cage_ds.zero.lowbit import WireFormat, decode, encode
+from cage_ds.quant.lowbit import WireFormat, decode, encode
 from cage_ds.zero.optimizer import ShardedQuantOps, install_quant_ops
 from cage_ds.zero.shardmap import zero3_maps
 
@@ -38,8 +38,7 @@ SPECS = [
 
 
 def _formats(spec: QuantSpec, world: int) -> list[WireFormat]:
-    group = (lambda n: n) if spec.method == "quest" else (lambda n: spec.group_size)
-    return [WireFormat(r * n, world, spec.bits, group(n), spec.method) for r, n in SHAPES]
+    return [WireFormat.of(spec, r * n, n, world) for r, n in SHAPES]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

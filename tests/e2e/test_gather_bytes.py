@@ -40,3 +40,16 @@ def test_preset_ratios_meet_the_targets():
         shapes = bench.preset_shapes(preset)
         assert bench.shard_map_ratio(shapes, 8, 4) <= 0.27
         assert bench.shard_map_ratio(shapes, 8, 3) <= 0.21
+
+
+@pytest.mark.slow
+def test_fsdp_gather_bytes_ratio_equals_the_shard_map():
+    """The FSDP2 row: backend=fsdp2 (fp32 params on CPU), values then low-bit gather."""
+    bench = _bench()
+    r = bench.measure_fsdp(steps=2)
+    expected = bench.shard_map_ratio(bench.preset_shapes("tiny"), 2, 4, rows=True, itemsize=4)
+    assert r["ratio"] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert r["ratio"] <= 0.135  # 4 / 32 plus the row scales
+    assert r["lowbit"]["bytes"]["other"] == r["values"]["bytes"]["other"] > 0
+    assert r["lowbit"]["losses"] == r["values"]["losses"] and len(r["lowbit"]["losses"]) == 2
+    assert r["lowbit"]["val_loss"] == r["values"]["val_loss"]

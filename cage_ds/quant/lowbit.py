@@ -1,17 +1,19 @@
-"""Wire format of the low-bit ZeRO-3 all-gather: packed b-bit codes plus fp32 group scales.
+"""Wire format of a low-bit all-gather: packed b-bit codes plus fp32 group scales.
 
-A ZeRO-3 parameter of N elements (flattened row-major) is cut into ps = ceil(N / world)
-element slots; rank r holds [a_r, b_r) = [min(r ps, N), min((r+1) ps, N)). Its scale groups
-are G consecutive elements (a row for QuEST, an RTN group; G divides the row length).
+A sharded parameter of N elements (flattened row-major) is cut into slots of ps elements;
+rank r holds [a_r, b_r) = [min(r ps, N), min((r+1) ps, N)]. ZeRO-3 cuts ps = ceil(N / world)
+(rows may be cut); FSDP2 cuts whole rows, ps = ceil(rows / world) row_len. Scale groups are
+G consecutive elements (a row for QuEST, an RTN group; G divides the row length).
 Rank r sends, for this parameter, ``nbytes`` bytes (the same on every rank):
   [slots fp32 scales][ceil(ps / 8) b bytes of packed codes][zero fill to a multiple of 4]
   scales: those of the groups whose FIRST element rank r holds, in order (the owner of a
-          group a cut divides is the rank holding its start; every holder of a cut row
-          computed the whole row, rows.py), zero-filled to slots = max_r of that count;
+          group a cut divides is the rank holding its start; under ZeRO-3 every holder of a
+          cut row computed the whole row, cage_ds.zero.rows), zero-filled to
+          slots = max_r of that count;
   codes:  k of every element rank r holds (cage_kernels.pack layout), 0 past b_r.
 Decoding the gathered [world, nbytes] gives value = cast((k - z) s): z = (2^b - 1) / 2 for
-QuEST (cage_kernels.ops.dequantize), z = 2^(b-1) - 1 for RTN: the expression the writers
-of the low-precision partition evaluate, so the result equals the stock gather bit for bit.
+QuEST (cage_kernels.ops.dequantize), z = 2^(b-1) - 1 for RTN: the expression the quantizer
+evaluates for its values, so the result equals a gather of cast(values) bit for bit.
 """
 
 from __future__ import annotations
@@ -22,20 +24,35 @@ from functools import cached_property
 import torch
 from cage_kernels import ops as kernel_ops
 
+from .spec import QuantSpec
+
+
+def allowed(bits: int, dtype: torch.dtype) -> bool:
+    """The format serves b <= 8 bit grids gathered into bf16 / fp32 (codes fit a byte)."""
+    return 1 <= bits <= 8 and dtype in (torch.bfloat16, torch.float32)
+
 
 @dataclass(frozen=True)
 class WireFormat:
-    """One parameter's low-bit payload layout (module docstring); method 'quest' or 'rtn'."""
+    """One parameter's low-bit payload layout (module docstring); method 'quest' or 'rtn';
+    slot: elements per rank (None: ZeRO-3's ceil(numel / world))."""
 
     numel: int
     world: int
     bits: int
     group: int
     method: str
+    slot: int | None = None
+
+    @classmethod
+    def of(cls, spec: QuantSpec, numel: int, row_len: int, world: int, slot: int | None = None):
+        """The format of a weight with rows of ``row_len`` quantized by ``spec``."""
+        group = row_len if spec.method == "quest" else spec.group_size
+        return cls(numel, world, spec.bits, group, spec.method, slot)
 
     @property
     def ps(self) -> int:
-        return -(-self.numel // self.world)
+        return self.slot if self.slot is not None else -(-self.numel // self.world)
 
     def span(self, rank: int) -> tuple[int, int]:
         """[a, b): the parameter elements ``rank`` holds."""
@@ -60,7 +77,7 @@ class WireFormat:
         return -(-(4 * self.slots + self.code_bytes) // 4) * 4
 
     def stock_nbytes(self, itemsize: int) -> int:
-        """Bytes each rank sends for it on DeepSpeed's own gather (its ps-element slot)."""
+        """Bytes each rank sends for it on the stock gather of cast values (its ps-element slot)."""
         return self.ps * itemsize
 
     @cached_property
