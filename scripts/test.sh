@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MLFLOW_DISABLE_TELEMETRY=true DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest -q -rs "$@"
+# Two pytest workers (CAGE_TEST_WORKERS), whole files each: a file's module fixtures (an MLflow
+# server, a reference run) are built once; every multi-rank job has its own port and folders.
+exec .venv/bin/python -m pytest -q -rs -n "${CAGE_TEST_WORKERS:-2}" --dist loadfile "$@"
