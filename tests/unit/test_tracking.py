@@ -1,9 +1,9 @@
 """Unit tests for cage_ds.train.tracking without a server: flattening and limits, the local
-sqlite default, the outage fallback file and its replay, the no-op twin, plot/table helpers."""
+sqlite default, the outage fallback file and its replay (cage_ds.train.replay), the no-op twin,
+the close on every exit (``with tracker``, SIGTERM) and the interpreter-exit fallback."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
@@ -14,18 +14,16 @@ import pytest
 from testkit import free_port
 
 from cage_ds.train import tracking
+from cage_ds.train.replay import replay
+from cage_ds.train.report import save_eval_table, save_loss_curve
 from cage_ds.train.tracking import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VALUE_LENGTH,
     NullTracker,
     Tracker,
     flatten_params,
-    format_eval_table,
     make_tracker,
-    replay,
     sanitize_key,
-    save_eval_table,
-    save_loss_curve,
 )
 
 
@@ -134,7 +132,7 @@ def test_unreachable_server_falls_back_then_replays(tmp_path, caplog):
     assert len(unreachable) == 1, "the outage must be warned about exactly once"
     path = tracker.fallback_path
     assert path is not None and path.exists()
-    assert str(path) in caplog.text and "cage_ds.train.tracking replay" in caplog.text
+    assert str(path) in caplog.text and "cage_ds.train.replay" in caplog.text
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[0]["kind"] == "run" and records[0]["status"] == "KILLED"
     assert sum(r["kind"] == "metric" for r in records) == 2 * len(points)
@@ -175,28 +173,6 @@ def test_make_tracker_null_twin(tmp_path):
     )
     assert isinstance(tracker, Tracker)
     tracker.close()
-
-
-def test_loss_curve_png_and_eval_table(tmp_path):
-    import matplotlib.image
-
-    png = save_loss_curve(
-        {"train": [(0, 4.0), (1, 3.0), (2, 2.5)], "val": [(2, 2.7)]}, tmp_path / "curve.png"
-    )
-    image = matplotlib.image.imread(png)
-    assert image.shape[:2] == (400, 700)
-    assert image.std() > 0  # something was drawn
-    rows = [
-        {"variant": "fp", "val_loss": 2.5, "ppl": 12.18},
-        {"variant": "cage", "val_loss": 2.6, "ppl": 13.46},
-    ]
-    csv_path = save_eval_table(rows, tmp_path / "eval.csv")
-    with open(csv_path) as fh:
-        back = list(csv.DictReader(fh))
-    assert back == [{k: str(v) for k, v in row.items()} for row in rows]
-    assert format_eval_table(rows).splitlines()[2] == "| fp | 2.5 | 12.18 |"
-    with pytest.raises(ValueError, match="row 1 has keys"):
-        format_eval_table([{"a": 1}, {"b": 2}])
 
 
 def test_unclosed_tracker_falls_back_at_interpreter_exit(tmp_path):
