@@ -4,11 +4,15 @@ the close on every exit (``with tracker``, SIGTERM) and the interpreter-exit fal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from testkit import free_port
@@ -16,11 +20,13 @@ from testkit import free_port
 from cage_ds.train import tracking
 from cage_ds.train.replay import replay
 from cage_ds.train.report import save_eval_table, save_loss_curve
+from cage_ds.train.signals import sigterm_as_exit
 from cage_ds.train.tracking import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VALUE_LENGTH,
     NullTracker,
     Tracker,
+    exit_status,
     flatten_params,
     make_tracker,
     sanitize_key,
@@ -173,6 +179,41 @@ def test_make_tracker_null_twin(tmp_path):
     )
     assert isinstance(tracker, Tracker)
     tracker.close()
+
+
+class Stop(Exception):
+    """Stands in for the error a training step raises."""
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"),
+    [(None, "FINISHED"), (Stop, "FAILED"), (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")],
+)
+def test_with_block_closes_the_run_as_its_exit(tmp_path, raised, status):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker("exp", "r", tracking_uri=uri, fallback_dir=tmp_path, system_metrics=False)
+    with pytest.raises(raised) if raised else contextlib.nullcontext():
+        with tracker:
+            tracker.log_metrics({"loss": 0.5}, step=1)
+            if raised:
+                raise raised()
+    assert exit_status(raised) == status
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == status
+    assert _history(uri, tracker.run_id, "loss") == [(1, 0.5)]
+    with NullTracker() as null:  # the twin takes part, doing nothing
+        assert null.run_id is None
+
+
+def test_sigterm_in_the_block_raises_exit_143_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        with sigterm_as_exit():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler interrupts this
+    assert stopped.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_unclosed_tracker_falls_back_at_interpreter_exit(tmp_path):
