@@ -181,6 +181,12 @@ def test_make_tracker_null_twin(tmp_path):
     tracker.close()
 
 
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory) -> str:
+    """One sqlite store for the module's short runs (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 class Stop(Exception):
     """Stands in for the error a training step raises."""
 
@@ -189,19 +195,20 @@ class Stop(Exception):
     ("raised", "status"),
     [(None, "FINISHED"), (Stop, "FAILED"), (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")],
 )
-def test_with_block_closes_the_run_as_its_exit(tmp_path, raised, status):
+def test_with_block_closes_the_run_as_its_exit(shared_db, tmp_path, raised, status):
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker("exp", "r", tracking_uri=uri, fallback_dir=tmp_path, system_metrics=False)
+    tracker = Tracker(
+        "exp", "r", tracking_uri=shared_db, fallback_dir=tmp_path, system_metrics=False
+    )
     with pytest.raises(raised) if raised else contextlib.nullcontext():
         with tracker:
             tracker.log_metrics({"loss": 0.5}, step=1)
             if raised:
                 raise raised()
     assert exit_status(raised) == status
-    assert MlflowClient(uri).get_run(tracker.run_id).info.status == status
-    assert _history(uri, tracker.run_id, "loss") == [(1, 0.5)]
+    assert MlflowClient(shared_db).get_run(tracker.run_id).info.status == status
+    assert _history(shared_db, tracker.run_id, "loss") == [(1, 0.5)]
     with NullTracker() as null:  # the twin takes part, doing nothing
         assert null.run_id is None
 
