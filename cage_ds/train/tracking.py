@@ -49,6 +49,7 @@ from typing import Any, Self
 from .diskio import disk_full_guard
 from .fallback import write_fallback
 from .run_record import Continuation, step_ranges, write_run_record
+from .signals import stop_signals_held
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def exit_status(error: type[BaseException] | None) -> str:
 
 class _ClosesOnExit:
     """``with tracker: ...`` closes the tracker as ``exit_status`` of the block's exception
-    (the exception still propagates)."""
+    (the exception still propagates); a SIGINT/SIGTERM during the close takes effect after it."""
 
     def __enter__(self) -> Self:
         return self
@@ -133,7 +134,8 @@ class _ClosesOnExit:
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close(exit_status(error))
+        with stop_signals_held():  # a second stop signal must not cut the close short
+            self.close(exit_status(error))
 
 
 class NullTracker(_ClosesOnExit):

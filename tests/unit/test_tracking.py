@@ -223,6 +223,29 @@ def test_sigterm_in_the_block_raises_exit_143_and_restores_the_handler():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_stop_signal_during_the_close_waits_for_it(shared_db, tmp_path, monkeypatch):
+    """Ctrl-C, then the launcher's SIGTERM while the tracker closes: the close finishes."""
+    from mlflow import MlflowClient
+
+    tracker = Tracker("exp", "r", tracking_uri=shared_db, fallback_dir=tmp_path,
+                      system_metrics=False)  # fmt: skip
+    real_close = tracker.close
+
+    def close_under_sigterm(status: str = "FINISHED") -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here
+        real_close(status)
+
+    monkeypatch.setattr(tracker, "close", close_under_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        with sigterm_as_exit(), tracker:
+            tracker.log_metrics({"loss": 0.5}, step=1)
+            raise KeyboardInterrupt
+    assert stopped.value.code == 143  # the held SIGTERM, once the close is done
+    assert MlflowClient(shared_db).get_run(tracker.run_id).info.status == "KILLED"
+    assert _history(shared_db, tracker.run_id, "loss") == [(1, 0.5)]
+
+
 def test_unclosed_tracker_falls_back_at_interpreter_exit(tmp_path):
     script = f"""
 from cage_ds.train.tracking import Tracker
