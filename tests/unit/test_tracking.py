@@ -18,6 +18,7 @@ import pytest
 from testkit import free_port
 
 from cage_ds.train import tracking
+from cage_ds.train.replay import main as replay_main
 from cage_ds.train.replay import replay
 from cage_ds.train.report import save_eval_table, save_loss_curve
 from cage_ds.train.signals import sigterm_as_exit
@@ -113,7 +114,7 @@ def test_local_sqlite_default(tmp_path, monkeypatch):
     assert (tmp_path / "mlruns").is_dir()
 
 
-def test_unreachable_server_falls_back_then_replays(tmp_path, caplog):
+def test_unreachable_server_falls_back_then_replays(tmp_path, caplog, capsys):
     rng = random.Random()
     points = [(step, rng.gauss(0, 1)) for step in range(0, 2500, 1)]  # > one log_batch
     curve = save_loss_curve({"train": points[:50]}, tmp_path / "art" / "loss.png")
@@ -144,7 +145,13 @@ def test_unreachable_server_falls_back_then_replays(tmp_path, caplog):
     assert sum(r["kind"] == "metric" for r in records) == 2 * len(points)
 
     target = f"sqlite:///{tmp_path / 'replay.db'}"
-    run_id = replay(path, tracking_uri=target)
+    bad = tmp_path / "not-a-fallback.jsonl"
+    bad.write_text(json.dumps({"kind": "metric"}) + "\n")
+    with pytest.raises(ValueError, match="no 'run' header line"):
+        replay(bad)
+    capsys.readouterr()
+    replay_main([str(path), "--tracking-uri", target])  # the CLI: prints the run id
+    run_id = capsys.readouterr().out.strip()
     from mlflow import MlflowClient
 
     client = MlflowClient(target)
