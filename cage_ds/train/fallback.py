@@ -21,7 +21,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-Metric = tuple[str, float, int, int]
+MetricRow = tuple[str, float, int, int]
 """(key, value, timestamp_ms, step) of one metric point."""
 
 
@@ -31,7 +31,7 @@ def write_fallback(
     header: Mapping[str, Any],
     params: Mapping[str, str],
     tags: Mapping[str, str],
-    metrics: Sequence[Metric],
+    metrics: Sequence[MetricRow],
     artifacts: Sequence[tuple[str, str | None]],
 ) -> Path:
     """Write ``<directory>/<stem>.jsonl`` (module docstring); ``artifacts`` are (local path,
