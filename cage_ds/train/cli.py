@@ -150,10 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .diskio import DiskFullError
     from .loop import train
     from .recipe import cage_off_reason
-    from .report import paired_report
+    from .report import format_eval_table, paired_report
     from .run_lock import RunLockError
     from .safe_load import UnsafeCheckpointError
-    from .tracking import format_eval_table
 
     rows, runs = [], []
     try:

@@ -51,7 +51,7 @@ def result_rows(run_dirs: Sequence[str | Path]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the Markdown validation table of the run folders given."""
-    from .tracking import format_eval_table
+    from .report import format_eval_table
 
     parser = argparse.ArgumentParser(
         prog="python -m cage_ds.train.evaluate", description=main.__doc__

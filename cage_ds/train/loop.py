@@ -12,7 +12,8 @@ JSON line {"step": t, "train/loss": ..., ...} (floats round-trip exactly), one w
 {"event": "start", "step": s, "resumed_from": tag | null, "world_size": n}.
 MLflow (rank 0, cage_ds.train.tracking): a run resumed at step s continues the MLflow run
 recorded in <run_dir>/mlflow_run.json with the points of steps <= s from metrics.jsonl
-(cage_ds.train.run_record).
+(cage_ds.train.run_record). Every exit of Trainer.run closes the MLflow run: FINISHED, KILLED
+(KeyboardInterrupt or SIGTERM, cage_ds.train.signals) or FAILED (an exception).
 
 Engines: QuEST-quantized weights under ZeRO 1/2/3 go through cage_ds.zero.initialize (CAGE
 hooks, quantize before the all-gather); everything else (no ZeRO, full precision, RTN with
@@ -45,6 +46,7 @@ from .result import RunResult
 from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
 from .run_lock import RunLock, RunLockError
 from .run_record import RUN_RECORD, Continuation, lineage_points, read_run_id, retire_fallbacks
+from .signals import sigterm_as_exit
 
 METRICS_LOG = "metrics.jsonl"
 """Per-step metrics of a run, under its run_dir (see the module docstring)."""
@@ -347,12 +349,19 @@ class Trainer:
         return resumed.step
 
     def run(self) -> RunResult:
-        cfg, rank0 = self.cfg, self.rank == 0
+        """Resume, then train to the end under the run's tracker, which closes on every exit:
+        FINISHED, KILLED (KeyboardInterrupt, SIGTERM), FAILED (an error; tracking.exit_status).
+        What it could not deliver stays in metrics.jsonl and its fallback file."""
         start = self._resume()
-        if rank0:
+        if self.rank == 0:
             self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.cfg.run_dir / METRICS_LOG)
-        self.tracker = self._tracker(start)
+        with sigterm_as_exit(), self._tracker(start) as self.tracker:
+            return self._train(start)
+
+    def _train(self, start: int) -> RunResult:
+        """Steps start+1..steps with evaluation and checkpoints; writes the result files."""
+        cfg, rank0 = self.cfg, self.rank == 0
         if rank0:
             start_record = {"event": "start", "step": start, "resumed_from": self.resumed_from}
             append_jsonl(self.cfg.run_dir / METRICS_LOG, {**start_record, "world_size": self.world})
@@ -419,7 +428,6 @@ class Trainer:
         )
         if rank0:
             self._write_result(result)
-        self.tracker.close()
         return result
 
     def _write_run_files(self) -> None:
@@ -446,7 +454,7 @@ class Trainer:
             self.tracker.log_artifact(d / "deepspeed.json")
 
     def _write_result(self, result: RunResult) -> None:
-        from .tracking import save_eval_table, save_loss_curve
+        from .report import save_eval_table, save_loss_curve
 
         d = self.cfg.run_dir
         data = {
@@ -481,11 +489,13 @@ def lock_run_dir(cfg: Config, rank: int) -> RunLock | None:
 
 def train(cfg: Config) -> RunResult:
     """Run ``cfg`` to the end on this process's rank (see Trainer), holding the run dir's
-    lock (cage_ds.train.run_lock) from before the set-up to the end."""
-    rank, _ = init_distributed(cfg.backend)
-    lock = lock_run_dir(cfg, rank)
-    try:
-        return Trainer(cfg).run()
-    finally:
-        if lock is not None:
-            lock.release()
+    lock (cage_ds.train.run_lock) from before the set-up to the end; SIGTERM releases it
+    (cage_ds.train.signals)."""
+    with sigterm_as_exit():
+        rank, _ = init_distributed(cfg.backend)
+        lock = lock_run_dir(cfg, rank)
+        try:
+            return Trainer(cfg).run()
+        finally:
+            if lock is not None:
+                lock.release()

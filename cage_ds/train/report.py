@@ -1,4 +1,5 @@
-"""Paired comparisons of finished runs: the statistics behind "does CAGE beat QuEST here?".
+"""What finished runs report: a run's validation table and loss curve (its artifacts), and
+paired comparisons of runs, the statistics behind "does CAGE beat QuEST here?".
 
 Two runs are paired when they share the seed (model init and data order) and the run length
 and differ only in the method; for pairs i = 1..n with d_i = loss(CAGE)_i - loss(QuEST)_i:
@@ -14,12 +15,88 @@ recovers is (loss(base) - loss(method)) / (loss(base) - loss(FP)) on the means.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# ---------------------------------------------------------------- tables and plots of runs
+
+
+def save_loss_curve(
+    series: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike,
+    title: str = "loss",
+) -> Path:
+    """Plot each named series of (step, value) points on one log-y axis into a PNG (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        for name, points in series.items():
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=name, marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(title)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The shared column names of ``rows``; an error names the first row that differs."""
+    if not rows:
+        raise ValueError("eval table: no rows")
+    columns = list(rows[0])
+    for i, row in enumerate(rows):
+        if list(row) != columns:
+            raise ValueError(f"eval table: row {i} has keys {list(row)}, expected {columns}")
+    return columns
+
+
+def format_eval_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of equal keys -> a Markdown table (floats with 4 significant digits)."""
+    columns = _table_columns(rows)
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_eval_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Write rows as CSV (``.csv``) or a Markdown table (any other suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=_table_columns(rows))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text(format_eval_table(rows) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- paired comparisons
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""MLflow experiment tracking for cage-train: a rank-0 ``Tracker``, its ``NullTracker`` twin,
-an outage-proof delivery buffer, a local fallback store with replay, and plot/table helpers.
+"""MLflow tracking during a cage-train run: the rank-0 ``Tracker``, its ``NullTracker`` twin,
+and the outage-proof delivery buffer behind them (the fallback file's format:
+cage_ds.train.fallback; its replay: cage_ds.train.replay).
 
 Notable choices:
 - Every public call only appends to an in-memory buffer (metrics keep their step and
@@ -12,14 +13,15 @@ Notable choices:
   Re-sent batches are idempotent: params are immutable and MLflow keeps one row per
   (key, step, timestamp, value) metric.
 - ``close()`` flushes for up to ``close_timeout_s``; whatever is still undelivered is written to
-  a JSON-lines fallback file (``fallback_dir``, default ``./mlflow-fallback``), named in the
-  log, and ``replay(path)`` / ``python -m cage_ds.train.tracking replay PATH`` brings it into
-  the server later.
+  a fallback file (``fallback_dir``, default ``./mlflow-fallback``), named in the log, and
+  ``python -m cage_ds.train.replay FILE`` brings it into the server later.
+- Every exit closes the run: ``with tracker:`` closes it as ``exit_status`` of the exception
+  (FINISHED, KILLED for an interrupt or SIGTERM, FAILED for an error); a tracker never closed
+  is closed as FAILED at interpreter exit (atexit); only a hard kill loses the buffer (the
+  points stay in the run's metrics.jsonl, which a resume sends again).
 - System metrics use MLflow's own ``SystemMetricsMonitor`` (psutil; offline is fine). They are
   best effort: samples taken during an outage are dropped by MLflow's monitor, not buffered.
 - Artifacts are logged by path: the file must still exist when it is delivered (or at close).
-- A tracker not closed by the caller is closed as FAILED at interpreter exit (atexit), so an
-  exception in training still flushes or falls back; only a hard kill loses the buffer.
 - Crashes (cage_ds.train.run_record): the run id is recorded in ``run_record`` once the run
   exists; a ``continuation`` continues the recorded run (status back to RUNNING) and queues
   the local record of the steps before the resume. A continued run holds one point per
@@ -29,25 +31,25 @@ Notable choices:
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import csv
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from .diskio import disk_full_guard
+from .fallback import write_fallback
 from .run_record import Continuation, step_ranges, write_run_record
+from .signals import stop_signals_held
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,33 @@ class _Buffer:
         return not (self.params or self.tags or self.metrics or self.artifacts)
 
 
-class NullTracker:
+def exit_status(error: type[BaseException] | None) -> str:
+    """The MLflow status of a run that ends with ``error`` raised: FINISHED without one,
+    KILLED when stopped from outside (KeyboardInterrupt, SystemExit: cage_ds.train.signals
+    turns SIGTERM into one), FAILED for any other exception."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+class _ClosesOnExit:
+    """``with tracker: ...`` closes the tracker as ``exit_status`` of the block's exception
+    (the exception still propagates); a SIGINT/SIGTERM during the close takes effect after it."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        error: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        with stop_signals_held():  # a second stop signal must not cut the close short
+            self.close(exit_status(error))
+
+
+class NullTracker(_ClosesOnExit):
     """The no-op twin of ``Tracker`` for ranks != 0 and for tracking disabled."""
 
     run_id: str | None = None
@@ -132,7 +160,7 @@ class NullTracker:
         """No-op."""
 
 
-class Tracker:
+class Tracker(_ClosesOnExit):
     """Rank-0 MLflow tracker that never stops training and loses nothing.
 
     Example::
@@ -142,6 +170,8 @@ class Tracker:
         tracker.log_metrics({"train/loss": 3.2, "train/lr": 1e-3}, step=10)
         tracker.log_artifact("out/loss_curve.png")
         tracker.close("FINISHED")                     # flush, else write the fallback file
+
+    or ``with Tracker(...) as tracker:`` to close it on every exit (``exit_status``).
 
     ``tracking_uri`` defaults to ``default_tracking_uri()``; ``fallback_dir`` receives the
     undelivered data at close (default ``./mlflow-fallback``); deliveries run every
@@ -295,7 +325,7 @@ class Tracker:
             self.fallback_path = self._write_fallback(status)
         logger.warning(
             "MLflow at %s unreachable at close: undelivered tracking data written to %s; "
-            "replay it with: python -m cage_ds.train.tracking replay %s [--tracking-uri URI]",
+            "replay it with: python -m cage_ds.train.replay %s [--tracking-uri URI]",
             self.tracking_uri,
             self.fallback_path,
             self.fallback_path,
@@ -362,7 +392,7 @@ class Tracker:
             return
         run = self._continued_run()
         if run is None:
-            experiment_id = _get_or_create_experiment(self._client, self.experiment)
+            experiment_id = get_or_create_experiment(self._client, self.experiment)
             run = self._client.create_run(experiment_id, run_name=self.run_name)
         if self._continuation is not None:  # before run_id: a failure here is retried whole
             self._hold(run)
@@ -407,11 +437,7 @@ class Tracker:
     def _hold(self, run: Any) -> None:
         """Drop the buffered points ``run`` already holds on the server, hold its params, and
         warn about steps 1..through_step with no point anywhere."""
-        on_server = {
-            (key, m.step)
-            for key in run.data.metrics
-            for m in self._client.get_metric_history(run.info.run_id, key)
-        }
+        on_server = held_points(self._client, run)
         with self._lock:
             self._buffer.metrics = [
                 r for r in self._buffer.metrics if (r[0], r[3]) not in on_server
@@ -442,11 +468,8 @@ class Tracker:
                 ", ".join(changed),
             )
         items = [Param(k, v) for k, v in params.items() if k not in self._held_params]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
-        tag_items = [RunTag(k, v) for k, v in tags.items()]
-        for i in range(0, len(tag_items), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, tags=tag_items[i : i + MAX_PARAMS_PER_BATCH])
+        log_in_batches(self._client, self.run_id, params=items)
+        log_in_batches(self._client, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         with self._lock:
             for k in params:
                 self._buffer.params.pop(k, None)
@@ -500,62 +523,26 @@ class Tracker:
             self._monitor.finish()
             self._monitor = None
 
-    # ---- fallback store ----
+    # ---- fallback file (cage_ds.train.fallback) ----
     def _write_fallback(self, status: str) -> Path:
-        """Write the undelivered buffer as JSON lines (a ``run`` header, then one record per
-        param/tag/metric/artifact); artifacts are copied next to it. Atomic via rename."""
-        self.fallback_dir.mkdir(parents=True, exist_ok=True)
+        """Move the undelivered buffer into a new fallback file under ``fallback_dir``."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         stem = f"{sanitize_key(self.run_name or 'run').replace('/', '_')}-{stamp}"
-        path = self.fallback_dir / f"{stem}.jsonl"
-        artifact_dir = self.fallback_dir / f"{stem}-artifacts"
         with self._lock:
             buf, self._buffer = self._buffer, _Buffer()
-        records: list[dict[str, Any]] = [
-            {
-                "kind": "run",
-                "tracking_uri": self.tracking_uri,
-                "experiment": self.experiment,
-                "run_name": self.run_name,
-                "run_id": self.run_id or (self._continuation and self._continuation.run_id),
-                "status": status,
-            }
-        ]
-        records += [{"kind": "param", "key": k, "value": v} for k, v in buf.params.items()]
-        records += [{"kind": "tag", "key": k, "value": v} for k, v in buf.tags.items()]
-        records += [
-            {"kind": "metric", "key": k, "value": v, "timestamp": ts, "step": s}
-            for k, v, ts, s in buf.metrics
-        ]
-        for i, (src, artifact_path) in enumerate(buf.artifacts):
-            src_path = Path(src)
-            if not src_path.exists():
-                logger.error("MLflow artifact %s vanished before close; not saved", src)
-                continue
-            dest = artifact_dir / str(i) / src_path.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if src_path.is_dir():
-                shutil.copytree(src_path, dest)
-            else:
-                shutil.copy2(src_path, dest)
-            records.append(
-                {
-                    "kind": "artifact",
-                    "path": str(dest.relative_to(self.fallback_dir)),
-                    "artifact_path": artifact_path,
-                }
-            )
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        header = {
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "run_name": self.run_name,
+            "run_id": self.run_id or (self._continuation and self._continuation.run_id),
+            "status": status,
+        }
+        return write_fallback(
+            self.fallback_dir, stem, header, buf.params, buf.tags, buf.metrics, buf.artifacts
+        )
 
 
-def _get_or_create_experiment(client: Any, name: str) -> str:
+def get_or_create_experiment(client: Any, name: str) -> str:
     """Experiment id for ``name``, creating it (tolerates a concurrent creator)."""
     from mlflow.exceptions import MlflowException
 
@@ -569,6 +556,28 @@ def _get_or_create_experiment(client: Any, name: str) -> str:
         if experiment is None:
             raise err
         return experiment.experiment_id
+
+
+def held_points(client: Any, run: Any) -> set[tuple[str, int]]:
+    """The (key, step) of every metric point ``run`` holds on the server."""
+    return {
+        (key, m.step)
+        for key in run.data.metrics
+        for m in client.get_metric_history(run.info.run_id, key)
+    }
+
+
+def log_in_batches(
+    client: Any, run_id: str, *, params: Iterable = (), tags: Iterable = (), metrics: Iterable = ()
+) -> None:
+    """``client.log_batch`` calls within MLflow's per-request limits (params and tags apart)."""
+    for name, items, size in (
+        ("params", list(params), MAX_PARAMS_PER_BATCH),
+        ("tags", list(tags), MAX_PARAMS_PER_BATCH),
+        ("metrics", list(metrics), MAX_METRICS_PER_BATCH),
+    ):
+        for i in range(0, len(items), size):
+            client.log_batch(run_id, **{name: items[i : i + size]})
 
 
 def make_tracker(
@@ -626,164 +635,3 @@ def log_to_run(
     except Exception as err:  # best effort: the caller's work is done either way
         logger.warning("MLflow: could not log %s to run %r at %s: %s", path, run_name, uri, err)
         return None
-
-
-def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
-    """Deliver a fallback file written by ``Tracker.close`` and return the run id.
-
-    Uses the recorded run when the target server has it, else (the server answers "does not
-    exist") creates a run with the recorded experiment and run name (tagged
-    ``cage_ds.replayed_from``); any other error (server unreachable, timeout) is raised, so a
-    replay never lands in a second run. Params already present with the same value are
-    skipped, and so are metric points at a (key, step) the run already holds (one point per
-    (key, step)).
-    """
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.exceptions import MlflowException
-
-    path = Path(path)
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not records or records[0].get("kind") != "run":
-        raise ValueError(f"{path}: not a cage_ds tracking fallback file (no 'run' header line)")
-    header = records[0]
-    uri = tracking_uri or header["tracking_uri"]
-    client = MlflowClient(uri)
-    run_id = header.get("run_id")
-    existing_params: dict[str, str] = {}
-    held: set[tuple[str, int]] = set()
-    try:
-        if run_id:
-            run = client.get_run(run_id)
-            existing_params = run.data.params
-            held = {
-                (key, m.step) for key in run.data.metrics
-                for m in client.get_metric_history(run_id, key)
-            }  # fmt: skip
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        run_id = None
-    if run_id is None:
-        experiment_id = _get_or_create_experiment(client, header["experiment"])
-        run_id = client.create_run(
-            experiment_id,
-            run_name=header.get("run_name"),
-            tags={"cage_ds.replayed_from": str(path)},
-        ).info.run_id
-    params = [
-        Param(r["key"], r["value"])
-        for r in records
-        if r["kind"] == "param" and existing_params.get(r["key"]) != r["value"]
-    ]
-    tags = [RunTag(r["key"], r["value"]) for r in records if r["kind"] == "tag"]
-    metrics = [
-        Metric(r["key"], r["value"], r["timestamp"], r["step"])
-        for r in records
-        if r["kind"] == "metric" and (r["key"], r["step"]) not in held
-    ]
-    for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
-    for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, tags=tags[i : i + MAX_PARAMS_PER_BATCH])
-    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
-    for r in records:
-        if r["kind"] == "artifact":
-            local = path.parent / r["path"]
-            if local.is_dir():
-                client.log_artifacts(run_id, str(local), r["artifact_path"])
-            else:
-                client.log_artifact(run_id, str(local), r["artifact_path"])
-    client.set_terminated(run_id, status=header.get("status") or "FINISHED")
-    logger.info("Replayed %s into run %s at %s (%d metric points)", path, run_id, uri, len(metrics))
-    return run_id
-
-
-# ---- artifacts: loss curve and eval table ----
-def save_loss_curve(
-    series: Mapping[str, Sequence[tuple[int, float]]],
-    path: str | os.PathLike,
-    title: str = "loss",
-) -> Path:
-    """Plot each named series of (step, value) points on one log-y axis into a PNG (Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
-        for name, points in series.items():
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, label=name, marker="." if len(points) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(title)
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The shared column names of ``rows``; an error names the first row that differs."""
-    if not rows:
-        raise ValueError("eval table: no rows")
-    columns = list(rows[0])
-    for i, row in enumerate(rows):
-        if list(row) != columns:
-            raise ValueError(f"eval table: row {i} has keys {list(row)}, expected {columns}")
-    return columns
-
-
-def format_eval_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Rows of equal keys -> a Markdown table (floats with 4 significant digits)."""
-    columns = _table_columns(rows)
-
-    def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def save_eval_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write rows as CSV (``.csv``) or a Markdown table (any other suffix)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_table_columns(rows))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        path.write_text(format_eval_table(rows) + "\n")
-    return path
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m cage_ds.train.tracking replay FILE [--tracking-uri URI]``."""
-    parser = argparse.ArgumentParser(prog="python -m cage_ds.train.tracking")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rp = sub.add_parser("replay", help="deliver a fallback .jsonl file to an MLflow server")
-    rp.add_argument("path", type=Path)
-    rp.add_argument(
-        "--tracking-uri", default=None, help="target server (default: the URI recorded in the file)"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    run_id = replay(args.path, args.tracking_uri)
-    print(run_id)
-
-
-if __name__ == "__main__":
-    main()

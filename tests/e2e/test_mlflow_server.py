@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cage_ds.train.tracking import (
-    Tracker,
-    flatten_params,
-    main,
-    replay,
-    save_eval_table,
-    save_loss_curve,
-)
+from cage_ds.train.replay import main, replay
+from cage_ds.train.report import save_eval_table, save_loss_curve
+from cage_ds.train.tracking import Tracker, flatten_params
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +141,7 @@ def test_outage_through_close_lands_locally_and_replays(server, tmp_path, caplog
     assert began_down.run_id is None
 
     server.start()
-    main(["replay", str(began_up.fallback_path)])  # the CLI path: same run, recorded URI
+    main([str(began_up.fallback_path)])  # the CLI path: same run, recorded URI
     run_id = replay(began_down.fallback_path)
     client = MlflowClient(server.uri)
     first = client.get_run(began_up.run_id)

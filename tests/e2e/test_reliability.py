@@ -219,7 +219,7 @@ class Relaunch:
 def relaunch(runs, server, cache) -> Relaunch:
     """Truncate the crash job's newest checkpoint, relaunch the same command, and take the
     MLflow server down from its first step to its fourth; replay any fallback file."""
-    from cage_ds.train.tracking import replay
+    from cage_ds.train.replay import replay
 
     damaged = runs.crash.run_dir / "checkpoints" / TRUNCATED
     size = damaged.stat().st_size

@@ -1,15 +1,24 @@
-"""Paired comparisons: the statistics (against a hand computation), the verdicts, the share of
-the gap recovered, and how a launch's runs are paired and judged against a study summary."""
+"""The report of finished runs: the loss-curve PNG and the eval table (Markdown, CSV); paired
+comparisons: the statistics (against a hand computation), the verdicts, the share of the gap
+recovered, and how a launch's runs are paired and judged against a study summary."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
 
 import pytest
 
-from cage_ds.train.report import gap_recovered, paired, paired_report
+from cage_ds.train.report import (
+    format_eval_table,
+    gap_recovered,
+    paired,
+    paired_report,
+    save_eval_table,
+    save_loss_curve,
+)
 
 
 def test_paired_statistics_match_a_hand_computation():
@@ -70,3 +79,25 @@ def test_a_launch_pairs_cage_with_quest_of_the_same_bits_seed_and_length(tmp_pat
     alone = paired_report(runs)
     assert "cannot separate" in alone and "study" not in alone
     assert paired_report([run("fp", "fp", 5.0), run("quest_w4a4", "quest", 5.05)]) == ""
+
+
+def test_loss_curve_png_and_eval_table(tmp_path):
+    import matplotlib.image
+
+    png = save_loss_curve(
+        {"train": [(0, 4.0), (1, 3.0), (2, 2.5)], "val": [(2, 2.7)]}, tmp_path / "curve.png"
+    )
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (400, 700)
+    assert image.std() > 0  # something was drawn
+    rows = [
+        {"variant": "fp", "val_loss": 2.5, "ppl": 12.18},
+        {"variant": "cage", "val_loss": 2.6, "ppl": 13.46},
+    ]
+    csv_path = save_eval_table(rows, tmp_path / "eval.csv")
+    with open(csv_path) as fh:
+        back = list(csv.DictReader(fh))
+    assert back == [{k: str(v) for k, v in row.items()} for row in rows]
+    assert format_eval_table(rows).splitlines()[2] == "| fp | 2.5 | 12.18 |"
+    with pytest.raises(ValueError, match="row 1 has keys"):
+        format_eval_table([{"a": 1}, {"b": 2}])

@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from cage_ds.train.replay import replay
 from cage_ds.train.run_record import (
     Continuation,
     lineage_points,
@@ -19,7 +20,7 @@ from cage_ds.train.run_record import (
     step_ranges,
     write_run_record,
 )
-from cage_ds.train.tracking import Tracker, replay
+from cage_ds.train.tracking import Tracker
 
 
 def test_record_roundtrip_and_other_server(tmp_path, caplog):

@@ -1,31 +1,36 @@
 """Unit tests for cage_ds.train.tracking without a server: flattening and limits, the local
-sqlite default, the outage fallback file and its replay, the no-op twin, plot/table helpers."""
+sqlite default, the outage fallback file and its replay (cage_ds.train.replay), the no-op twin,
+the close on every exit (``with tracker``, SIGTERM) and the interpreter-exit fallback."""
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import logging
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from testkit import free_port
 
 from cage_ds.train import tracking
+from cage_ds.train.replay import main as replay_main
+from cage_ds.train.replay import replay
+from cage_ds.train.report import save_eval_table, save_loss_curve
+from cage_ds.train.signals import sigterm_as_exit
 from cage_ds.train.tracking import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VALUE_LENGTH,
     NullTracker,
     Tracker,
+    exit_status,
     flatten_params,
-    format_eval_table,
     make_tracker,
-    replay,
     sanitize_key,
-    save_eval_table,
-    save_loss_curve,
 )
 
 
@@ -109,7 +114,7 @@ def test_local_sqlite_default(tmp_path, monkeypatch):
     assert (tmp_path / "mlruns").is_dir()
 
 
-def test_unreachable_server_falls_back_then_replays(tmp_path, caplog):
+def test_unreachable_server_falls_back_then_replays(tmp_path, caplog, capsys):
     rng = random.Random()
     points = [(step, rng.gauss(0, 1)) for step in range(0, 2500, 1)]  # > one log_batch
     curve = save_loss_curve({"train": points[:50]}, tmp_path / "art" / "loss.png")
@@ -134,13 +139,19 @@ def test_unreachable_server_falls_back_then_replays(tmp_path, caplog):
     assert len(unreachable) == 1, "the outage must be warned about exactly once"
     path = tracker.fallback_path
     assert path is not None and path.exists()
-    assert str(path) in caplog.text and "cage_ds.train.tracking replay" in caplog.text
+    assert str(path) in caplog.text and "cage_ds.train.replay" in caplog.text
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[0]["kind"] == "run" and records[0]["status"] == "KILLED"
     assert sum(r["kind"] == "metric" for r in records) == 2 * len(points)
 
     target = f"sqlite:///{tmp_path / 'replay.db'}"
-    run_id = replay(path, tracking_uri=target)
+    bad = tmp_path / "not-a-fallback.jsonl"
+    bad.write_text(json.dumps({"kind": "metric"}) + "\n")
+    with pytest.raises(ValueError, match="no 'run' header line"):
+        replay(bad)
+    capsys.readouterr()
+    replay_main([str(path), "--tracking-uri", target])  # the CLI: prints the run id
+    run_id = capsys.readouterr().out.strip()
     from mlflow import MlflowClient
 
     client = MlflowClient(target)
@@ -177,26 +188,69 @@ def test_make_tracker_null_twin(tmp_path):
     tracker.close()
 
 
-def test_loss_curve_png_and_eval_table(tmp_path):
-    import matplotlib.image
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory) -> str:
+    """One sqlite store for the module's short runs (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
-    png = save_loss_curve(
-        {"train": [(0, 4.0), (1, 3.0), (2, 2.5)], "val": [(2, 2.7)]}, tmp_path / "curve.png"
+
+class Stop(Exception):
+    """Stands in for the error a training step raises."""
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"),
+    [(None, "FINISHED"), (Stop, "FAILED"), (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")],
+)
+def test_with_block_closes_the_run_as_its_exit(shared_db, tmp_path, raised, status):
+    from mlflow import MlflowClient
+
+    tracker = Tracker(
+        "exp", "r", tracking_uri=shared_db, fallback_dir=tmp_path, system_metrics=False
     )
-    image = matplotlib.image.imread(png)
-    assert image.shape[:2] == (400, 700)
-    assert image.std() > 0  # something was drawn
-    rows = [
-        {"variant": "fp", "val_loss": 2.5, "ppl": 12.18},
-        {"variant": "cage", "val_loss": 2.6, "ppl": 13.46},
-    ]
-    csv_path = save_eval_table(rows, tmp_path / "eval.csv")
-    with open(csv_path) as fh:
-        back = list(csv.DictReader(fh))
-    assert back == [{k: str(v) for k, v in row.items()} for row in rows]
-    assert format_eval_table(rows).splitlines()[2] == "| fp | 2.5 | 12.18 |"
-    with pytest.raises(ValueError, match="row 1 has keys"):
-        format_eval_table([{"a": 1}, {"b": 2}])
+    with pytest.raises(raised) if raised else contextlib.nullcontext():
+        with tracker:
+            tracker.log_metrics({"loss": 0.5}, step=1)
+            if raised:
+                raise raised()
+    assert exit_status(raised) == status
+    assert MlflowClient(shared_db).get_run(tracker.run_id).info.status == status
+    assert _history(shared_db, tracker.run_id, "loss") == [(1, 0.5)]
+    with NullTracker() as null:  # the twin takes part, doing nothing
+        assert null.run_id is None
+
+
+def test_sigterm_in_the_block_raises_exit_143_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        with sigterm_as_exit():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler interrupts this
+    assert stopped.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_stop_signal_during_the_close_waits_for_it(shared_db, tmp_path, monkeypatch):
+    """Ctrl-C, then the launcher's SIGTERM while the tracker closes: the close finishes."""
+    from mlflow import MlflowClient
+
+    tracker = Tracker("exp", "r", tracking_uri=shared_db, fallback_dir=tmp_path,
+                      system_metrics=False)  # fmt: skip
+    real_close = tracker.close
+
+    def close_under_sigterm(status: str = "FINISHED") -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here
+        real_close(status)
+
+    monkeypatch.setattr(tracker, "close", close_under_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        with sigterm_as_exit(), tracker:
+            tracker.log_metrics({"loss": 0.5}, step=1)
+            raise KeyboardInterrupt
+    assert stopped.value.code == 143  # the held SIGTERM, once the close is done
+    assert MlflowClient(shared_db).get_run(tracker.run_id).info.status == "KILLED"
+    assert _history(shared_db, tracker.run_id, "loss") == [(1, 0.5)]
 
 
 def test_unclosed_tracker_falls_back_at_interpreter_exit(tmp_path):
