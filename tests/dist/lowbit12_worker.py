@@ -62,6 +62,10 @@ def _layout(opt, i: int) -> tuple[list, list, list[int], int]:
     return flat, shapes, list(opt.round_robin_bit16_offsets[i]), flat.numel()
 
 
+def _latents(engine) -> dict[str, torch.Tensor]:
+    return {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+
+
 def _run(case, lowbit: bool, seed: int, steps: int, rank: int, world: int) -> dict:
     stage, method, bf16 = case
     model, opt = make_model_and_optimizer("decoupled", seed=seed, method=method)
@@ -88,8 +92,7 @@ def _run(case, lowbit: bool, seed: int, steps: int, rank: int, world: int) -> di
     out = {
         "flats": flats,
         "losses": losses,
-        "latents": {n: safe_get_full_fp32_param(p).detach().clone()
-                    for n, p in engine.module.named_parameters()},  # fmt: skip
+        "latents": _latents(engine),
         "bytes": dict(COUNTS),
         "wrapper": type(ds_opt).__name__,
         "lowbit": type(gather).__name__,

@@ -2,8 +2,9 @@
 
 One torchrun launch per world size (tests/dist/lowbit12_worker.py) trains, per case (ZeRO-2
 bf16 QuEST W4, ZeRO-1 fp32 RTN W4 with clipping, BF16_Optimizer QuEST W4), two engines from
-the same seed: stock gather (the low-bit one switched off) and low-bit gather. The tiny model's quantized flat group has
-5888 Hadamard blocks, so at world 3 the partitions cut rows and RTN groups (zero_case.py).
+the same seed: stock gather (the low-bit one switched off) and low-bit gather. The tiny
+model's quantized flat group has 5888 Hadamard blocks, so at world 3 the partitions cut
+rows and RTN groups (zero_case.py).
 Checked: the full flat lp buffers of the quantized groups after every step are equal in
 every bit, losses and final latents are equal, the other gathers' bytes are unchanged, and
 the quantized gathers' bytes equal the formula: per flat group and rank,
