@@ -231,17 +231,17 @@ def _attach_zero3(
     return partitions, gather
 
 
-def _lowbit_on(ops: dict[Any, ShardedQuantOps], world: int, lowbit: bool | None) -> bool:
+def _lowbit_on(groups: dict[Any, ShardedQuantOps], world: int, lowbit: bool | None) -> bool:
     """Whether to gather these quantized groups low-bit: on by default where every group's
     format allows it (cage_ds.quant.lowbit.allowed) and world > 1; True raises where not."""
     bad = [
         f"group {key}: {ops.quantizer.spec.bits}-bit on {ops.lp_dtype}"
-        for key, ops in ops.items()
+        for key, ops in groups.items()
         if not allowed(ops.quantizer.spec.bits, ops.lp_dtype)
     ]
     if lowbit and bad:
         raise ValueError(f"cage_ds.zero: lowbit_gather=True cannot serve {bad[0]}; pass None")
-    return lowbit is not False and not bad and world > 1 and bool(ops)
+    return lowbit is not False and not bad and world > 1 and bool(groups)
 
 
 def _lowbit_gather(
