@@ -15,6 +15,8 @@ on CPU), the quantized weights gathered in values, then low-bit (cage_ds.fsdp's
 set_lowbit_gather); per rank, the bytes the quantized weights hand to the all-gathers
 (cage_ds.fsdp.sent_bytes) and those of every FSDP2 all-gather input (count_all_gathers);
 its shard-map ratios use FSDP2's row cut (ceil(rows / world) rows per rank).
+ZeRO-2 row (before the ZeRO-3 one): the same preset under ZeRO-2 (bf16), the quantized flat
+group gathered stock, then low-bit (cage_ds.zero.flat_gather), counted the same way.
 """
 
 from __future__ import annotations
@@ -108,19 +110,21 @@ def _write(out: str, result, counts: dict[str, int]) -> None:
 
 
 def worker(out: str, mode: str, steps: int, workdir: str) -> None:
-    """One rank of a cage-train run (tiny, ZeRO-3 bf16, CAGE W4A4) with the gathers counted."""
+    """One rank of a cage-train run (tiny, ZeRO-3 bf16, or ZeRO-2 for modes z2_*, CAGE W4A4)
+    with the gathers counted."""
     from cage_ds.train.config import CONFIGS_DIR
     from cage_ds.zero import attachment
 
-    ds = json.loads((CONFIGS_DIR / "deepspeed" / "zero3_cpu.json").read_text())
+    stage = 2 if mode.startswith("z2_") else 3
+    ds = json.loads((CONFIGS_DIR / "deepspeed" / f"zero{stage}_cpu.json").read_text())
     ds["bf16"] = {"enabled": True}
-    ds_path = Path(workdir) / "zero3_bf16_cpu.json"
+    ds_path = Path(workdir) / f"zero{stage}_bf16_cpu.json"
     ds_path.write_text(json.dumps(ds))
     trainer = _trainer(mode, steps, workdir, f"deepspeed.config={ds_path}")
     gather = attachment(trainer.engine).lowbit
     if gather is None:
         raise RuntimeError("the low-bit gather is not active on this run")
-    gather.enabled = mode == "lowbit"
+    gather.enabled = mode.endswith("lowbit")
     counts = {"quantized": 0, "other": 0}
     _count_gathers(counts)
     _write(out, trainer.run(), counts)
@@ -178,6 +182,14 @@ def measure_fsdp(steps: int = 3) -> dict:
     }
 
 
+def measure_zero2(steps: int = 3) -> dict:
+    """ZeRO-2: both runs and the measured ratio."""
+    with tempfile.TemporaryDirectory() as workdir:
+        low, stock = launch("z2_lowbit", steps, workdir), launch("z2_stock", steps, workdir)
+    return {"lowbit": low, "stock": stock,
+            "ratio": low["bytes"]["quantized"] / stock["bytes"]["quantized"]}  # fmt: skip
+
+
 def measure(steps: int = 3) -> dict:
     """Both runs, the measured ratio and the shard-map ratios (tiny at world 2, presets)."""
     with tempfile.TemporaryDirectory() as workdir:
@@ -214,6 +226,13 @@ def main() -> None:
     for (preset, world, bits), ratio in f["shard_map"].items():
         print(f"  {preset:5s} world {world:3d} W{bits}: {ratio:.4f}")
     print(f"all-gather bytes, FSDP2, quantized weights, W4 / fp32: {f['ratio']:.4f}")
+    z = measure_zero2(steps)
+    for mode in ("stock", "lowbit"):
+        rec = z[mode]
+        print(f"ZeRO-2 {mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} "
+              f"bytes {rec['bytes']}")  # fmt: skip
+    print(f"training identical: {z['lowbit']['losses'] == z['stock']['losses']}")
+    print(f"all-gather bytes, ZeRO-2, quantized weights, W4 / bf16: {z['ratio']:.4f}")
     r = measure(steps)
     for mode in ("stock", "lowbit"):
         rec = r[mode]

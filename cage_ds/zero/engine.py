@@ -9,7 +9,8 @@ call order below were read from its source and are re-checked by tests/dist):
   ZeRO-1/2 (DeepSpeedZeroOptimizer) and BF16_Optimizer: the module-level
     ``all_gather_dp_groups`` of stage_1_and_2 / bf16_optimizer (called after the fp32 ->
     lp copy in step() and update_lp_params()) is wrapped; for a registered optimizer it
-    first writes cast_lp(q(W H)) into this rank's lp partition.
+    first writes cast_lp(q(W H)) into this rank's lp partition, then gathers the quantized
+    flat groups low-bit (cage_ds.zero.flat_gather) when on.
   Checkpoint loads: ``checkpoint_event_epilogue`` (every engine.load_checkpoint ends with
     it) rewrites the lp partitions from the loaded masters before the original runs.
   Gradient clipping: DeepSpeed's global norm is taken over the reduced dL/dq; the unsharded
@@ -42,8 +43,9 @@ import torch.distributed as tdist
 
 from cage_ds.nn import QuantLinear, quantized_modules
 from cage_ds.optim.quant_ops import quant_spec_from_group
-from cage_ds.quant.lowbit import allowed
+from cage_ds.quant.lowbit import WireFormat, allowed
 
+from .flat_gather import FlatLowbitGather
 from .gather import LowbitGather
 from .optimizer import ShardedQuantOps, install_quant_ops
 from .shardmap import PartitionMap, zero3_maps, zero12_maps
@@ -55,10 +57,11 @@ _FLAT_WRITERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictiona
 
 
 class _Writer:
-    """Holds the callable that quantizes one optimizer's lp partitions (weakref-able)."""
+    """Holds the callable that quantizes one optimizer's lp partitions and its low-bit
+    gather, None when off (weakref-able)."""
 
-    def __init__(self, fn: Callable[[], None]):
-        self.fn = fn
+    def __init__(self, fn: Callable[[], None], lowbit: FlatLowbitGather | None):
+        self.fn, self.lowbit = fn, lowbit
 
 
 def _zero_section(config: Any) -> dict:
@@ -228,21 +231,24 @@ def _attach_zero3(
     return partitions, gather
 
 
-def _lowbit_gather(
-    opt: Any, by_sid: dict[int, ShardedQuantOps], world: int, lowbit: bool | None
-) -> LowbitGather | None:
-    """The low-bit gather of ZeRO-3's quantized weights: on by default where every quantized
-    sub-group's format allows it (cage_ds.quant.lowbit.allowed) and world > 1."""
+def _lowbit_on(groups: dict[Any, ShardedQuantOps], world: int, lowbit: bool | None) -> bool:
+    """Whether to gather these quantized groups low-bit: on by default where every group's
+    format allows it (cage_ds.quant.lowbit.allowed) and world > 1; True raises where not."""
     bad = [
-        f"sub-group {sid}: {ops.quantizer.spec.bits}-bit on {ops.lp_dtype}"
-        for sid, ops in by_sid.items()
+        f"group {key}: {ops.quantizer.spec.bits}-bit on {ops.lp_dtype}"
+        for key, ops in groups.items()
         if not allowed(ops.quantizer.spec.bits, ops.lp_dtype)
     ]
     if lowbit and bad:
         raise ValueError(f"cage_ds.zero: lowbit_gather=True cannot serve {bad[0]}; pass None")
-    if lowbit is False or bad or world == 1 or not by_sid:
-        return None
-    return LowbitGather(opt, by_sid, enabled=True)
+    return lowbit is not False and not bad and world > 1 and bool(groups)
+
+
+def _lowbit_gather(
+    opt: Any, by_sid: dict[int, ShardedQuantOps], world: int, lowbit: bool | None
+) -> LowbitGather | None:
+    """The low-bit gather of ZeRO-3's quantized weights (_lowbit_on), None when off."""
+    return LowbitGather(opt, by_sid, enabled=True) if _lowbit_on(by_sid, world, lowbit) else None
 
 
 # ---------------- ZeRO-1/2 and BF16_Optimizer ----------------
@@ -276,11 +282,12 @@ def _flat_layout(
 
 
 def _attach_flat(
-    opt: Any, client: torch.optim.Optimizer, bf16: bool, names: dict[int, str]
-) -> Partitions:
+    opt: Any, client: torch.optim.Optimizer, bf16: bool, names: dict[int, str],
+    lowbit: bool | None,
+) -> tuple[Partitions, FlatLowbitGather | None]:  # fmt: skip
     if not bf16 and getattr(opt, "cpu_offload", False):
         raise RuntimeError("cage_ds.zero: ZeRO-1/2 cpu_offload is not supported")
-    partitions, writers, group_of = [], [], {}
+    partitions, writers, group_of, served = [], [], {}, {}
     n_groups = len(opt.bf16_groups if bf16 else opt.bit16_groups)
     for i in range(n_groups):
         pg = opt.real_dp_process_group[i]
@@ -306,13 +313,18 @@ def _attach_flat(
         partitions.append((hp, ops))
         group_of[id(hp)] = i
         writers.append((ops, hp, lps[rank]))
+        fmt = WireFormat.flat(ops.quantizer.spec, shapes, offsets, numel, world)
+        served[i] = (ops, fmt, hp, pg)
 
     def write_all():
         for ops, hp, lp in writers:
             ops.write_lp(hp, lp)
 
     lp_groups = opt.bf16_partitioned_groups if bf16 else opt.parallel_partitioned_bit16_groups
-    writer = _Writer(write_all)
+    worlds = {fmt.world for _, fmt, _, _ in served.values()}
+    on = _lowbit_on({i: v[0] for i, v in served.items()}, min(worlds, default=1), lowbit)
+    gather = FlatLowbitGather(served) if on else None
+    writer = _Writer(write_all, gather)
     opt._cage_lp_writer = writer  # keeps the weak registry entry alive with the optimizer
     _FLAT_WRITERS[id(lp_groups)] = writer
     _install_gather_patch()
@@ -342,7 +354,7 @@ def _attach_flat(
         opt.scaled_global_norm = types.MethodType(scaled_global_norm, opt)
     _wrap_epilogue(opt, reload)
     opt.update_lp_params()
-    return partitions
+    return partitions, gather
 
 
 def _install_gather_patch() -> None:
@@ -354,11 +366,21 @@ def _install_gather_patch() -> None:
     if getattr(stage_1_and_2.all_gather_dp_groups, "_cage", False):
         return
 
-    def all_gather_dp_groups(groups_flat, partitioned_param_groups, *args, **kwargs):
+    # deepspeed==0.19.8 calls it with these keywords; the stock gather of a subset of the
+    # groups is the same call on the groups' entries of the three per-group lists
+    def all_gather_dp_groups(groups_flat, partitioned_param_groups, dp_process_group,
+                             start_alignment_factor, allgather_bucket_size):  # fmt: skip
+        def stock(ids: list[int]) -> None:
+            original([groups_flat[i] for i in ids], [partitioned_param_groups[i] for i in ids],
+                     [dp_process_group[i] for i in ids], start_alignment_factor,
+                     allgather_bucket_size)  # fmt: skip
+
         writer = _FLAT_WRITERS.get(id(partitioned_param_groups))
         if writer is not None:
             writer.fn()
-        return original(groups_flat, partitioned_param_groups, *args, **kwargs)
+        if writer is None or writer.lowbit is None:
+            return stock(list(range(len(groups_flat))))
+        return writer.lowbit.run(groups_flat, stock)
 
     all_gather_dp_groups._cage = True
     stage_1_and_2.all_gather_dp_groups = all_gather_dp_groups
@@ -438,8 +460,8 @@ class ZeroAttachment:
     partitions: Partitions
     """(fp32 master partition, its ShardedQuantOps) of every quantized flat partition of this
     rank (cage_ds.zero.quant_stats reads them)."""
-    lowbit: LowbitGather | None
-    """ZeRO-3's low-bit gather of the quantized weights, None when off."""
+    lowbit: LowbitGather | FlatLowbitGather | None
+    """The low-bit gather of the quantized weights (ZeRO-3 / ZeRO-1/2), None when off."""
 
     @property
     def ops(self) -> dict[int, ShardedQuantOps]:
@@ -457,9 +479,10 @@ def attach(
 ) -> ZeroAttachment:
     """Attach the CAGE hooks to an initialized engine; returns the attachment.
 
-    lowbit_gather (ZeRO-3): gather the quantized weights as packed codes + scales
-    (cage_ds.zero.gather, ``attachment(engine).lowbit``); None = wherever the format
-    allows it, True = required (ValueError where it cannot be served), False = stock 16-bit.
+    lowbit_gather: gather the quantized weights as packed codes + scales (ZeRO-3:
+    cage_ds.zero.gather; ZeRO-1/2: cage_ds.zero.flat_gather; ``attachment(engine).lowbit``);
+    None = wherever the format allows it, True = required (ValueError where it cannot be
+    served), False = stock 16-bit.
 
     Leaves a consistent state by itself: the engine module's weight-quantized QuantLinear
     layers are switched to weight_prequantized (and their saves de-rotated, _hook_layers),
@@ -479,12 +502,10 @@ def attach(
     gather = None
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
         partitions, gather = _attach_zero3(opt, client_optimizer, names, lowbit_gather)
-    elif lowbit_gather:
-        raise ValueError("cage_ds.zero: lowbit_gather=True needs ZeRO stage 3")
     elif isinstance(opt, DeepSpeedZeroOptimizer):
-        partitions = _attach_flat(opt, client_optimizer, False, names)
+        partitions, gather = _attach_flat(opt, client_optimizer, False, names, lowbit_gather)
     elif isinstance(opt, BF16_Optimizer):
-        partitions = _attach_flat(opt, client_optimizer, True, names)
+        partitions, gather = _attach_flat(opt, client_optimizer, True, names, lowbit_gather)
     else:
         raise TypeError(
             f"cage_ds.zero: unsupported DeepSpeed optimizer wrapper {type(opt).__name__}"
@@ -492,7 +513,7 @@ def attach(
     state = ZeroAttachment(partitions, gather)
     install_quant_ops(client_optimizer, state.ops)
     _hook_layers(engine, state.ops)
-    if gather is not None:
+    if isinstance(gather, LowbitGather):
         gather.install(engine.module)
     opt.cage_zero = state
     return state
