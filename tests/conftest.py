@@ -24,3 +24,11 @@ def seed() -> int:
 @pytest.fixture
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with multi-process (slow) tests first, each file's order kept: with the suite's two
+    workers taking whole files (scripts/test.sh), the many short files then fill both workers
+    at the end instead of one long file running alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
