@@ -164,47 +164,54 @@ def launch(mode: str, steps: int, workdir: str) -> dict:
     return json.loads(Path(out).read_text())
 
 
-def measure_fsdp(steps: int = 3) -> dict:
-    """FSDP2: both runs, the measured ratio (vs fp32 values) and the row-cut shard-map
-    ratios vs bf16 (tiny at world 2, presets)."""
+def _paired(low_mode: str, base_mode: str, steps: int) -> dict:
+    """Both runs and the measured ratio of their quantized weights' bytes."""
     with tempfile.TemporaryDirectory() as workdir:
-        low, values = launch("fsdp_lowbit", steps, workdir), launch("fsdp_values", steps, workdir)
+        low, base = launch(low_mode, steps, workdir), launch(base_mode, steps, workdir)
+    ratio = low["bytes"]["quantized"] / base["bytes"]["quantized"]
+    return {low_mode.removeprefix("fsdp_").removeprefix("z2_"): low,
+            base_mode.removeprefix("fsdp_").removeprefix("z2_"): base, "ratio": ratio}  # fmt: skip
+
+
+def _shard_map_ratios(rows: bool = False) -> dict:
+    """Shard-map ratios vs bf16: tiny at world 2, the 800m and 8b presets at 8 and 64."""
     return {
-        "lowbit": low,
-        "values": values,
-        "ratio": low["bytes"]["quantized"] / values["bytes"]["quantized"],
-        "shard_map": {
-            (preset, world, bits): shard_map_ratio(preset_shapes(preset), world, bits, rows=True)
-            for preset, worlds in (("tiny", (2,)), ("800m", (8, 64)), ("8b", (8, 64)))
-            for world in worlds
-            for bits in (4, 3, 2)
-        },
+        (preset, world, bits): shard_map_ratio(preset_shapes(preset), world, bits, rows=rows)
+        for preset, worlds in (("tiny", (2,)), ("800m", (8, 64)), ("8b", (8, 64)))
+        for world in worlds
+        for bits in (4, 3, 2)
     }
+
+
+def measure_fsdp(steps: int = 3) -> dict:
+    """FSDP2: both runs, the measured ratio (vs fp32 values) and the row-cut shard-map ratios."""
+    return {**_paired("fsdp_lowbit", "fsdp_values", steps), "shard_map": _shard_map_ratios(True)}
 
 
 def measure_zero2(steps: int = 3) -> dict:
     """ZeRO-2: both runs and the measured ratio."""
-    with tempfile.TemporaryDirectory() as workdir:
-        low, stock = launch("z2_lowbit", steps, workdir), launch("z2_stock", steps, workdir)
-    return {"lowbit": low, "stock": stock,
-            "ratio": low["bytes"]["quantized"] / stock["bytes"]["quantized"]}  # fmt: skip
+    return _paired("z2_lowbit", "z2_stock", steps)
 
 
 def measure(steps: int = 3) -> dict:
-    """Both runs, the measured ratio and the shard-map ratios (tiny at world 2, presets)."""
-    with tempfile.TemporaryDirectory() as workdir:
-        low, stock = launch("lowbit", steps, workdir), launch("stock", steps, workdir)
-    return {
-        "lowbit": low,
-        "stock": stock,
-        "ratio": low["bytes"]["quantized"] / stock["bytes"]["quantized"],
-        "shard_map": {
-            (preset, world, bits): shard_map_ratio(preset_shapes(preset), world, bits)
-            for preset, worlds in (("tiny", (2,)), ("800m", (8, 64)), ("8b", (8, 64)))
-            for world in worlds
-            for bits in (4, 3, 2)
-        },
-    }
+    """ZeRO-3: both runs, the measured ratio and the shard-map ratios."""
+    return {**_paired("lowbit", "stock", steps), "shard_map": _shard_map_ratios()}
+
+
+def _print_runs(label: str, result: dict, modes: tuple[str, str]) -> None:
+    """Each mode's losses, validation loss and gathered bytes; whether training was identical."""
+    for mode in modes:
+        rec = result[mode]
+        print(f"{label} {mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} "
+              f"bytes {rec['bytes']}")  # fmt: skip
+    same = result[modes[0]]["losses"] == result[modes[1]]["losses"]
+    print(f"{label}: training identical with and without the low-bit gather: {same}")
+
+
+def _print_shard_map(title: str, ratios: dict) -> None:
+    print(f"shard-map ratio, {title} (low-bit / bf16), QuEST row scales included:")
+    for (preset, world, bits), ratio in ratios.items():
+        print(f"  {preset:5s} world {world:3d} W{bits}: {ratio:.4f}")
 
 
 def main() -> None:
@@ -217,31 +224,15 @@ def main() -> None:
     steps = ap.parse_args().steps
     f = measure_fsdp(steps)
     print("FSDP2 (backend=fsdp2, fp32 params on CPU), bytes handed to the all-gathers per rank:")
-    for mode in ("values", "lowbit"):
-        rec = f[mode]
-        print(f"{mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} bytes {rec['bytes']}")
-    same = f["lowbit"]["losses"] == f["values"]["losses"]
-    print(f"training identical with and without the low-bit gather: {same}")
-    print("shard-map ratio, FSDP2 row cut (low-bit / bf16), QuEST row scales included:")
-    for (preset, world, bits), ratio in f["shard_map"].items():
-        print(f"  {preset:5s} world {world:3d} W{bits}: {ratio:.4f}")
+    _print_runs("FSDP2", f, ("values", "lowbit"))
+    _print_shard_map("FSDP2 row cut", f["shard_map"])
     print(f"all-gather bytes, FSDP2, quantized weights, W4 / fp32: {f['ratio']:.4f}")
     z = measure_zero2(steps)
-    for mode in ("stock", "lowbit"):
-        rec = z[mode]
-        print(f"ZeRO-2 {mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} "
-              f"bytes {rec['bytes']}")  # fmt: skip
-    print(f"training identical: {z['lowbit']['losses'] == z['stock']['losses']}")
+    _print_runs("ZeRO-2", z, ("stock", "lowbit"))
     print(f"all-gather bytes, ZeRO-2, quantized weights, W4 / bf16: {z['ratio']:.4f}")
     r = measure(steps)
-    for mode in ("stock", "lowbit"):
-        rec = r[mode]
-        print(f"{mode:6s} losses {rec['losses']} val {rec['val_loss']:.6f} bytes {rec['bytes']}")
-    same = r["lowbit"]["losses"] == r["stock"]["losses"]
-    print(f"training identical with and without the low-bit gather: {same}")
-    print("shard-map ratio (low-bit / bf16), QuEST row scales included:")
-    for (preset, world, bits), ratio in r["shard_map"].items():
-        print(f"  {preset:5s} world {world:3d} W{bits}: {ratio:.4f}")
+    _print_runs("ZeRO-3", r, ("stock", "lowbit"))
+    _print_shard_map("ZeRO-3", r["shard_map"])
     print(f"all-gather bytes, quantized weights, W4 / bf16: {r['ratio']:.4f}")
 
 
