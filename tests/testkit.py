@@ -30,3 +30,16 @@ def tiny_llama(seed: int = 0, quant=None, **shape):
     if quant is None:
         return model
     return prepare_model(model, QuantConfig.preset(quant) if isinstance(quant, str) else quant)
+
+
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""torch.distributed's rendezvous variables."""
+
+
+def child_env() -> dict[str, str]:
+    """os.environ for a subprocess that starts its own job: without the rendezvous variables
+    that a test which started a process group in this process (DeepSpeed sets them) leaves
+    behind, which would point the child at a port this process still holds."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_zero_cage import _check_gathered, _check_steps
-from testkit import free_port
+from testkit import child_env, free_port
 from zero_case import make_batch, make_model_and_optimizer, oracle_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,7 +40,7 @@ def _launch(world: int, out, *args: str) -> None:
     """torchrun ``world`` CPU ranks of tests/dist/fsdp_worker.py OUT STEPS ``args``."""
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**child_env(), "OMP_NUM_THREADS": "1"}
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "torchrun"),
         f"--nproc_per_node={world}",

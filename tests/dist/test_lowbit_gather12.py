@@ -23,14 +23,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testkit import free_port
+from testkit import child_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 2
 
 
 def _launch(world: int, out: str, seed: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"),
            f"--nproc_per_node={world}", f"--master_port={free_port()}",
            os.path.join(ROOT, "tests", "dist", "lowbit12_worker.py"), out, str(seed),

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testkit import free_port
+from testkit import child_env, free_port
 from zero_case import LAMBDA, LR, make_batch, make_model_and_optimizer, oracle_step
 
 from cage_ds.nn import quant_stats
@@ -64,7 +64,7 @@ def _launch(
     **extra_env: str,
 ) -> None:
     """torchrun ``world`` CPU ranks of tests/dist/``script`` OUT ``args``; raises on failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     env["CAGE_ZERO_EXTRA"] = "1" if world == EXTRA_WORLD else "0"
     env.update(extra_env)
     cmd = [

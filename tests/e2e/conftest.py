@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from testkit import free_port
+from testkit import child_env, free_port
 
 
 class MlflowServer:
@@ -46,7 +46,7 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            env={**child_env(), "MLFLOW_DISABLE_TELEMETRY": "true"},
         )
         # Ready = an API call answers, not just /health: the worker opens its tracking store on
         # the first API call, which takes seconds under load (longer than the 3 s request

@@ -5,12 +5,12 @@ their seed, every run lands in MLflow, and a second call resumes with nothing le
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from testkit import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = """
@@ -34,7 +34,7 @@ blocks:
 
 
 def study(args, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = child_env()
     cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

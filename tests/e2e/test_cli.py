@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from testkit import child_env
 
 from cage_ds.train.cli import main
 from cage_ds.train.config import CONFIGS_DIR
@@ -48,7 +48,7 @@ def test_config_errors_exit_2_before_training(args, message, capsys, monkeypatch
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = child_env()
     env.update(
         OMP_NUM_THREADS="1",
         DS_ACCELERATOR="cpu",

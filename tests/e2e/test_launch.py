@@ -8,12 +8,11 @@ cage_ds.train via CAGE_TRAIN_MODULE); and one real cage-train run on 2 loopback 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from testkit import free_port
+from testkit import child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
@@ -45,7 +44,7 @@ dist.destroy_process_group()
 
 
 def _run(script: str, args: list[str], env: dict[str, str], timeout: float = 600):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **env}
+    full_env = {**child_env(), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **env}
     return subprocess.run(
         ["bash", str(LAUNCH / script), *args],
         env=full_env,

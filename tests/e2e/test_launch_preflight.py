@@ -6,11 +6,11 @@ before any launcher or worker runs (no DeepSpeed/torchrun output, no run folder)
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from testkit import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "configs/experiments/cage_w4a4.yaml"
@@ -59,7 +59,7 @@ def test_bad_input_stops_before_any_worker(case, tmp_path):
         Path(config).write_text(config_text.format(base=ROOT / EXPERIMENT))
     out = tmp_path / "runs"
     args = ["--config", config, f"train.output_dir={out}", "train.run_name=bad", *extra]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **env}
+    full_env = {**child_env(), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **env}
     full_env.pop("CAGE_SKIP_CHECK", None)
     result = subprocess.run(
         ["bash", str(ROOT / "launch" / script), *args],
@@ -99,7 +99,7 @@ def test_zero_ranks_stop_the_launcher(case, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=0\n")
     env = {k: v.format(hostfile=hostfile) for k, v in env.items()}
-    full_env = {**os.environ, "CAGE_SKIP_CHECK": "1", "MASTER_ADDR": "127.0.0.1", **env}
+    full_env = {**child_env(), "CAGE_SKIP_CHECK": "1", "MASTER_ADDR": "127.0.0.1", **env}
     out = tmp_path / "runs"
     result = subprocess.run(
         ["bash", str(ROOT / "launch" / script), "--config", EXPERIMENT,

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testkit import free_port
+from testkit import child_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def probe(tmp_path):
     (tmp_path / "cage_signal_probe.py").write_text(PROBE)
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAGE_SKIP_CHECK": "1", "NPROC": "2",
+    env = {**child_env(), "OMP_NUM_THREADS": "1", "CAGE_SKIP_CHECK": "1", "NPROC": "2",
            "CAGE_TRAIN_MODULE": "cage_signal_probe", "PROBE_OUT": str(out),
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
            "MASTER_PORT": str(free_port())}  # fmt: skip

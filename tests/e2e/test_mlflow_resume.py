@@ -7,7 +7,6 @@ logged step of every metric exactly once, steps 3-4 recovered from metrics.jsonl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_cli_resume import cli_args
+from testkit import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ STEPS, KILL_AFTER = 10, 6
 
 
 def start(out: Path, cache: Path, uri: str, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
                CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning",
                MLFLOW_TRACKING_URI=uri)  # fmt: skip

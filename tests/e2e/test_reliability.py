@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testkit import free_port
+from testkit import child_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ class Job:
 
     @classmethod
     def start(cls, out: Path, run_name: str, cache: Path, tracking_uri: str, log: Path) -> Job:
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        env = child_env()
         env.update(OMP_NUM_THREADS="1", NPROC="2", MASTER_PORT=str(free_port()),
                    MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
                    PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip

@@ -10,12 +10,12 @@ process).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 from test_cli_resume import cli_args
+from testkit import child_env
 
 from cage_ds.train.signals import EXIT_STATUS
 
@@ -68,7 +68,7 @@ def test_a_failing_step_closes_the_mlflow_run(tmp_path, cache, failure):
     args = cli_args(tmp_path / "out", "deepspeed.stage=0", "data.val_max_blocks=2",
                     "checkpoint.every=0", "checkpoint.save_final=false", "tracking.enabled=true",
                     f"tracking.tracking_uri={uri}", "tracking.system_metrics=false")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
                CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning",
                RUN_DIR=str(tmp_path / "out" / "r"), MLFLOW_URI=uri)  # fmt: skip

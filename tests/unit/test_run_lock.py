@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import child_env
 
 from cage_ds.train.run_lock import LOCK_NAME, RunLock, RunLockError
 
@@ -28,7 +29,7 @@ def start_holder(run_dir: Path) -> subprocess.Popen:
     """A separate process that takes the lock and keeps it (until killed)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        env={**child_env(), "PYTHONPATH": os.pathsep.join(sys.path)},
     )  # fmt: skip
     assert proc.stdout.readline().strip() == "locked"
     return proc
