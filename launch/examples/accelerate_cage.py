@@ -58,7 +58,10 @@ def main() -> None:
     stats = accelerator.cage_telemetry()  # collective: every rank
     if accelerator.is_main_process:
         print(json.dumps({"step": step, "loss": float(loss), **stats}))
-    accelerator.end_training()  # leaves the process group: gloo aborts a process exiting inside one
+    # release the engine (ZeRO-3's in-flight gathers), then leave the process group: a process
+    # that exits with either still alive can abort in interpreter finalization
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
