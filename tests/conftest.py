@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Every process a test starts finds the venv's tools first. DeepSpeed JIT-builds its CPU shm
+# comm op with whichever `ninja` is on PATH; the venv's (1.13) and a system one (1.11) hash the
+# build log differently, so each rebuilds what the other built: 60-90 s per switch, with every
+# rank of every job waiting on the build lock.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
 
 
 @pytest.fixture
