@@ -51,14 +51,22 @@ def run_cli(out: Path, cache: Path) -> dict:
     return json.loads((out / "r" / "result.json").read_text())
 
 
-def test_resume_continues_exactly(tmp_path):
-    full = run_cli(tmp_path / "a", tmp_path / "cache")
-    ckpts = tmp_path / "a" / "r" / "checkpoints"
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The uninterrupted 6-step run (checkpoints at steps 3 and 6): its output root, the
+    tokenizer cache and its result.json. Tests work on copies of the output root."""
+    root, cache = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("cache")
+    return root, cache, run_cli(root, cache)
+
+
+def test_resume_continues_exactly(first_run, tmp_path):
+    root, cache, full = first_run
+    ckpts = root / "r" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step000000006"
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.copytree(root, tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "r" / "checkpoints" / "step000000006")
     (tmp_path / "b" / "r" / "checkpoints" / "latest").write_text("step000000003")
-    resumed = run_cli(tmp_path / "b", tmp_path / "cache")
+    resumed = run_cli(tmp_path / "b", cache)
     want = [p for p in full["history"]["train/loss"] if p[0] > 3]
     assert [p[0] for p in want] == [4, 5, 6]
     assert resumed["history"]["train/loss"] == want
@@ -66,16 +74,17 @@ def test_resume_continues_exactly(tmp_path):
         assert resumed[key] == full[key], key
 
 
-def test_relaunch_with_a_changed_optimizer_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
-    short = ("train.steps=2", "checkpoint.every=2", "data.val_max_blocks=4")
-    first = cli(tmp_path, tmp_path / "cache", *short)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_relaunch_with_a_changed_optimizer_is_refused_unless_allowed(
+    first_run, tmp_path, capsys, monkeypatch
+):
+    root, cache, _ = first_run
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
     config = (tmp_path / "r" / "config.yaml").read_text()
-    changed = (*short, "optim.cage_lambda=20.0", "optim.lr=1e-3", "tracking.enabled=false")
+    changed = ("optim.cage_lambda=20.0", "optim.lr=1e-3", "tracking.enabled=false")
 
-    refused = cli(tmp_path, tmp_path / "cache", *changed)
+    refused = cli(tmp_path, cache, *changed)
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
-    ckpt = tmp_path / "r" / "checkpoints" / "step000000002"
+    ckpt = tmp_path / "r" / "checkpoints" / "step000000006"
     assert refused.stderr.strip() == (
         f"cage-train: config error: the config differs from the one checkpoint {ckpt} was "
         "written with: optim.lr: 0.003 -> 0.001, optim.cage_lambda: 10.0 -> 20.0; relaunch "
@@ -86,11 +95,11 @@ def test_relaunch_with_a_changed_optimizer_is_refused_unless_allowed(tmp_path, c
     assert (tmp_path / "r" / "config.yaml").read_text() == config
     starts = (tmp_path / "r" / "metrics.jsonl").read_text().count('"event": "start"')
     assert starts == 1, "the refused relaunch started"
-    monkeypatch.setenv("CAGE_DS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CAGE_DS_CACHE", str(cache))
     assert main(["--check", "--world-size", "1", *cli_args(tmp_path, *changed)]) == 2
     assert capsys.readouterr().err == refused.stderr  # the launchers' pre-flight refuses too
 
-    allowed = cli(tmp_path, tmp_path / "cache", *changed, "checkpoint.allow_config_change=true")
+    allowed = cli(tmp_path, cache, *changed, "checkpoint.allow_config_change=true")
     assert allowed.returncode == 0, allowed.stdout[-3000:] + allowed.stderr[-3000:]
     assert (
         f"resuming {ckpt} with a changed config (allowed): optim.lr: 0.003 -> 0.001, "
