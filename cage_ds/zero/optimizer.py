@@ -23,6 +23,7 @@ hits agree.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -33,6 +34,17 @@ from cage_ds.quant import Quantization, Quantizer, QuantSpec
 
 from .rows import RowLayout, exchange_rows
 from .shardmap import PartitionMap
+
+
+class TensorState:
+    """One tensor's contents at one moment: the same tensor object (a weak reference, never
+    an address a freed tensor's successor can reuse) at the same in-place version."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._ref, self._version = weakref.ref(t), t._version
+
+    def of(self, t: torch.Tensor) -> bool:
+        return self._ref() is t and self._version == t._version
 
 
 class ShardedQuantOps:
@@ -68,12 +80,12 @@ class ShardedQuantOps:
         self.lp_dtype, self.group, self.name = lp_dtype, group, name
         self.param_names = param_names  # name of flat-group parameter j (telemetry keys)
         self._slots = sorted({p.param for m in maps for p in m.pieces})
-        self._cache: tuple[int, int, Quantization, Quantization, torch.Tensor] | None = None
+        self._cache: tuple[TensorState, Quantization, Quantization, torch.Tensor] | None = None
         self._lp: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._side_mask: torch.Tensor | None = None  # the cut rows' masks, whole rows
         self._side_w: torch.Tensor | None = None  # the cut rows of the fused step's new W
-        self._lp_of: tuple[int, int] | None = None
+        self._lp_of: TensorState | None = None
         self.steps_on_kept_masks = 0
         self.exchanges = 0
         self.bytes_received = 0
@@ -150,7 +162,7 @@ class ShardedQuantOps:
             self.layout.scatter(side_q, [self._lp])
             self.layout.scatter(self._side_mask[None], [self._mask])
         self._side_w = side[0]
-        self._lp_of = (w.data_ptr(), w._version)
+        self._lp_of = TensorState(w)
         return True
 
     # ---- quantization of the current W ----
@@ -179,7 +191,7 @@ class ShardedQuantOps:
         cut = self._evaluate(side[0], self.layout.side_segments)  # side rows are back to back
         for out, part in zip(full, cut, strict=True):
             self.layout.scatter(part[None], [out])
-        self._cache = (w.data_ptr(), w._version, full, cut, side[0])
+        self._cache = (TensorState(w), full, cut, side[0])
         return full
 
     def _side_rows(self, w: torch.Tensor) -> torch.Tensor:
@@ -187,17 +199,14 @@ class ShardedQuantOps:
         step or exchange of this w, else one exchange."""
         if self._fused_of(w):
             return self._side_w
-        c = self._cache
-        if c is None or c[0] != w.data_ptr() or c[1] != w._version:
+        if self._cache is None or not self._cache[0].of(w):
             self.quantize(w)
-        return self._cache[4]
+        return self._cache[3]
 
     def _cached(self, w: torch.Tensor) -> tuple[Quantization, Quantization]:
-        c = self._cache
-        if c is None or c[0] != w.data_ptr() or c[1] != w._version:
+        if self._cache is None or not self._cache[0].of(w):
             self.quantize(w)
-            c = self._cache
-        return c[2], c[3]
+        return self._cache[1], self._cache[2]
 
     def invalidate(self) -> None:
         """Forget cached quantizations and the lp copy (the master was rewritten outside)."""
@@ -205,7 +214,7 @@ class ShardedQuantOps:
 
     def _fused_of(self, w: torch.Tensor) -> bool:
         """Whether the last fused step's lp copy and mask are those of this w."""
-        return self._lp_of == (w.data_ptr(), w._version)
+        return self._lp_of is not None and self._lp_of.of(w)
 
     def mask(self, w: torch.Tensor) -> torch.Tensor:
         """The STE mask M of q(w H) (True on padding): the last fused step's, when of this w."""

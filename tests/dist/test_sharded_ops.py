@@ -160,3 +160,27 @@ def test_sharded_ops_on_the_triton_kernels(monkeypatch, seed):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks' first triton import
     monkeypatch.setenv("CAGE_TRITON_INTERPRET", "1")
     mp.spawn(_worker, args=(3, free_port(), seed, SPECS[:2], 1), nprocs=3, join=True)
+
+
+def test_another_tensor_at_the_same_address_is_quantized_afresh(seed):
+    """The kept STE mask and lp copy belong to the tensor object the step wrote. Another tensor
+    at the same address and in-place version (a freed partition's successor; here a view,
+    which shares both) gets its own quantization: the test of address and version alone once
+    handed a stale mask to such a tensor, depending on where the allocator put it."""
+    spec = SPECS[0]
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    _, params, maps, flats_of = _case(rng, gen, 1, "zero3")
+    ops = ShardedQuantOps(maps, 0, spec, torch.float32, name="identity")
+    w = flats_of(params)[0]
+    kw = dict(lr=HYPER["lr"], cage_lambda=HYPER["lam"], cage_silence=0.0)
+    opt = CageAdamW([{"params": [w], "quant": dataclasses.asdict(spec)}], **kw)
+    install_quant_ops(opt, {id(w): ops})
+    w.grad = torch.randn(w.shape, generator=gen)
+    opt.step()
+    quantized = ops.elements_quantized
+    kept = ops.mask(w).clone()
+    assert ops.elements_quantized == quantized  # the step's own mask
+    alias = w.view_as(w)
+    assert alias is not w and (alias.data_ptr(), alias._version) == (w.data_ptr(), w._version)
+    assert torch.equal(ops.mask(alias), kept)
+    assert ops.elements_quantized > quantized, "a stale mask served another tensor"
