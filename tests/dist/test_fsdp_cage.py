@@ -13,9 +13,11 @@ test_zero_cage.py, whose checks and tolerance are reused):
   near zero: test_zero_cage's bulk bound |dW| / |update| <= 2e-3 (measured <= 6e-5) and
   every |dW| <= 5 lr; losses within LOSS_RTOL.
 N = 3 shards the 256- and 640-row weights and the 96-row embedding unevenly (FSDP2 pads the
-last rank's rows). DCP: saved at N = 2, loaded at N = 3: the loaded state equals the saved
-one bit for bit and the continued steps pass the same checks; reloaded at N = 2 the run
-continues bit for bit like the uninterrupted one.
+last rank's rows); N = 2 evenly, as N = 4 would (not run: the same case at twice the
+processes; tests/unit/test_fsdp_gather_hooks.py simulates 1..4 ranks in one process).
+DCP: saved at N = 2, loaded at N = 3: the loaded state equals the saved one bit for bit
+and the continued steps pass the same checks; reloaded at N = 2 the run continues bit for
+bit like the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _oracle_loss(latents: dict, k: int) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3])  # 4 shards evenly like 2 (suite time)
 def test_fsdp_cage_matches_single_process(world, tmp_path):
     _launch(world, tmp_path)
     for variant in ("decoupled", "coupled"):

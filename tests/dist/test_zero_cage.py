@@ -165,7 +165,7 @@ def _check_repeat(first: dict, again: dict, where: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3])  # 4 cuts like 2, on row boundaries (zero_case)
 def test_zero_cage_matches_single_process(world, tmp_path):
     assert LR * LAMBDA > 0  # the correction is active from step 1 (silence 0, constant lambda)
     _launch(world, str(tmp_path))

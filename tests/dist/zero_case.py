@@ -5,8 +5,9 @@ Shapes make ZeRO partitions cut rows and 128-element Hadamard blocks with 3 rank
 parameter at numel/3 (every piece starts and ends inside a row and a block); the ZeRO-1/2
 quantized group has 5888 blocks (not divisible by 3), so its flat partitions are cut inside
 rows and blocks too. With 2 or 4 ranks all cuts fall on row boundaries (every numel here is
-a multiple of 256 * 128): those runs check the aligned case; tests/dist/test_shardmap.py
-covers arbitrary cuts for 1..5 ranks.
+a multiple of 256 * 128): the 2-rank runs check the aligned case (test_zero_cage.py leaves
+out 4, the same case at twice the processes; the low-bit gather tests run 4 ranks);
+tests/dist/test_shardmap.py covers arbitrary cuts for 1..5 ranks.
 """
 
 from __future__ import annotations
