@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from testkit import child_env, free_port
+from testkit import DIST_ENV, child_env, free_port
 
 
 class MlflowServer:
@@ -93,5 +93,5 @@ def server(tmp_path_factory):
 def _own_rendezvous(monkeypatch):
     """End-to-end tests start their own processes: an in-process distributed test earlier in
     the session may have left RANK/MASTER_PORT/... in os.environ (its port still bound)."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in DIST_ENV:
         monkeypatch.delenv(key, raising=False)

@@ -56,8 +56,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
         CAGE_DS_CACHE=str(tmp_path / "cache"),
         PYTHONWARNINGS="ignore::FutureWarning",
     )
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     return env
 
 

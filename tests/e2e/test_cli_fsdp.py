@@ -58,8 +58,7 @@ def _args(out: Path, *extra: str) -> list[str]:
 def _env(cache: Path) -> dict[str, str]:
     env = child_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # fmt: skip
+               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
     return env
 
 
