@@ -43,3 +43,106 @@ def child_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+
+
+RANK_PRELOAD = ("torch", "deepspeed", "transformers.models.llama.modeling_llama", "cage_ds")
+"""What the rank server imports once (about 6 s a process on this VM) before forking ranks."""
+
+
+def spawn_ranks(fn, args: tuple = (), world: int = 2, env: dict | None = None,
+                timeout: float = 900) -> None:  # fmt: skip
+    """``fn(rank, *args)`` in ``world`` processes, like ``torch.multiprocessing.spawn``, but
+    forked from multiprocessing's forkserver after it imported RANK_PRELOAD: a rank starts in
+    a fraction of a second instead of importing torch, DeepSpeed and transformers anew. The
+    server never runs a torch op or joins a process group, so each child starts clean; ``env``
+    is set in the child before ``fn`` runs (the server's environment is the one pytest had
+    when it started). ``fn`` must be importable (a module-level function). Each rank's output
+    goes to a log file; if a rank fails, the others are stopped and AssertionError shows the
+    failing ranks' log tails. Tests of launching itself start real launchers instead."""
+    import multiprocessing
+    import tempfile
+    import time
+    from pathlib import Path
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(RANK_PRELOAD))
+    logs = Path(tempfile.mkdtemp(prefix="cage-ranks-"))
+    procs = [
+        ctx.Process(target=_rank_entry, args=(fn, rank, args, env or {}, str(logs / f"{rank}.log")))
+        for rank in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.05)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    failed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0}
+    if failed:
+        tails = "\n".join(f"--- rank {r} (exit {code}) ---\n"
+                          + (logs / f"{r}.log").read_text(errors="replace")[-6000:]
+                          for r, code in failed.items())  # fmt: skip
+        late = " (timed out)" if time.monotonic() >= deadline else ""
+        raise AssertionError(f"ranks failed{late}: {failed}\n{tails}")
+
+
+def _rank_entry(fn, rank: int, args: tuple, env: dict, log: str) -> None:
+    import os
+    import sys
+
+    os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # the server's torch read the variable at import
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout.flush()
+    fn(rank, *args)
+
+
+def run_ranks(world: int, script: str, *argv: str, env: dict | None = None,
+              timeout: float = 900) -> None:  # fmt: skip
+    """Run ``script`` as ``world`` CPU ranks of one gloo job, as torchrun would (RANK,
+    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, sys.argv, the script's
+    folder on sys.path, run as __main__), through spawn_ranks."""
+    spawn_ranks(_run_script, (world, free_port(), script, argv),
+                world, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})},
+                timeout)  # fmt: skip
+
+
+def _run_script(rank: int, world: int, port: int, script: str, argv: tuple) -> None:
+    import os
+    import runpy
+    import sys
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+
+
+def torchrun(world: int, script: str, *argv: str, env: dict | None = None,
+             timeout: float = 900) -> None:  # fmt: skip
+    """A real ``torchrun`` launch of ``script`` on ``world`` CPU ranks (fresh interpreters: own
+    hash seed, own allocator); raises AssertionError with the output's tail on failure."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"),
+           f"--nproc_per_node={world}", f"--master_port={free_port()}", script, *argv]  # fmt: skip
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"launch failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )

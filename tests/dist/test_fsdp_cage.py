@@ -1,4 +1,4 @@
-"""N-rank FSDP2 CAGE training equals single-process CAGE (torchrun, CPU, gloo).
+"""N-rank FSDP2 CAGE training equals single-process CAGE (CPU ranks on gloo, testkit.run_ranks).
 
 One launch per world size N (tests/dist/fsdp_worker.py) trains the tiny Llama of
 zero_case.py under cage_ds.fsdp, both CAGE variants, with clipping. Checked per step, by
@@ -30,33 +30,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_zero_cage import _check_gathered, _check_steps
-from testkit import child_env, free_port
+from testkit import run_ranks
 from zero_case import make_batch, make_model_and_optimizer, oracle_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 2
 LOSS_RTOL = 1e-5  # mean of per-rank mean losses vs one mean: ~10 ulps at loss ~4.6
 
 
 def _launch(world: int, out, *args: str) -> None:
-    """torchrun ``world`` CPU ranks of tests/dist/fsdp_worker.py OUT STEPS ``args``."""
-    import subprocess
-
-    env = {**child_env(), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "torchrun"),
-        f"--nproc_per_node={world}",
-        f"--master_port={free_port()}",
-        os.path.join(ROOT, "tests", "dist", "fsdp_worker.py"),
-        str(out),
-        str(STEPS),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"launch failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
+    """``world`` CPU ranks of tests/dist/fsdp_worker.py OUT STEPS ``args`` (testkit.run_ranks)."""
+    run_ranks(world, os.path.join(HERE, "fsdp_worker.py"), str(out), str(STEPS), *args)
 
 
 def _oracle_loss(latents: dict, k: int) -> float:

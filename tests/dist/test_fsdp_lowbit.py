@@ -1,6 +1,6 @@
 """FSDP2's low-bit gather equals its values gather bit for bit, in a fraction of the bytes.
 
-One torchrun launch per world size (tests/dist/fsdp_worker.py ``lowbit``; N = 3 cuts the
+One launch per world size (tests/dist/fsdp_worker.py ``lowbit``; N = 3 cuts the
 256- and 640-row weights unevenly, the last rank holding fewer rows) trains the tiny Llama
 of zero_case.py for 2 CAGE steps twice per case (QuEST W4 fp32, RTN W4 fp32, QuEST W4 with
 bf16 params), gathering the quantized weights in values and low-bit. Checked:

@@ -18,9 +18,8 @@ import os
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from test_shardmap import _zero3_flats
-from testkit import free_port
+from testkit import free_port, spawn_ranks
 
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import QuantSpec
@@ -95,7 +94,7 @@ def _worker(rank: int, world: int, port: int, seed: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_lowbit_gather_equals_stock_gather(world, seed):
-    mp.spawn(_worker, args=(world, free_port(), seed), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, free_port(), seed), world)
 
 
 @pytest.mark.parametrize(("bits", "target"), [(4, 0.27), (3, 0.21)])

@@ -1,8 +1,8 @@
 """ZeRO-1/2's low-bit gather of quantized flat groups equals the stock gather bit for bit.
 
-One torchrun launch per world size (tests/dist/lowbit12_worker.py) trains, per case (ZeRO-2
-bf16 QuEST W4, ZeRO-1 fp32 RTN W4 with clipping, BF16_Optimizer QuEST W4), two engines from
-the same seed: stock gather (the low-bit one switched off) and low-bit gather. The tiny
+One launch per world size (testkit.run_ranks of tests/dist/lowbit12_worker.py) trains, per
+case (ZeRO-2 bf16 QuEST W4, ZeRO-1 fp32 RTN W4 with clipping, BF16_Optimizer QuEST W4), two
+engines from the same seed: stock gather (the low-bit one switched off) and low-bit gather. The tiny
 model's quantized flat group has 5888 Hadamard blocks, so at world 3 the partitions cut
 rows and RTN groups (zero_case.py).
 Checked: the full flat lp buffers of the quantized groups after every step are equal in
@@ -16,28 +16,20 @@ counted here from the shapes and offsets DeepSpeed laid out.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testkit import child_env, free_port
+from testkit import run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 2
 
 
 def _launch(world: int, out: str, seed: int) -> None:
-    env = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"),
-           f"--nproc_per_node={world}", f"--master_port={free_port()}",
-           os.path.join(ROOT, "tests", "dist", "lowbit12_worker.py"), out, str(seed),
-           str(STEPS)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_ranks(world, os.path.join(HERE, "lowbit12_worker.py"), out, str(seed), str(STEPS))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

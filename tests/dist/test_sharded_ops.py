@@ -23,10 +23,9 @@ import random
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from cage_kernels.dispatch import use_triton
 from test_shardmap import _zero3_flats, _zero12_flats, _zero12_layout
-from testkit import free_port
+from testkit import free_port, spawn_ranks
 
 from cage_ds.optim import CageAdamW
 from cage_ds.quant import Quantizer, QuantSpec
@@ -149,17 +148,16 @@ def _worker(
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_sharded_ops_equal_unsharded(world, seed):
-    mp.spawn(_worker, args=(world, free_port(), seed, SPECS, 3), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, free_port(), seed, SPECS, 3), world)
 
 
 @pytest.mark.slow
-def test_sharded_ops_on_the_triton_kernels(monkeypatch, seed):
+def test_sharded_ops_on_the_triton_kernels(seed):
     """The same checks with the Triton kernels (interpreter) on both sides at N = 3 (cuts
     inside rows and blocks): the fused step over runs and cut rows, its mask output and the
     sharded quantization, against the dense path's kernels."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks' first triton import
-    monkeypatch.setenv("CAGE_TRITON_INTERPRET", "1")
-    mp.spawn(_worker, args=(3, free_port(), seed, SPECS[:2], 1), nprocs=3, join=True)
+    env = {"TRITON_INTERPRET": "1", "CAGE_TRITON_INTERPRET": "1"}  # read at the first kernel
+    spawn_ranks(_worker, (3, free_port(), seed, SPECS[:2], 1), 3, env)
 
 
 def test_another_tensor_at_the_same_address_is_quantized_afresh(seed):

@@ -1,6 +1,7 @@
-"""N-rank ZeRO-1/2/3 CAGE training equals single-process CAGE (real DeepSpeed launches, gloo).
+"""N-rank ZeRO-1/2/3 CAGE training equals single-process CAGE (real DeepSpeed engines, gloo).
 
-One launch per world size N runs every stage x variant sequentially (tests/dist/zero_worker.py);
+One launch per world size N (testkit.run_ranks: ranks forked from a server that imported
+DeepSpeed once) runs every stage x variant sequentially (tests/dist/zero_worker.py);
 this process replays each step unsharded (zero_case.oracle_step) from the latents and Adam
 moments the engine had before it ("teacher forcing"), so a comparison covers one step and
 differences cannot compound through the quantizer's discontinuities.
@@ -23,26 +24,26 @@ by O(update) and fails the bulk bound by orders of magnitude.
 Also checked here, sharing the launches: resume after save/load equals the uninterrupted run
 bit for bit (ZeRO-1/2/3); cage_ds.zero.quant_stats equals cage_ds.nn.quant_stats of the
 gathered latents at every N (fp32 and the bf16 cases, see QUANT_STATS_RTOL); and, at N = 2,
-a second launch (another PYTHONHASHSEED, fresh allocator) of the ZeRO-2/3 coupled cases
+a second launch, a real torchrun (fresh interpreters: another PYTHONHASHSEED, a fresh
+allocator), of the ZeRO-2/3 coupled cases
 reproduces the first bit for bit (run to run).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testkit import child_env, free_port
+from testkit import run_ranks, torchrun
 from zero_case import LAMBDA, LR, make_batch, make_model_and_optimizer, oracle_step
 
 from cage_ds.nn import quant_stats
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS, CKPT_AT = 3, 1
 UPDATE_RTOL = 2e-3  # 4x the worst measured bulk ratio
 EXTRA_WORLD = 3  # this launch also runs the bf16 smoke and the RTN weight quantizer cases
@@ -63,23 +64,9 @@ def _launch(
     args: tuple[str, ...] = (str(STEPS), str(CKPT_AT)),
     **extra_env: str,
 ) -> None:
-    """torchrun ``world`` CPU ranks of tests/dist/``script`` OUT ``args``; raises on failure."""
-    env = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    env["CAGE_ZERO_EXTRA"] = "1" if world == EXTRA_WORLD else "0"
-    env.update(extra_env)
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "torchrun"),
-        f"--nproc_per_node={world}",
-        f"--master_port={free_port()}",
-        os.path.join(ROOT, "tests", "dist", script),
-        out,
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"launch failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
+    """``world`` CPU ranks of tests/dist/``script`` OUT ``args`` (testkit.run_ranks)."""
+    env = {"CAGE_ZERO_EXTRA": "1" if world == EXTRA_WORLD else "0", **extra_env}
+    run_ranks(world, os.path.join(HERE, script), out, *args, env=env)
 
 
 def _check_gathered(log: list, where: str) -> None:
@@ -195,7 +182,9 @@ def test_zero_cage_matches_single_process(world, tmp_path):
     if world == REPEAT_WORLD:
         again = tmp_path / "again"
         again.mkdir()
-        _launch(world, str(again), CAGE_ZERO_CASES=",".join(REPEAT_CASES), PYTHONHASHSEED="7")
+        env = {"CAGE_ZERO_CASES": ",".join(REPEAT_CASES), "PYTHONHASHSEED": "7"}
+        torchrun(world, os.path.join(HERE, "zero_worker.py"), str(again), str(STEPS),
+                 str(CKPT_AT), env=env)  # fmt: skip
         for case in REPEAT_CASES:
             name = case.replace(":", "_") + ".pt"
             first = torch.load(tmp_path / name, weights_only=False)
