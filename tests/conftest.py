@@ -20,6 +20,9 @@ import torch
 # build log differently, so each rebuilds what the other built: 60-90 s per switch, with every
 # rank of every job waiting on the build lock.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+# The suite runs DeepSpeed on its CPU accelerator (gloo); testkit's fork server chooses the
+# accelerator when it imports DeepSpeed, before any test's environment reaches a child.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture

@@ -46,33 +46,60 @@ def child_env() -> dict[str, str]:
 
 
 RANK_PRELOAD = ("torch", "deepspeed", "transformers.models.llama.modeling_llama", "cage_ds")
-"""What the rank server imports once (about 6 s a process on this VM) before forking ranks."""
+"""What the fork server imports once (about 6 s a process on this VM) before forking."""
+
+
+def _fork(fn, args: tuple, env: dict, out: str, err: str, cwd: str | None = None,
+          replace_env: bool = False):  # fmt: skip
+    """Start ``fn(*args)`` in a process forked from multiprocessing's forkserver after it
+    imported RANK_PRELOAD. The server never runs a torch op or joins a process group, so each
+    child starts clean; ``env`` is set in the child before ``fn`` runs (the server's own
+    environment is the one pytest had when it started), stdout and stderr go to the files
+    ``out`` and ``err``."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(RANK_PRELOAD))
+    proc = ctx.Process(target=_forked_entry, args=(fn, args, env, out, err, cwd, replace_env))
+    proc.start()
+    return proc
+
+
+def _forked_entry(fn, args, env, out, err, cwd, replace_env) -> None:
+    import atexit
+    import os
+
+    if replace_env:
+        os.environ.clear()
+    os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # the server's torch read the variable at import
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if cwd is not None:
+        os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+    try:
+        fn(*args)
+    finally:  # what the interpreter does at exit; multiprocessing's child ends with os._exit
+        atexit._run_exitfuncs()
 
 
 def spawn_ranks(fn, args: tuple = (), world: int = 2, env: dict | None = None,
                 timeout: float = 900) -> None:  # fmt: skip
     """``fn(rank, *args)`` in ``world`` processes, like ``torch.multiprocessing.spawn``, but
-    forked from multiprocessing's forkserver after it imported RANK_PRELOAD: a rank starts in
-    a fraction of a second instead of importing torch, DeepSpeed and transformers anew. The
-    server never runs a torch op or joins a process group, so each child starts clean; ``env``
-    is set in the child before ``fn`` runs (the server's environment is the one pytest had
-    when it started). ``fn`` must be importable (a module-level function). Each rank's output
-    goes to a log file; if a rank fails, the others are stopped and AssertionError shows the
-    failing ranks' log tails. Tests of launching itself start real launchers instead."""
-    import multiprocessing
+    forked (``_fork``): a rank starts in a fraction of a second instead of importing torch,
+    DeepSpeed and transformers anew. ``fn`` must be importable (a module-level function). If
+    a rank fails, the others are stopped and AssertionError shows the failing ranks' output.
+    Tests of launching itself start real launchers instead."""
     import tempfile
     import time
     from pathlib import Path
 
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(RANK_PRELOAD))
     logs = Path(tempfile.mkdtemp(prefix="cage-ranks-"))
-    procs = [
-        ctx.Process(target=_rank_entry, args=(fn, rank, args, env or {}, str(logs / f"{rank}.log")))
-        for rank in range(world)
-    ]
-    for p in procs:
-        p.start()
+    procs = [_fork(fn, (rank, *args), env or {}, *[str(logs / f"{rank}.log")] * 2)
+             for rank in range(world)]  # fmt: skip
     deadline = time.monotonic() + timeout
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
         if any(p.exitcode not in (None, 0) for p in procs):
@@ -84,27 +111,60 @@ def spawn_ranks(fn, args: tuple = (), world: int = 2, env: dict | None = None,
         p.join()
     failed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0}
     if failed:
+        logs_of = {r: logs / f"{r}.log" for r in failed}  # a rank killed early wrote none
         tails = "\n".join(f"--- rank {r} (exit {code}) ---\n"
-                          + (logs / f"{r}.log").read_text(errors="replace")[-6000:]
+                          + (logs_of[r].read_text(errors="replace")[-6000:]
+                             if logs_of[r].exists() else "(no output)")
                           for r, code in failed.items())  # fmt: skip
         late = " (timed out)" if time.monotonic() >= deadline else ""
         raise AssertionError(f"ranks failed{late}: {failed}\n{tails}")
 
 
-def _rank_entry(fn, rank: int, args: tuple, env: dict, log: str) -> None:
+def run_module(module: str, *argv: str, env: dict | None = None, cwd=None,
+               timeout: float = 600):  # fmt: skip
+    """``subprocess.run([python, "-m", module, *argv], env=env, cwd=cwd, capture_output=True,
+    text=True, timeout=timeout)`` (``env`` defaults to child_env()), forked (``_fork``) with
+    exactly ``env`` as its environment: the module runs as __main__ from its first line on,
+    without the interpreter start and the imports. Returns a CompletedProcess; raises
+    subprocess.TimeoutExpired like subprocess.run."""
     import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cage-module-") as logs:
+        out, err = os.path.join(logs, "out"), os.path.join(logs, "err")
+        full_env = child_env() if env is None else dict(env)
+        cwd = None if cwd is None else os.fspath(cwd)
+        proc = _fork(_run_module, (module, argv), full_env, out, err, cwd, replace_env=True)
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired([module, *argv], timeout)
+        with open(out, errors="replace") as fo, open(err, errors="replace") as fe:
+            return subprocess.CompletedProcess([module, *argv], proc.exitcode, fo.read(), fe.read())
+
+
+def cage_train(*argv, cache=None, env: dict | None = None, cwd=None, timeout: float = 600):
+    """cage-train (``python -m cage_ds.train``) on ``argv``, forked (run_module), in the
+    tests' environment: one thread, DeepSpeed's CPU accelerator, no MLflow telemetry, no
+    FutureWarnings, the tokenizer cache in ``cache`` when given, then ``env``. Returns the
+    CompletedProcess."""
+    full = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONWARNINGS": "ignore::FutureWarning"}  # fmt: skip
+    if cache is not None:
+        full["CAGE_DS_CACHE"] = str(cache)
+    full.update(env or {})
+    return run_module("cage_ds.train", *map(str, argv), env=full, cwd=cwd, timeout=timeout)
+
+
+def _run_module(module: str, argv: tuple) -> None:
+    import runpy
     import sys
 
-    os.environ.update(env)
-    if "OMP_NUM_THREADS" in env:  # the server's torch read the variable at import
-        import torch
-
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout.flush()
-    fn(rank, *args)
+    sys.argv = [module, *argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def run_ranks(world: int, script: str, *argv: str, env: dict | None = None,

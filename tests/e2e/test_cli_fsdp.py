@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testkit import child_env, free_port
+from testkit import cage_train, child_env, free_port
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -63,15 +63,16 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def _train(out: Path, cache: Path, world: int, *extra: str) -> dict:
-    """cage-train at ``world`` ranks (torchrun; 1: plain python); the run's result.json."""
+    """cage-train at ``world`` ranks (torchrun; 1: forked, testkit.cage_train); the run's
+    result.json."""
     if world == 1:
-        launcher = [sys.executable]
+        proc = cage_train(*_args(out, *extra), cache=cache, cwd=ROOT)
     else:
         torchrun = str(Path(sys.executable).parent / "torchrun")
-        launcher = [torchrun, f"--nproc_per_node={world}", f"--master_port={free_port()}"]
-    cmd = [*launcher, "-m", "cage_ds.train", *_args(out, *extra)]
-    proc = subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+        cmd = [torchrun, f"--nproc_per_node={world}", f"--master_port={free_port()}",
+               "-m", "cage_ds.train", *_args(out, *extra)]  # fmt: skip
+        proc = subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "r" / "result.json").read_text())
 

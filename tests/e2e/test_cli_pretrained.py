@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from testkit import child_env, tiny_llama
+from testkit import cage_train, tiny_llama
 
 from cage_ds.train.config import CONFIGS_DIR, ConfigError, load_config
 from cage_ds.train.model import build_model
@@ -69,17 +67,12 @@ def test_pretrained_vocab_smaller_than_tokenizer(checkpoint):
 
 @pytest.mark.slow
 def test_cli_fine_tunes_a_local_checkpoint(checkpoint, tmp_path):
-
-    env = child_env()
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(tmp_path / "cache"),
-               PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
-    cmd = [sys.executable, "-m", "cage_ds.train", "--config",
-           str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"), *overrides(checkpoint),
+    proc = cage_train(
+           "--config", str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"), *overrides(checkpoint),
            "train.steps=4", "train.log_every=1", "train.global_batch_size=4",
            "train.micro_batch_size=4", "train.progress=false", "deepspeed.stage=0",
-           "optim.lr=1e-3", f"train.output_dir={tmp_path}", "train.run_name=ft"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "optim.lr=1e-3", f"train.output_dir={tmp_path}", "train.run_name=ft",
+           cache=tmp_path / "cache")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert result["steps"] == 4 and math.isfinite(result["val_loss"])

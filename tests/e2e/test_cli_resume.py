@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from testkit import child_env
+from testkit import cage_train
 
 from cage_ds.train.cli import main
 from cage_ds.train.config import CONFIGS_DIR
@@ -37,12 +36,8 @@ def cli_args(out: Path, *extra: str) -> list[str]:
 
 
 def cli(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    """cage-train in a subprocess on ``cli_args``."""
-    env = child_env()
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
-    cmd = [sys.executable, "-m", "cage_ds.train", *cli_args(out, *extra)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    """cage-train (testkit.cage_train) on ``cli_args``."""
+    return cage_train(*cli_args(out, *extra), cache=cache)
 
 
 def run_cli(out: Path, cache: Path) -> dict:

