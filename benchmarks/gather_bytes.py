@@ -149,25 +149,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(mode: str, steps: int, workdir: str) -> dict:
-    """Run ``worker`` (``fsdp_worker`` for modes fsdp_*) on 2 CPU ranks; returns rank 0's
-    record."""
-    out = os.path.join(workdir, f"{mode}.json")
+def torchrun_two_ranks(argv: list[str]) -> None:
+    """``torchrun`` 2 CPU ranks of this script with ``argv``; raises on failure."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
-           f"--master_port={_free_port()}", __file__, "--worker", out, mode, str(steps),
-           workdir]  # fmt: skip
+           f"--master_port={_free_port()}", __file__, *argv]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def launch(mode: str, steps: int, workdir: str, start=torchrun_two_ranks) -> dict:
+    """Run ``worker`` (``fsdp_worker`` for modes fsdp_*) on 2 CPU ranks started by ``start``
+    (argv of this script's worker mode -> None; torchrun by default); returns rank 0's
+    record."""
+    out = os.path.join(workdir, f"{mode}.json")
+    start(["--worker", out, mode, str(steps), workdir])
     return json.loads(Path(out).read_text())
 
 
-def _paired(low_mode: str, base_mode: str, steps: int) -> dict:
+def _paired(low_mode: str, base_mode: str, steps: int, start) -> dict:
     """Both runs and the measured ratio of their quantized weights' bytes."""
     with tempfile.TemporaryDirectory() as workdir:
-        low, base = launch(low_mode, steps, workdir), launch(base_mode, steps, workdir)
+        low = launch(low_mode, steps, workdir, start)
+        base = launch(base_mode, steps, workdir, start)
     ratio = low["bytes"]["quantized"] / base["bytes"]["quantized"]
     return {low_mode.removeprefix("fsdp_").removeprefix("z2_"): low,
             base_mode.removeprefix("fsdp_").removeprefix("z2_"): base, "ratio": ratio}  # fmt: skip
@@ -183,19 +189,20 @@ def _shard_map_ratios(rows: bool = False) -> dict:
     }
 
 
-def measure_fsdp(steps: int = 3) -> dict:
+def measure_fsdp(steps: int = 3, start=torchrun_two_ranks) -> dict:
     """FSDP2: both runs, the measured ratio (vs fp32 values) and the row-cut shard-map ratios."""
-    return {**_paired("fsdp_lowbit", "fsdp_values", steps), "shard_map": _shard_map_ratios(True)}
+    runs = _paired("fsdp_lowbit", "fsdp_values", steps, start)
+    return {**runs, "shard_map": _shard_map_ratios(True)}
 
 
-def measure_zero2(steps: int = 3) -> dict:
+def measure_zero2(steps: int = 3, start=torchrun_two_ranks) -> dict:
     """ZeRO-2: both runs and the measured ratio."""
-    return _paired("z2_lowbit", "z2_stock", steps)
+    return _paired("z2_lowbit", "z2_stock", steps, start)
 
 
-def measure(steps: int = 3) -> dict:
+def measure(steps: int = 3, start=torchrun_two_ranks) -> dict:
     """ZeRO-3: both runs, the measured ratio and the shard-map ratios."""
-    return {**_paired("lowbit", "stock", steps), "shard_map": _shard_map_ratios()}
+    return {**_paired("lowbit", "stock", steps, start), "shard_map": _shard_map_ratios()}
 
 
 def _print_runs(label: str, result: dict, modes: tuple[str, str]) -> None:

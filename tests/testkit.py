@@ -120,51 +120,70 @@ def spawn_ranks(fn, args: tuple = (), world: int = 2, env: dict | None = None,
         raise AssertionError(f"ranks failed{late}: {failed}\n{tails}")
 
 
-def run_module(module: str, *argv: str, env: dict | None = None, cwd=None,
-               timeout: float = 600):  # fmt: skip
-    """``subprocess.run([python, "-m", module, *argv], env=env, cwd=cwd, capture_output=True,
-    text=True, timeout=timeout)`` (``env`` defaults to child_env()), forked (``_fork``) with
-    exactly ``env`` as its environment: the module runs as __main__ from its first line on,
-    without the interpreter start and the imports. Returns a CompletedProcess; raises
-    subprocess.TimeoutExpired like subprocess.run."""
+def run_python(*args: str, env: dict | None = None, cwd=None, timeout: float = 600):
+    """``subprocess.run([python, *args], env=env, cwd=cwd, capture_output=True, text=True,
+    timeout=timeout)`` for ``args`` = ``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``
+    (``env`` defaults to child_env()), forked (``_fork``) with exactly ``env`` as its
+    environment: the code runs as __main__ from its first line on, without the interpreter
+    start and the imports. Returns a CompletedProcess; raises subprocess.TimeoutExpired like
+    subprocess.run."""
     import os
     import subprocess
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="cage-module-") as logs:
+    with tempfile.TemporaryDirectory(prefix="cage-python-") as logs:
         out, err = os.path.join(logs, "out"), os.path.join(logs, "err")
         full_env = child_env() if env is None else dict(env)
         cwd = None if cwd is None else os.fspath(cwd)
-        proc = _fork(_run_module, (module, argv), full_env, out, err, cwd, replace_env=True)
+        proc = _fork(_python_main, args, full_env, out, err, cwd, replace_env=True)
         proc.join(timeout)
         if proc.is_alive():
             proc.kill()
             proc.join()
-            raise subprocess.TimeoutExpired([module, *argv], timeout)
+            raise subprocess.TimeoutExpired(list(args), timeout)
         with open(out, errors="replace") as fo, open(err, errors="replace") as fe:
-            return subprocess.CompletedProcess([module, *argv], proc.exitcode, fo.read(), fe.read())
+            return subprocess.CompletedProcess(list(args), proc.exitcode, fo.read(), fe.read())
 
 
-def cage_train(*argv, cache=None, env: dict | None = None, cwd=None, timeout: float = 600):
-    """cage-train (``python -m cage_ds.train``) on ``argv``, forked (run_module), in the
-    tests' environment: one thread, DeepSpeed's CPU accelerator, no MLflow telemetry, no
-    FutureWarnings, the tokenizer cache in ``cache`` when given, then ``env``. Returns the
-    CompletedProcess."""
-    full = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "PYTHONWARNINGS": "ignore::FutureWarning"}  # fmt: skip
-    if cache is not None:
-        full["CAGE_DS_CACHE"] = str(cache)
-    full.update(env or {})
-    return run_module("cage_ds.train", *map(str, argv), env=full, cwd=cwd, timeout=timeout)
-
-
-def _run_module(module: str, argv: tuple) -> None:
+def _python_main(*args: str) -> None:
+    """What ``python *args`` runs: sys.argv and sys.path[0] as the interpreter sets them."""
+    import os
     import runpy
     import sys
 
-    sys.argv = [module, *argv]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    if args[0] == "-m":
+        sys.argv = [args[1], *args[2:]]  # run_module puts the module's path in argv[0]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    elif args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]
+        sys.path.insert(0, "")
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = list(args)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
+        runpy.run_path(args[0], run_name="__main__")
+
+
+def cage_train(*argv, cache=None, env: dict | None = None, cwd=None, timeout: float = 600):
+    """cage-train (``python -m cage_ds.train``) on ``argv``, forked (run_python), in the
+    tests' environment: one thread, DeepSpeed's CPU accelerator, no MLflow telemetry, no
+    FutureWarnings, the tokenizer cache in ``cache`` when given, then ``env``. Returns the
+    CompletedProcess."""
+    return run_python("-m", "cage_ds.train", *map(str, argv), env=cli_env(cache, **(env or {})),
+                      cwd=cwd, timeout=timeout)  # fmt: skip
+
+
+def cli_env(cache=None, **extra: str) -> dict[str, str]:
+    """child_env() for a cage-train process of the tests: one thread, DeepSpeed's CPU
+    accelerator, no MLflow telemetry, no FutureWarnings, the tokenizer cache in ``cache``
+    when given, then ``extra``."""
+    env = {**child_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONWARNINGS": "ignore::FutureWarning"}  # fmt: skip
+    if cache is not None:
+        env["CAGE_DS_CACHE"] = str(cache)
+    return {**env, **extra}
 
 
 def run_ranks(world: int, script: str, *argv: str, env: dict | None = None,
@@ -179,15 +198,11 @@ def run_ranks(world: int, script: str, *argv: str, env: dict | None = None,
 
 def _run_script(rank: int, world: int, port: int, script: str, argv: tuple) -> None:
     import os
-    import runpy
-    import sys
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
-    sys.argv = [script, *argv]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    _python_main(script, *argv)
 
 
 def torchrun(world: int, script: str, *argv: str, env: dict | None = None,

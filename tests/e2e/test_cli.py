@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-from testkit import cage_train, run_module
+from testkit import cage_train, run_python
 
 from cage_ds.train.cli import main
 from cage_ds.train.config import CONFIGS_DIR
@@ -77,6 +77,6 @@ def test_single_process_cage_run_end_to_end(tmp_path):
         assert (run / name).is_file(), name
     ds = json.loads((run / "deepspeed.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
-    table = run_module("cage_ds.train.evaluate", str(run), timeout=120)
+    table = run_python("-m", "cage_ds.train.evaluate", str(run), timeout=120)
     assert table.returncode == 0, table.stderr[-3000:]
     assert "| e2e | w4a4 | cage | 8 |" in table.stdout

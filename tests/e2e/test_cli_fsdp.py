@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testkit import cage_train, child_env, free_port
+from testkit import cage_train, cli_env, free_port
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -55,13 +55,6 @@ def _args(out: Path, *extra: str) -> list[str]:
             f"train.output_dir={out}", "train.run_name=r", *extra]  # fmt: skip
 
 
-def _env(cache: Path) -> dict[str, str]:
-    env = child_env()
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
-    return env
-
-
 def _train(out: Path, cache: Path, world: int, *extra: str) -> dict:
     """cage-train at ``world`` ranks (torchrun; 1: forked, testkit.cage_train); the run's
     result.json."""
@@ -71,7 +64,7 @@ def _train(out: Path, cache: Path, world: int, *extra: str) -> dict:
         torchrun = str(Path(sys.executable).parent / "torchrun")
         cmd = [torchrun, f"--nproc_per_node={world}", f"--master_port={free_port()}",
                "-m", "cage_ds.train", *_args(out, *extra)]  # fmt: skip
-        proc = subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True,
+        proc = subprocess.run(cmd, env=cli_env(cache), cwd=ROOT, capture_output=True, text=True,
                               timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "r" / "result.json").read_text())
@@ -221,7 +214,7 @@ def test_train_fsdp_launcher_appends_the_backend(tmp_path):
         "open(os.path.join(out, name + '.json'), 'w').write(json.dumps(sys.argv[1:]))\n"
     )
     path = f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"
-    env = {**_env(tmp_path / "cache"), "PYTHONPATH": path,
+    env = {**cli_env(tmp_path / "cache"), "PYTHONPATH": path,
            "PROBE_OUT": str(tmp_path), "CAGE_TRAIN_MODULE": "probe_train",
            "MASTER_PORT": str(free_port()), "NPROC_PER_NODE": "2"}  # fmt: skip
     args = ["--config", "configs/experiments/cage_w4a4.yaml", "train.steps=3"]

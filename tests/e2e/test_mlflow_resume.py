@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_cli_resume import cli_args
-from testkit import child_env
+from testkit import cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,7 @@ STEPS, KILL_AFTER = 10, 6
 
 
 def start(out: Path, cache: Path, uri: str, log: Path) -> subprocess.Popen:
-    env = child_env()
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning",
-               MLFLOW_TRACKING_URI=uri)  # fmt: skip
+    env = cli_env(cache, MLFLOW_TRACKING_URI=uri)
     args = cli_args(out, f"train.steps={STEPS}", "checkpoint.every=4", "data.val_max_blocks=4",
                     "tracking.enabled=true", "tracking.system_metrics=false")  # fmt: skip
     with open(log, "w") as fh:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testkit import child_env, free_port
+from testkit import cli_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,7 @@ class Job:
 
     @classmethod
     def start(cls, out: Path, run_name: str, cache: Path, tracking_uri: str, log: Path) -> Job:
-        env = child_env()
-        env.update(OMP_NUM_THREADS="1", NPROC="2", MASTER_PORT=str(free_port()),
-                   MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
-                   PYTHONWARNINGS="ignore::FutureWarning")  # fmt: skip
+        env = cli_env(NPROC="2", MASTER_PORT=str(free_port()), MLFLOW_TRACKING_URI=tracking_uri)
         cmd = ["bash", "launch/cpu_single_node.sh", "--config",
                "configs/experiments/cage_w4a4.yaml", *_overrides(out, run_name, cache)]  # fmt: skip
         with open(log, "w") as fh:

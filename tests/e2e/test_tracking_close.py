@@ -4,18 +4,16 @@ FAILED or KILLED, not RUNNING, as soon as the entry point returns (not only at i
 exit), holding every step logged before it, value for value as in metrics.jsonl, and has
 released the run dir lock. The failure is injected by patching Trainer.train_step in the run's
 own process (DeepSpeed's groups do not survive a second in-process run, so each run gets a
-process).
+process, forked by testkit.run_python).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from test_cli_resume import cli_args
-from testkit import child_env
+from testkit import cli_env, run_python
 
 from cage_ds.train.signals import EXIT_STATUS
 
@@ -68,13 +66,9 @@ def test_a_failing_step_closes_the_mlflow_run(tmp_path, cache, failure):
     args = cli_args(tmp_path / "out", "deepspeed.stage=0", "data.val_max_blocks=2",
                     "checkpoint.every=0", "checkpoint.save_final=false", "tracking.enabled=true",
                     f"tracking.tracking_uri={uri}", "tracking.system_metrics=false")  # fmt: skip
-    env = child_env()
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               CAGE_DS_CACHE=str(cache), PYTHONWARNINGS="ignore::FutureWarning",
-               RUN_DIR=str(tmp_path / "out" / "r"), MLFLOW_URI=uri)  # fmt: skip
-    driver = DRIVER.format(fail_at=FAIL_AT, failure=code)
-    proc = subprocess.run([sys.executable, "-c", driver, *args], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    env = cli_env(cache, RUN_DIR=str(tmp_path / "out" / "r"), MLFLOW_URI=uri)
+    proc = run_python("-c", DRIVER.format(fail_at=FAIL_AT, failure=code), *args, env=env,
+                      timeout=300)  # fmt: skip
     assert proc.returncode == rc, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     run_dir = tmp_path / "out" / "r"

@@ -1,4 +1,4 @@
-"""testkit's forked launches (spawn_ranks, run_module) behave as the processes they replace:
+"""testkit's forked launches (spawn_ranks, run_python) behave as the processes they replace:
 a failing rank fails the job with its traceback and stops the others; a module run forked
 gives the same exit status and output as ``python -m`` in a fresh interpreter."""
 
@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from testkit import child_env, run_module, spawn_ranks
+from testkit import child_env, run_python, spawn_ranks
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -45,7 +45,7 @@ def test_forked_module_run_equals_a_fresh_interpreter(args, tmp_path):
     env = {**child_env(), "PYTHONWARNINGS": "ignore"}
     fresh = subprocess.run([sys.executable, "-m", "cage_ds.train", *argv], env=env,
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
-    forked = run_module("cage_ds.train", *argv, env=env, cwd=tmp_path, timeout=300)
+    forked = run_python("-m", "cage_ds.train", *argv, env=env, cwd=tmp_path, timeout=300)
     check = "--check" in args
     assert forked.returncode == fresh.returncode == (0 if check else 2), fresh.stderr
     assert forked.stdout == fresh.stdout
