@@ -20,9 +20,13 @@ import torch
 # build log differently, so each rebuilds what the other built: 60-90 s per switch, with every
 # rank of every job waiting on the build lock.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-# The suite runs DeepSpeed on its CPU accelerator (gloo); testkit's fork server chooses the
-# accelerator when it imports DeepSpeed, before any test's environment reaches a child.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The suite runs DeepSpeed on its CPU accelerator (gloo), offline, without MLflow telemetry:
+# what cage-train sets for itself (cage_ds/train/cli.py). testkit's fork server imports
+# DeepSpeed and huggingface_hub, which read these at import, with this environment, before any
+# test's own environment reaches a forked child.
+for key, value in (("DS_ACCELERATOR", "cpu"), ("HF_HUB_OFFLINE", "1"),
+                   ("HF_DATASETS_OFFLINE", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true")):  # fmt: skip
+    os.environ.setdefault(key, value)
 
 
 @pytest.fixture

@@ -53,9 +53,10 @@ def _fork(fn, args: tuple, env: dict, out: str, err: str, cwd: str | None = None
           replace_env: bool = False):  # fmt: skip
     """Start ``fn(*args)`` in a process forked from multiprocessing's forkserver after it
     imported RANK_PRELOAD. The server never runs a torch op or joins a process group, so each
-    child starts clean; ``env`` is set in the child before ``fn`` runs (the server's own
-    environment is the one pytest had when it started), stdout and stderr go to the files
-    ``out`` and ``err``."""
+    child starts clean; ``env`` is set in the child before ``fn`` runs. What the preloaded
+    modules read at import (DS_ACCELERATOR, HF_HUB_OFFLINE, ...) comes from the environment
+    pytest had when the server started (tests/conftest.py sets cage-train's values). stdout
+    and stderr go to the files ``out`` and ``err``."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")

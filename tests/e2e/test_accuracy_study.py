@@ -5,12 +5,11 @@ their seed, every run lands in MLflow, and a second call resumes with nothing le
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from testkit import child_env
+from testkit import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = """
@@ -34,9 +33,8 @@ blocks:
 
 
 def study(args, cwd):
-    env = child_env()
-    cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    """benchmarks/accuracy.py ``args`` (forked: testkit.run_python; it starts its workers)."""
+    proc = run_python(str(REPO / "benchmarks" / "accuracy.py"), *args, cwd=cwd, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from testkit import child_env
+from testkit import cage_train, child_env
 
 from cage_ds.train.run_lock import LOCK_NAME, RunLock, RunLockError
 
@@ -72,15 +72,9 @@ def test_cage_train_refuses_a_run_dir_in_use(tmp_path):
 
     holder = start_holder(tmp_path / "r")
     try:
-        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        env = {k: v for k, v in os.environ.items() if k not in launcher}  # own single rank
-        env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true")
-        proc = subprocess.run(
-            [sys.executable, "-m", "cage_ds.train", "--config",
-             str(CONFIGS_DIR / "experiments" / "cage_w4a4.yaml"), "train.steps=2",
-             f"train.output_dir={tmp_path}", "train.run_name=r"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        proc = cage_train("--config", CONFIGS_DIR / "experiments" / "cage_w4a4.yaml",
+                          "train.steps=2", f"train.output_dir={tmp_path}", "train.run_name=r",
+                          timeout=300)  # fmt: skip
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
