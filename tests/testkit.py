@@ -88,12 +88,13 @@ def _forked_entry(fn, args, env, out, err, cwd, replace_env) -> None:
 
 
 def spawn_ranks(fn, args: tuple = (), world: int = 2, env: dict | None = None,
-                timeout: float = 900) -> None:  # fmt: skip
+                timeout: float = 900) -> list[str]:  # fmt: skip
     """``fn(rank, *args)`` in ``world`` processes, like ``torch.multiprocessing.spawn``, but
     forked (``_fork``): a rank starts in a fraction of a second instead of importing torch,
     DeepSpeed and transformers anew. ``fn`` must be importable (a module-level function). If
-    a rank fails, the others are stopped and AssertionError shows the failing ranks' output.
-    Tests of launching itself start real launchers instead."""
+    a rank fails, the others are stopped and AssertionError shows the failing ranks' output;
+    else returns each rank's output (stdout and stderr). Tests of launching itself start real
+    launchers instead."""
     import tempfile
     import time
     from pathlib import Path
@@ -119,6 +120,7 @@ def spawn_ranks(fn, args: tuple = (), world: int = 2, env: dict | None = None,
                           for r, code in failed.items())  # fmt: skip
         late = " (timed out)" if time.monotonic() >= deadline else ""
         raise AssertionError(f"ranks failed{late}: {failed}\n{tails}")
+    return [(logs / f"{r}.log").read_text(errors="replace") for r in range(world)]
 
 
 def run_python(*args: str, env: dict | None = None, cwd=None, timeout: float = 600):
@@ -188,11 +190,11 @@ def cli_env(cache=None, **extra: str) -> dict[str, str]:
 
 
 def run_ranks(world: int, script: str, *argv: str, env: dict | None = None,
-              timeout: float = 900) -> None:  # fmt: skip
+              timeout: float = 900) -> list[str]:  # fmt: skip
     """Run ``script`` as ``world`` CPU ranks of one gloo job, as torchrun would (RANK,
     LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, sys.argv, the script's
     folder on sys.path, run as __main__), through spawn_ranks."""
-    spawn_ranks(_run_script, (world, free_port(), script, argv),
+    return spawn_ranks(_run_script, (world, free_port(), script, argv),
                 world, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})},
                 timeout)  # fmt: skip
 

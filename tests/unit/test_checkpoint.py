@@ -10,12 +10,10 @@ import logging
 import os
 import pathlib
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-from testkit import free_port
+from testkit import free_port, run_ranks
 
 from cage_ds.train.checkpoint import (
     LATEST_NAME,
@@ -265,28 +263,7 @@ except CheckpointError as err:
 @pytest.mark.slow
 def test_two_ranks_agree_on_fallback_and_strict_error(tmp_path):
     (tmp_path / "worker.py").write_text(AGREEMENT_WORKER)
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "ckpt"), str(tmp_path)],
-            env={
-                **os.environ,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": "1",
-                "DS_ACCELERATOR": "cpu",
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    logs = run_ranks(2, str(tmp_path / "worker.py"), str(tmp_path / "ckpt"), str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in results:
         assert result["step"] == 1 and result["data_position"] == 10
