@@ -21,6 +21,7 @@ from cage_kernels import ops, quest_triton
 from cage_kernels.cage_adamw_triton import Schedule, cage_adamw_shard_triton
 from cage_kernels.quest_triton import quest_quantize_packed_triton, quest_quantize_triton
 from cage_kernels.segments import Segment, SegmentTable
+from cage_kernels.sumsq import next_pow2, tree_dims
 from cage_kernels.triton_lib import _add, fwht_tile, launch_opts, tree_opts, tree_row_sum
 
 HP = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -151,9 +152,11 @@ def fwht_variants(tokens: int, width: int) -> list[tuple[str, float, object]]:
     return out
 
 
-def step_variants(numel: int, row: int, caps=(None, 96, 80, 64)) -> list[tuple[str, float, object]]:
+def step_variants(numel: int, row: int, caps=(None, 96, 80, 64),
+                  chunks=(1,)) -> list[tuple[str, float, object]]:  # fmt: skip
     """(name, bytes moved, fn): torch's fused AdamW, and the fused step's variants with
-    registers uncapped and capped (Schedule.max_registers), one program per tile."""
+    registers uncapped and capped (Schedule.max_registers), whole rows and rows in chunks
+    (Schedule.chunks, where the row has as many h-slices), one program per tile."""
     rows = numel // row
     numel = rows * row
     p = torch.randn(numel, device="cuda") * 0.02
@@ -165,8 +168,8 @@ def step_variants(numel: int, row: int, caps=(None, 96, 80, 64)) -> list[tuple[s
     quant = SegmentTable((Segment(0, 0, 0, rows, row, 4),), 128)
     ste = SegmentTable((Segment(0, 0, 0, rows, row, 4, ste=True),), 128)
 
-    def step(table, lam, variant, regs, mask_out=None):
-        sched = Schedule(rows, max_registers=regs)  # >= the tiles: one program each
+    def step(table, lam, variant, regs, k, mask_out=None):
+        sched = Schedule(rows, max_registers=regs, chunks=k)  # >= the tiles: one program each
         return lambda: cage_adamw_shard_triton(p, g, m, v, table, step=10, lam=lam,
                                                variant=variant, qout=q, mask_out=mask_out,
                                                mask_in=mask_out, schedule=sched,
@@ -182,10 +185,13 @@ def step_variants(numel: int, row: int, caps=(None, 96, 80, 64)) -> list[tuple[s
              ("decoupled+ste(mask in) + copy + mask", ste, 10.0, "decoupled", mask, 32),
              ("coupled + copy", quant, 10.0, "coupled", None, 30),
              ("lambda=0 + copy", quant, 0.0, "decoupled", None, 30)]  # fmt: skip
-    for name, table, lam, variant, mask_out, nbytes in kinds:
-        for regs in caps if lam else (None, 80):
-            out.append((f"step {name}, row {row}, <= {regs or 'any'} registers", nbytes * numel,
-                        step(table, lam, variant, regs, mask_out)))  # fmt: skip
+    slices = tree_dims(next_pow2(row), 4)[0]
+    for k in (k for k in chunks if k <= slices):
+        for name, table, lam, variant, mask_out, nbytes in kinds:
+            for regs in caps if lam else (None, 80):
+                label = f"step {name}, row {row}{f', {k} chunks' * (k > 1)}"
+                out.append((f"{label}, <= {regs or 'any'} registers", nbytes * numel,
+                            step(table, lam, variant, regs, k, mask_out)))  # fmt: skip
     return out
 
 
@@ -225,10 +231,12 @@ def main() -> None:
     ap.add_argument("--steps-only", action="store_true", help="only the fused step rows")
     ap.add_argument("--caps", type=int, nargs="+", default=[0, 96, 80, 64],
                     help="register caps of the step rows (0 = none)")  # fmt: skip
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1],
+                    help="Schedule.chunks of the step rows (1 = whole rows)")  # fmt: skip
     ap.add_argument("--once", choices=["act", "step", "tree", "fwht"], default=None)
     args = ap.parse_args()
     caps = tuple(c or None for c in args.caps)
-    rows = [(lambda r=r: step_variants(args.step_numel, r, caps)) for r in args.rows]
+    rows = [(lambda r=r: step_variants(args.step_numel, r, caps, args.chunks)) for r in args.rows]
     groups = {"tree": [lambda: tree_variants(args.tokens, args.width)],
               "fwht": [lambda: fwht_variants(args.tokens, args.width)],
               "act": [lambda: act_variants(args.tokens, args.width)],

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .adamw_update import VARIANTS
+from .cage_adamw_chunked_triton import _cage_adamw_chunked_kernel
 from .grid import ALPHA
 from .segments import COLUMNS, FLAG_STE, SegmentTable
 from .sumsq import row_warps
@@ -164,11 +165,15 @@ class Schedule(NamedTuple):
     """How the tiles map to programs. Fewer programs than tiles loop over the tiles; with
     stages > 1 each program's loads of its next tile overlap the arithmetic of this one;
     max_registers caps registers per thread (ptxas spills the rest) so more programs fit on
-    an SM. The default (default_schedule) is what benchmarks/gpu_probe.py measured fastest."""
+    an SM; chunks = 2 or 4 holds a row in that many pieces at a time (one program per tile,
+    cage_adamw_chunked_triton; same results). The default (default_schedule) is what
+    benchmarks/gpu_probe.py measured fastest; chunks is not measured yet (kernel_tuning.md,
+    section 9), so the default keeps whole rows."""
 
     programs: int
     stages: int = 1
     max_registers: int | None = None
+    chunks: int = 1
 
 
 def default_schedule(device: torch.device, n_tiles: int, width: int) -> Schedule:
@@ -247,16 +252,17 @@ def quest_shard_quantize_triton(
     table: SegmentTable,
     qout: torch.Tensor,
     mask_out: torch.Tensor | None = None,
+    schedule: Schedule | None = None,
 ) -> None:
     """Triton twin of quest_shard_quantize_ref: qout <- q(W H) (or W) over the table's rows,
-    mask_out <- its STE mask."""
+    mask_out <- its STE mask (the Schedule of the launch as in cage_adamw_shard_triton)."""
     _check_shard({"param": param}, table, qout, mask_out)
     if qout is None:
         raise ValueError("quest_shard_quantize needs a qout buffer")
     if table.segments:
         no_hp = (1.0, 0.1, 0.1, 0.9, 1.0, 1.0, 1e-8, 0.0, 0.0, 0.0)  # unused without UPDATE
         _launch(table, param, param, param, param, qout, mask_out, None, no_hp, coupled=False,
-                decoupled=False, update=False, schedule=None)  # fmt: skip
+                decoupled=False, update=False, schedule=schedule)  # fmt: skip
 
 
 def _check_shard(
@@ -291,9 +297,11 @@ def _launch(
     """One kernel launch per tile width of the table (SegmentTable.by_width)."""
     if schedule is not None and (
         schedule.programs < 1 or schedule.stages < 1 or (schedule.max_registers or 24) < 24
-    ):
+        or schedule.chunks not in (1, 2, 4)
+    ):  # fmt: skip
         raise ValueError(
-            f"a Schedule needs programs >= 1, stages >= 1, max_registers >= 24, got {schedule}"
+            "a Schedule needs programs >= 1, stages >= 1, max_registers >= 24, chunks 1, 2 "
+            f"or 4, got {schedule}"
         )
     dev = param.device
     for part in _by_width(table):
@@ -305,20 +313,37 @@ def _launch(
         opts = launch_opts(tile * width)
         if sched.max_registers is not None:
             opts["maxnreg"] = sched.max_registers
-        _cage_adamw_kernel[(min(sched.programs, n_tiles),)](
+        tree = tree_opts(width, param.element_size())
+        args = (
             param, grad, exp_avg, exp_avg_sq, qout if qout is not None else param,
             mask_out.view(torch.uint8) if mask_out is not None else param,
             mask_in.view(torch.uint8) if mask_in is not None else param,
             table_tensor, tiles, alpha_table(str(dev)), n_tiles, *scalars, part.block**-0.5,
-            R=tile, N=width, LOG_N=log2_exact(width, "table width"),
-            **tree_opts(width, param.element_size()),
+        )  # fmt: skip
+        consts = dict(
+            R=tile, N=width, LOG_N=log2_exact(width, "table width"), **tree,
             LOG_B=log2_exact(part.block, "block"), NCOL=N_COLS, STE_FLAG=FLAG_STE,
             MASK_RULE=TRUST if part.mask_rule == "trust" else CLIP,
             COUPLED=coupled, DECOUPLED=decoupled, HAS_Q=qout is not None,
             HAS_MASK=mask_out is not None, HAS_MASK_IN=mask_in is not None, UPDATE=update,
             ALIGNED=all(s.shard_start % 4 == 0 and s.row_len % 4 == 0 for s in part.segments),
-            LOOP=sched.programs < n_tiles, STAGES=sched.stages, **opts,
+            **opts,
         )  # fmt: skip
+        if sched.chunks == 1:
+            _cage_adamw_kernel[(min(sched.programs, n_tiles),)](
+                *args, LOOP=sched.programs < n_tiles, STAGES=sched.stages, **consts
+            )
+            continue
+        slices = width >> (tree["LOG_W"] + tree["LOG_L"] + tree["LOG_V"])  # H of tree_dims
+        if sched.chunks > slices or sched.programs < n_tiles or sched.stages != 1:
+            raise ValueError(
+                f"Schedule(chunks={sched.chunks}) splits a row of width {width} into h-slices "
+                f"({slices} here, so at most {slices} chunks) and runs one program per tile "
+                f"(programs >= {n_tiles}, stages 1), got {sched}"
+            )
+        _cage_adamw_chunked_kernel[(n_tiles,)](
+            *args, LOG_K=log2_exact(sched.chunks, "chunks"), **consts
+        )
 
 
 @functools.lru_cache(maxsize=64)

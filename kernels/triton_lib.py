@@ -8,7 +8,8 @@ rows, zero-padded past the real row length) and reproduces its reference bit-for
   fwht_tile        the butterfly of ``hadamard.fwht_ref`` (same stage order, same adds),
                    then one multiply by fp32(1/sqrt(B))
   tree_row_sum     the fixed-order sum of ``sumsq.row_sumsq_tree_ref`` (zero padding adds
-                   exact zeros), as reductions over axes of size 2 (a + b, exact either way)
+                   exact zeros), as reductions over axes of size 2 (a + b, exact either way);
+                   tree_partial and tree_finish are its two halves (for rows in chunks)
   round_half_even  torch.round by the 1.5 * 2^23 trick (libdevice rint does not run in the
                    interpreter)
   quest_grid       grid.grid_step / grid_codes / grid_values and the trust / clip mask
@@ -89,10 +90,26 @@ def tree_row_sum(
 ):  # fmt: skip
     """[R, N] fp32 -> [R] in sumsq.row_sumsq_tree_ref's order: the row as [H, W, L, V]
     (sumsq.tree_dims; W, L, V = 2^LOG_W, 2^LOG_L, 2^LOG_V), halving V, H, L, then W."""
+    x = tree_partial(x, R, N, LOG_N, LOG_W, LOG_L, LOG_V)
+    return tree_finish(x, R, LOG_W, LOG_L)
+
+
+@triton.jit
+def tree_partial(
+    x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_W: tl.constexpr,
+    LOG_L: tl.constexpr, LOG_V: tl.constexpr,
+):  # fmt: skip
+    """The first halvings of tree_row_sum: [R, N] as [H, W, L, V] -> [R, W L], V then H."""
     for s in tl.static_range(LOG_V):
         x = _halve(x, R, N >> LOG_V, (1 << LOG_V) >> (s + 1))
     for s in tl.static_range(LOG_N - LOG_W - LOG_L - LOG_V):
         x = _halve(x, R, 1, (N >> LOG_V) >> (s + 1))
+    return x
+
+
+@triton.jit
+def tree_finish(x, R: tl.constexpr, LOG_W: tl.constexpr, LOG_L: tl.constexpr):
+    """The last halvings of tree_row_sum: [R, W L] -> [R], L then W."""
     for s in tl.static_range(LOG_L):
         x = _halve(x, R, 1 << LOG_W, (1 << LOG_L) >> (s + 1))
     for s in tl.static_range(LOG_W):

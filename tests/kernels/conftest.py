@@ -35,6 +35,7 @@ KERNEL_MODULES = (
     "cage_kernels.hadamard_triton",
     "cage_kernels.pack_triton",
     "cage_kernels.dequant_triton",
+    "cage_kernels.cage_adamw_chunked_triton",  # before cage_adamw_triton, which imports it
     "cage_kernels.cage_adamw_triton",
 )
 KERNELS = {
@@ -42,6 +43,7 @@ KERNELS = {
     "cage_kernels.hadamard_triton": "_fwht_kernel",
     "cage_kernels.pack_triton": "_pack_kernel",
     "cage_kernels.dequant_triton": "_dequant_kernel",
+    "cage_kernels.cage_adamw_chunked_triton": "_cage_adamw_chunked_kernel",
     "cage_kernels.cage_adamw_triton": "_cage_adamw_kernel",
 }
 

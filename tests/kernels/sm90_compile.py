@@ -28,6 +28,7 @@ import cage_kernels.pack_triton as pack
 import cage_kernels.quest_triton as quest
 import torch
 import triton
+from cage_kernels.cage_adamw_chunked_triton import _cage_adamw_chunked_kernel as chunked_kernel
 from cage_kernels.triton_lib import launch_opts, reduction_rows, tree_opts
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -140,6 +141,20 @@ def main() -> int:
             regs = adamw.default_schedule(torch.device("cuda"), 1, width).max_registers
             name += f" regs<={regs}" * (regs is not None)
             compiled.append(compile_one(name, adamw._cage_adamw_kernel, at, c, r * width, regs))
+    # Rows in chunks (Schedule.chunks; kernel_tuning.md, section 9): 8 elements a thread and
+    # chunk at 8192 (2 chunks) and 16384 (4, the padded width of 14336), with the 80-register
+    # cap that the whole-row step takes where a thread holds 8 elements, and at 8192 without.
+    chunked = [(8192, 2, False, True, 80), (8192, 2, True, True, 80), (8192, 2, False, False, 80),
+               (8192, 2, False, True, None), (16384, 4, False, True, 80)]  # fmt: skip
+    for width, chunks, coupled, update, regs in chunked:
+        r = adamw.rows_per_tile(width)
+        c = dict(R=r, N=width, LOG_N=width.bit_length() - 1, **tree_opts(width, 4),
+                 LOG_K=chunks.bit_length() - 1, LOG_B=7, NCOL=7, STE_FLAG=1, MASK_RULE=0,
+                 COUPLED=coupled, DECOUPLED=update and not coupled, HAS_Q=True,
+                 HAS_MASK=update, HAS_MASK_IN=False, UPDATE=update, ALIGNED=True)  # fmt: skip
+        name = f"cage_adamw chunks={chunks} N={width} coupled={coupled} update={update}"
+        name += f" regs<={regs}" * (regs is not None)
+        compiled.append(compile_one(name, chunked_kernel, at, c, r * width, regs))
     spilled = [k for k in compiled if "STACK:0 " not in k["usage"]]
     print(f"{len(compiled)} kernels compiled for sm_90a, {len(spilled)} with a stack frame")
     print("duplicated float ops in:", ", ".join(k["name"] for k in compiled if k["dup"]) or "none")

@@ -25,6 +25,7 @@ from cage_kernels.cage_adamw_triton import (
     Schedule,
     cage_adamw_shard_triton,
     default_schedule,
+    quest_shard_quantize_triton,
     rows_per_tile,
 )
 from cage_kernels.segments import (
@@ -259,6 +260,62 @@ def test_looping_schedules_equal_one_program_per_tile(gen, dev, schedule):
     for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout", "mask_out"),
                           *outs, strict=True):  # fmt: skip
         assert torch.equal(a, b), f"{name} differs under {schedule}"
+
+
+@pytest.mark.parametrize(("width", "chunks"), [(1024, 2), (4096, 2), (4096, 4)])
+@pytest.mark.parametrize("case", ["decoupled", "coupled", "mask_in", "quantize"])
+def test_rows_in_chunks_equal_whole_rows(gen, dev, width, chunks, case):
+    """Schedule(chunks=K) holds a K-th of a row at a time and writes every output bit for bit
+    as whole rows do: the row statistic keeps its tree order (kernel_tuning.md, section 9).
+    Rows shorter than the tile (padding masked per chunk), STE and plain rows, a parameter
+    without quantizer, two tiles a segment. A row of 1024 has 2 h-slices of 512 (one a chunk),
+    one of 4096 has 4 of 1024 (sumsq.tree_dims): 2 chunks of 2 slices each, or 4 of one."""
+    rows = rows_per_tile(width) + 1
+    shapes = ((rows, width - BLOCK, 4, True), (rows, width * 3 // 4 + BLOCK, 3, False),
+              (1, width - 100, 0, False))  # fmt: skip
+    segs, at = [], 0
+    for pid, (n_rows, row_len, bits, ste) in enumerate(shapes):
+        segs.append(Segment(pid, at, 0, n_rows, row_len, bits, ste=ste))
+        at += n_rows * row_len
+    table = SegmentTable(tuple(segs), BLOCK, "clip" if case == "coupled" else "trust")
+    assert [p.width for p in table.by_width()] == [width]
+    n_tiles = table.tiles(rows_per_tile(width)).shape[0]
+    state = stream_state(gen, at)
+    # blocks of 16 weights scaled by 4^-3 .. 4^3: chunk partials of unlike size, so that any
+    # other grouping of the row sum rounds differently in most rows
+    scale = 4.0 ** torch.randint(-3, 4, (-(-at // 16),), generator=gen).repeat_interleave(16)
+    state[0] *= scale[:at]
+    given = poisoned_mask(at)
+    quest_shard_quantize_ref(state[0], table, None, given)
+    outs = []
+    for sched in (Schedule(n_tiles), Schedule(n_tiles, chunks=chunks)):
+        run = [t.clone().to(dev) for t in state]
+        q = torch.full((at,), float("nan"), dtype=torch.bfloat16, device=dev)
+        mask = poisoned_mask(at).to(dev)
+        if case == "quantize":
+            quest_shard_quantize_triton(run[0], table, q, mask, schedule=sched)
+        else:
+            mask_in = given.clone().to(dev) if case == "mask_in" else None
+            variant = "coupled" if case == "coupled" else "decoupled"
+            cage_adamw_shard_triton(*run, table, qout=q, mask_out=mask, mask_in=mask_in,
+                                    variant=variant, schedule=sched, **HP)  # fmt: skip
+        outs.append([bits_of(t.cpu()) for t in [*run, q]] + [as_bytes(mask.cpu())])
+    for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "qout", "mask_out"),
+                          *outs, strict=True):  # fmt: skip
+        assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} elements differ in chunks"
+    assert not torch.isnan(outs[1][4].view(torch.bfloat16)).any(), "qout not written"
+
+
+def test_chunks_that_do_not_divide_the_row_are_refused(dev):
+    table = SegmentTable((Segment(0, 0, 0, 2, 960, 4),), BLOCK)  # width 1024: 2 h-slices
+    state = [torch.zeros(1920, device=dev) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"at most 2 chunks"):
+        cage_adamw_shard_triton(*state, table, variant="decoupled",
+                                schedule=Schedule(table.tiles(rows_per_tile(1024)).shape[0],
+                                                  chunks=4), **HP)  # fmt: skip
+    with pytest.raises(ValueError, match=r"chunks 1, 2 or 4"):
+        cage_adamw_shard_triton(*state, table, variant="decoupled", schedule=Schedule(1, chunks=3),
+                                **HP)  # fmt: skip
 
 
 def test_default_schedule_caps_registers_where_a_thread_holds_8_elements():
