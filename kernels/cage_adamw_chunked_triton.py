@@ -15,7 +15,8 @@ reading what the previous one wrote (L2-resident on a GPU):
     1  Adam (after the STE / coupled gradient), stores m, v and W', partials of W'^2;
     2  (decoupled)  W = W' - lr lambda (W' - Q(W')), stores W, partials of W^2;
     3  (qout / mask_out)  q(W H) of the final W and its STE mask.
-Without UPDATE only a statistic pass and pass 3 run (quest_shard_quantize).
+Without UPDATE only a statistic pass and pass 3 run (quest_shard_quantize). Builtins of
+triton.language only (tl.full, not tl.zeros: triton_lib's docstring says why).
 docs/benchmarks/kernel_tuning.md, section 9: why (wide rows are register-bound when a thread
 holds 16 elements) and what a device run must show.
 """
@@ -218,7 +219,7 @@ def _cage_adamw_chunked_kernel(
     alpha = tl.load(alpha_ptr + bits)
     levels_m1 = ((1 << bits) - 1).to(tl.float32)
     if UPDATE:
-        old_step = tl.zeros([R], tl.float32)  # the old W's grid step, where a pass needs it
+        old_step = tl.full([R], 0.0, tl.float32)  # the old W's grid step, where a pass needs it
         if COUPLED:
             if quant:
                 old_step = _row_step(p_ptr, start, r, n_rows, row_len, row_len_f, alpha,
@@ -245,7 +246,7 @@ def _cage_adamw_chunked_kernel(
                                    ALIGNED)  # fmt: skip
                 tl.debug_barrier()
     if HAS_Q or HAS_MASK:
-        step = tl.zeros([R], tl.float32)
+        step = tl.full([R], 0.0, tl.float32)
         if quant:
             step = _row_step(p_ptr, start, r, n_rows, row_len, row_len_f, alpha, levels_m1, R,
                              NC, LOG_NC, S, K, LOG_W, LOG_L, LOG_V, ALIGNED)  # fmt: skip

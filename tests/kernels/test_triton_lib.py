@@ -103,3 +103,24 @@ def test_codes_stay_on_the_grid_at_and_beyond_the_clip(gen, dev, bits):
     assert torch.equal(twin.codes, clamped)
     assert torch.equal(kernel.codes.cpu(), clamped)
     assert int(clamped.max()) == 2**bits - 1 and int(clamped.min()) == 0
+
+
+def test_kernels_use_only_builtins_of_triton_language():
+    """triton.language's own @jit functions (tl.zeros, tl.sum, ...) are fixed as compiled or
+    interpreted when triton is first imported, so a kernel calling one fails under the
+    interpreter whenever triton came in before TRITON_INTERPRET was set (the whole suite's
+    order): no kernel module may use them (triton_lib's docstring)."""
+    import ast
+    from pathlib import Path
+
+    import cage_kernels
+    from triton.runtime.interpreter import InterpretedFunction
+
+    used = set()
+    for path in Path(cage_kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "tl":
+                used.add((path.name, node.attr))
+    kinds = (triton.runtime.JITFunction, InterpretedFunction)
+    jitted = sorted((f, n) for f, n in used if isinstance(getattr(tl, n, None), kinds))
+    assert not jitted, f"triton.language @jit functions used in kernels: {jitted}"
