@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 
 from .triton_lib import (
+    adamw_tile,
     cast_rne,
-    div_rn_by,
     fwht_tile,
+    load_tile,
     quest_grid,
     quest_step,
     tree_finish,
@@ -140,14 +141,8 @@ def _update_chunk(
             g = fwht_tile(g * mask.to(tl.float32), R, NC, LOG_B, hscale)
         if COUPLED:
             g = tl.fma(lam, p - fwht_tile(qv, R, NC, LOG_B, hscale), g)
-    p = p * decay
-    if w1 < 0.5:
-        m = tl.fma(w1, g - m, m)
-    else:
-        m = tl.fma(w1 - 1.0, g - m, g)
-    v = tl.fma(c2 * g, g, v * beta2)
-    denom = div_rn_by(tl.math.sqrt_rn(v), bias2_sqrt, inv_bias2_sqrt) + eps
-    p = p + tl.math.div_rn(step_size * m, denom)
+    p, m, v = adamw_tile(p, g, m, v, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps,
+                         step_size)  # fmt: skip
     tl.store(p_ptr + offs, p, mask=inb)
     tl.store(m_ptr + offs, m, mask=inb)
     tl.store(v_ptr + offs, v, mask=inb)
@@ -203,16 +198,8 @@ def _cage_adamw_chunked_kernel(
     NC: tl.constexpr = N >> LOG_K
     LOG_NC: tl.constexpr = LOG_N - LOG_K
     S: tl.constexpr = 1 << (LOG_W + LOG_L + LOG_V)
-    t = tl.program_id(0)
-    seg = tl.load(tiles_ptr + 2 * t)
-    row0 = tl.load(tiles_ptr + 2 * t + 1)
-    entry = table_ptr + seg * NCOL
-    start = tl.load(entry + 1)
-    n_rows = tl.load(entry + 3)
-    row_len = tl.load(entry + 4)
-    bits = tl.load(entry + 5)
-    flags = tl.load(entry + 6)
-    r = (row0 + tl.arange(0, R))[:, None]
+    start, n_rows, row_len, bits, flags, r = load_tile(tiles_ptr, table_ptr, tl.program_id(0),
+                                                      R, NCOL)  # fmt: skip
     quant = bits > 0
     ste = (flags & STE_FLAG) != 0
     row_len_f = row_len.to(tl.float32)

@@ -38,10 +38,11 @@ from .sumsq import row_warps
 from .triton_lib import (
     CLIP,
     TRUST,
+    adamw_tile,
     cast_rne,
-    div_rn_by,
     fwht_tile,
     launch_opts,
+    load_tile,
     log2_exact,
     quest_grid,
     quest_step,
@@ -92,15 +93,7 @@ def _cage_adamw_kernel(
     else:
         last, stride = first + 1, 1
     for t in tl.range(first, last, stride, num_stages=STAGES):  # tile t: its rows
-        seg = tl.load(tiles_ptr + 2 * t)
-        row0 = tl.load(tiles_ptr + 2 * t + 1)
-        entry = table_ptr + seg * NCOL
-        start = tl.load(entry + 1)
-        n_rows = tl.load(entry + 3)
-        row_len = tl.load(entry + 4)
-        bits = tl.load(entry + 5)
-        flags = tl.load(entry + 6)
-        r = (row0 + tl.arange(0, R))[:, None]
+        start, n_rows, row_len, bits, flags, r = load_tile(tiles_ptr, table_ptr, t, R, NCOL)
         cols = tl.arange(0, N)[None, :] < row_len
         inb = (r < n_rows) & cols
         offs = start + r * row_len + tl.arange(0, N)[None, :]
@@ -133,14 +126,8 @@ def _cage_adamw_kernel(
                     g = fwht_tile(g * mask.to(tl.float32), R, N, LOG_B, hscale)
                 if COUPLED:
                     g = tl.fma(lam, p - fwht_tile(qv, R, N, LOG_B, hscale), g)
-            p = p * decay
-            if w1 < 0.5:
-                m = tl.fma(w1, g - m, m)
-            else:
-                m = tl.fma(w1 - 1.0, g - m, g)
-            v = tl.fma(c2 * g, g, v * beta2)
-            denom = div_rn_by(tl.math.sqrt_rn(v), bias2_sqrt, inv_bias2_sqrt) + eps
-            p = p + tl.math.div_rn(step_size * m, denom)
+            p, m, v = adamw_tile(p, g, m, v, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt,
+                                 eps, step_size)  # fmt: skip
             if quant:
                 if DECOUPLED:
                     qv, _ = _quest_values(p, cols, row_len_f, alpha, levels_m1, hscale, R, N,

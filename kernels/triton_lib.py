@@ -118,6 +118,37 @@ def tree_finish(x, R: tl.constexpr, LOG_W: tl.constexpr, LOG_L: tl.constexpr):
 
 
 @triton.jit
+def load_tile(tiles_ptr, table_ptr, t, R: tl.constexpr, NCOL: tl.constexpr):
+    """Tile t of a SegmentTable's tile list: (start, n_rows, row_len, bits, flags) of its
+    segment (segments.COLUMNS) and its row indices r [R, 1]."""
+    seg = tl.load(tiles_ptr + 2 * t)
+    row0 = tl.load(tiles_ptr + 2 * t + 1)
+    entry = table_ptr + seg * NCOL
+    start = tl.load(entry + 1)
+    n_rows = tl.load(entry + 3)
+    row_len = tl.load(entry + 4)
+    bits = tl.load(entry + 5)
+    flags = tl.load(entry + 6)
+    return start, n_rows, row_len, bits, flags, (row0 + tl.arange(0, R))[:, None]
+
+
+@triton.jit
+def adamw_tile(p, g, m, v, decay, w1, c2, beta2, bias2_sqrt, inv_bias2_sqrt, eps, step_size):
+    """One AdamW step of a tile, op for op as adamw_update (fmas where torch's CPU kernels
+    fuse: lerp_, addcmul_, add(alpha)): W <- W (1 - lr wd); m <- lerp(m, g, 1 - b1);
+    v <- fma((1 - b2) g, g, v b2); W <- W + (-lr / bias1) m / (sqrt(v) / sqrt(bias2) + eps).
+    Returns (W, m, v)."""
+    p = p * decay
+    if w1 < 0.5:
+        m = tl.fma(w1, g - m, m)
+    else:
+        m = tl.fma(w1 - 1.0, g - m, g)
+    v = tl.fma(c2 * g, g, v * beta2)
+    denom = div_rn_by(tl.math.sqrt_rn(v), bias2_sqrt, inv_bias2_sqrt) + eps
+    return p + tl.math.div_rn(step_size * m, denom), m, v
+
+
+@triton.jit
 def round_half_even(t):
     """torch.round of fp32 t, |t| < 2^22: adding 1.5 * 2^23 leaves a sum whose ulp is 1, so
     the fp32 add itself rounds t to the nearest integer, ties to even; subtracting is exact."""
