@@ -194,9 +194,25 @@ def run_ranks(world: int, script: str, *argv: str, env: dict | None = None,
     """Run ``script`` as ``world`` CPU ranks of one gloo job, as torchrun would (RANK,
     LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, sys.argv, the script's
     folder on sys.path, run as __main__), through spawn_ranks."""
-    return spawn_ranks(_run_script, (world, free_port(), script, argv),
-                world, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})},
-                timeout)  # fmt: skip
+    port = free_port()
+    try:
+        return spawn_ranks(_run_script, (world, port, script, argv),
+                           world, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})},
+                           timeout)  # fmt: skip
+    finally:
+        release_shm(port, world)
+
+
+def release_shm(port: int, world: int) -> None:
+    """Remove the /dev/shm files of a finished DeepSpeed CPU job on 127.0.0.1:``port``: its
+    shm all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates one 69 MB file per rank and
+    never unlinks it, so a day of test runs once filled /dev/shm (16 GB) and the VM thrashed."""
+    import os
+    from pathlib import Path
+
+    for rank in range(world):
+        name = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}"
+        Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _run_script(rank: int, world: int, port: int, script: str, argv: tuple) -> None:
