@@ -206,7 +206,8 @@ def run_ranks(world: int, script: str, *argv: str, env: dict | None = None,
 def release_shm(port: int, world: int) -> None:
     """Remove the /dev/shm files of a finished DeepSpeed CPU job on 127.0.0.1:``port``: its
     shm all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates one 69 MB file per rank and
-    never unlinks it, so a day of test runs once filled /dev/shm (16 GB) and the VM thrashed."""
+    never unlinks it, so a day of test runs once filled /dev/shm (16 GB) and the VM thrashed.
+    cage_ds.zero.cpu_shm unlinks them after init; this also covers a rank that died before."""
     import os
     from pathlib import Path
 

@@ -68,7 +68,8 @@ def init_distributed(backend: str = "deepspeed") -> tuple[int, int]:
     """deepspeed.init_distributed (backend fsdp2: torch's process group, nccl on CUDA, gloo
     on CPU) with single-process defaults (RANK 0 of WORLD_SIZE 1 on a free loopback port)
     when no launcher set the environment; a single-node rendezvous listens on loopback only
-    (cage_ds.train.rendezvous). Returns (rank, world)."""
+    (cage_ds.train.rendezvous); DeepSpeed's CPU shm all-reduce files are unlinked once
+    mapped (cage_ds.zero.cpu_shm). Returns (rank, world)."""
     from deepspeed.constants import default_pg_timeout
 
     if "RANK" not in os.environ:
@@ -84,9 +85,12 @@ def init_distributed(backend: str = "deepspeed") -> tuple[int, int]:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
+        from cage_ds.zero.cpu_shm import unlink_allreduce_buffer
+
         comm = get_accelerator().communication_backend_name()
         init_loopback_process_group(comm, default_pg_timeout)
         deepspeed.init_distributed(dist_backend=comm)
+        unlink_allreduce_buffer()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

@@ -45,6 +45,7 @@ from cage_ds.nn import QuantLinear, quantized_modules
 from cage_ds.optim.quant_ops import quant_spec_from_group
 from cage_ds.quant.lowbit import WireFormat, allowed
 
+from .cpu_shm import unlink_allreduce_buffer
 from .flat_gather import FlatLowbitGather
 from .gather import LowbitGather
 from .optimizer import ShardedQuantOps, install_quant_ops
@@ -498,6 +499,7 @@ def attach(
         raise RuntimeError("cage_ds.zero: hooks are already attached to this engine")
     if engine.fp16_enabled():
         raise ValueError("cage_ds.zero: fp16 (loss scaling) is not supported; use bf16 or fp32")
+    unlink_allreduce_buffer()  # HF Trainer / accelerate ran deepspeed.init_distributed
     names = {id(p): n for n, p in engine.module.named_parameters()}
     gather = None
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
