@@ -3,7 +3,9 @@
 A tensor [..., n] with n b % 8 == 0 packs row by row into whole bytes, so its packed form
 equals the packed flat stream: the kernels work on the flat stream. Pack: program p takes
 G groups of 8 codes (zero past the end), forms w = sum_i k_i << (b i) and writes its b
-bytes. Unpack: code i = ((byte[i b // 8] | byte[i b // 8 + 1] << 8) >> (i b % 8)) & (2^b - 1).
+bytes. Unpack, the inverse: program p reads G groups of b bytes, forms the same word and
+writes its 8 codes (w >> b i) & (2^b - 1). Where b is a power of two a group's bytes are one
+vector access (b = 3, 5, 6, 7: masked lanes up to the next power of two).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import triton.language as tl
 
 from .grid import check_bits
 from .quest_triton import interpreting
-from .triton_lib import launch_opts, pack_rows_store
+from .triton_lib import launch_opts, next_pow2_constexpr, or_lanes, pack_rows_store
 
 
 @triton.jit
@@ -31,16 +33,22 @@ def _pack_kernel(codes_ptr, out_ptr, n_codes, G: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, out_ptr, n_codes, n_bytes, BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """Codes pid*BLOCK .. : read the (one or two) bytes holding each code's bits."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = i < n_codes
-    bit = i * BITS
-    lo = tl.load(packed_ptr + bit // 8, mask=live, other=0).to(tl.int32)
-    hi = tl.load(packed_ptr + bit // 8 + 1, mask=live & (bit // 8 + 1 < n_bytes), other=0)
-    word = lo | (hi.to(tl.int32) << 8)
-    k = (word >> (bit % 8).to(tl.int32)) & ((1 << BITS) - 1)
-    tl.store(out_ptr + i, k.to(tl.uint8), mask=live)
+def _unpack_kernel(packed_ptr, out_ptr, n_codes, n_bytes, G: tl.constexpr, BITS: tl.constexpr):
+    """Groups pid*G .. pid*G+G-1: BITS bytes (one vector load where BITS is a power of two)
+    -> word w = sum_i byte_i << 8 i -> 8 codes (w >> BITS j) & (2^BITS - 1), one store."""
+    LANES: tl.constexpr = next_pow2_constexpr(BITS)
+    g = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    lane = tl.arange(0, LANES)[None, :]
+    at = g[:, None] * BITS + lane
+    live = at < n_bytes
+    if LANES != BITS:
+        live = live & (lane < BITS)
+    byte = tl.load(packed_ptr + at, mask=live, other=0).to(tl.int64)
+    word = or_lanes(byte << (8 * lane).to(tl.int64), G, LANES)
+    j = tl.arange(0, 8)[None, :]
+    k = (word[:, None] >> (BITS * j).to(tl.int64)) & ((1 << BITS) - 1)
+    idx = g[:, None] * 8 + j
+    tl.store(out_ptr + idx, k.to(tl.uint8), mask=idx < n_codes)
 
 
 def _block() -> int:
@@ -75,10 +83,10 @@ def unpack_triton(packed: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(*packed.shape[:-1], m * 8 // bits, dtype=torch.uint8, device=packed.device)
     n_codes = out.numel()
     if n_codes:
-        block = _block()
+        groups = triton.cdiv(n_codes, 8)
+        g = _block() // 8
         if interpreting():
-            block = min(block, 1 << max(0, (n_codes - 1).bit_length()))
-        grid = (triton.cdiv(n_codes, block),)
-        _unpack_kernel[grid](flat, out, n_codes, flat.numel(), BLOCK=block, BITS=bits,
-                             **launch_opts())  # fmt: skip
+            g = min(g, 1 << max(0, (groups - 1).bit_length()))
+        _unpack_kernel[(triton.cdiv(groups, g),)](flat, out, n_codes, flat.numel(), G=g,
+                                                  BITS=bits, **launch_opts())  # fmt: skip
     return out

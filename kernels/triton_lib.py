@@ -15,6 +15,7 @@ rows, zero-padded past the real row length) and reproduces its reference bit-for
   quest_grid       grid.grid_step / grid_codes / grid_values and the trust / clip mask
   cast_rne         torch's round-to-nearest-even .to(dtype) (bf16 done on the bits)
   pack_rows_store  pack.pack_ref's little-endian bit stream, 8 codes -> ``bits`` bytes
+  or_lanes         the OR of disjoint bit fields over a tile's last axis (pack / unpack)
 Divisions and square roots are correctly rounded (div_rn / sqrt_rn, or div_rn_by for a
 divisor shared by a row), as torch on CPU; launchers pass
 ``enable_fp_fusion=False`` so the compiler contracts no mul+add that torch rounds twice.
@@ -194,6 +195,29 @@ def quest_grid(y, step, levels_m1, MASK_RULE: tl.constexpr):
     return k, v, m
 
 
+@triton.constexpr_function
+def ilog2(n: int) -> int:
+    """log2 of a power of two, at compile time."""
+    return n.bit_length() - 1
+
+
+@triton.constexpr_function
+def next_pow2_constexpr(n: int) -> int:
+    """sumsq.next_pow2 at compile time (a constexpr function may call no Python function)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@triton.jit
+def or_lanes(x, M: tl.constexpr, LANES: tl.constexpr):
+    """x [M, LANES] of disjoint bit fields -> [M], OR over the lanes by halving (LANES a
+    power of two): lane j with lane j + LANES / 2, and so on."""
+    for s in tl.static_range(ilog2(LANES)):
+        x = tl.reshape(x, [M, 2, LANES >> (s + 1)])
+        a, b = tl.split(tl.permute(x, (0, 2, 1)))
+        x = a | b
+    return tl.reshape(x, [M])
+
+
 @triton.jit
 def pack_rows_store(
     codes, out_ptr, row_byte_off, col_mask, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr
@@ -201,19 +225,21 @@ def pack_rows_store(
     """Store integer codes [R, N] (N % 8 == 0) as BITS-bit fields, little-endian stream.
 
     Group j of 8 codes becomes one int64 word w = sum_i k_i << (BITS i), written as bytes
-    out[row_byte_off + j * BITS + i] = (w >> 8 i) & 255; col_mask [R, N // 8] selects groups.
+    out[row_byte_off + j * BITS + i] = (w >> 8 i) & 255, i < BITS: one vector store per
+    group where BITS is a power of two, else byte by byte; col_mask [R, N // 8] selects groups.
     """
     shift = (tl.arange(0, N) % 8 * BITS).to(tl.int64)
-    word = codes.to(tl.int64) << shift[None, :]
-    for s in tl.static_range(3):  # OR the 8 disjoint fields of each group: 8 -> 4 -> 2 -> 1
-        word = tl.reshape(word, [R, N // 8, 2, 4 >> s])
-        a, b = tl.split(tl.permute(word, (0, 1, 3, 2)))
-        word = a | b
-    word = tl.reshape(word, [R, N // 8])
-    gcol = tl.arange(0, N // 8)[None, :] * BITS
-    for i in tl.static_range(BITS):
-        byte = ((word >> (8 * i)) & 255).to(tl.uint8)
-        tl.store(out_ptr + row_byte_off + gcol + i, byte, mask=col_mask)
+    word = tl.reshape(codes.to(tl.int64) << shift[None, :], [R * (N // 8), 8])
+    word = tl.reshape(or_lanes(word, R * (N // 8), 8), [R, N // 8])
+    group_at = row_byte_off + tl.arange(0, N // 8)[None, :] * BITS
+    if BITS & (BITS - 1):  # a group of 3, 5, 6 or 7 bytes has no vector access
+        for i in tl.static_range(BITS):
+            byte = ((word >> (8 * i)) & 255).to(tl.uint8)
+            tl.store(out_ptr + group_at + i, byte, mask=col_mask)
+    else:
+        lane = tl.arange(0, BITS)[None, None, :]
+        byte = ((word[:, :, None] >> (8 * lane).to(tl.int64)) & 255).to(tl.uint8)
+        tl.store(out_ptr + group_at[:, :, None] + lane, byte, mask=col_mask[:, :, None])
 
 
 def log2_exact(n: int, what: str) -> int:

@@ -56,7 +56,7 @@ def compile_one(
 ) -> dict:
     """Compile fn with pointer/scalar types and constexprs (and ptxas's register cap, where
     the launcher sets one); print and return its resource line, static SASS instruction
-    count and duplicated float ops."""
+    count, duplicated float ops and global memory instructions (LDG / STG with their width)."""
     names = fn.arg_names
     signature = {n: ("constexpr" if n in consts else types[n]) for n in names}
     constexprs = {(names.index(k),): v for k, v in consts.items()}
@@ -79,9 +79,11 @@ def compile_one(
     usage = next((line.strip() for line in res.stdout.splitlines() if "REG:" in line), "?")
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass.stdout, re.M))
     dup = duplicated_float_ops(kernel)
+    globals_ = collections.Counter(re.findall(r"\b((?:LDG|STG)\.[.\w]+)", sass.stdout))
+    mem = ",".join(f"{op}x{n}" for op, n in sorted(globals_.items()))
     line = f"{name:40} warps={opts['num_warps']:2} sass={instructions:5} dup={dup:2} {usage}"
-    print(line, flush=True)
-    return {"name": name, "usage": usage, "dup": dup}
+    print(f"{line} global={mem}", flush=True)
+    return {"name": name, "usage": usage, "dup": dup, "global": globals_}
 
 
 def main() -> int:
@@ -108,12 +110,13 @@ def main() -> int:
     ht = dict(x_ptr="*bf16", mask_ptr="*u8", y_ptr="*bf16", rows="i32", n="i32", hscale=F32)
     compiled.append(compile_one("fwht masked W=2048", hadamard._fwht_kernel, ht,
                               dict(R=2, W=2048, LOG_B=7, HAS_MASK=True), 4096))  # fmt: skip
-    compiled.append(compile_one("pack 3-bit", pack._pack_kernel,
-                              dict(codes_ptr="*u8", out_ptr="*u8", n_codes="i32"),
-                              dict(G=128, BITS=3), 1024))  # fmt: skip
-    compiled.append(compile_one("unpack 3-bit", pack._unpack_kernel,
-                              dict(packed_ptr="*u8", out_ptr="*u8", n_codes="i32", n_bytes="i32"),
-                              dict(BLOCK=1024, BITS=3), 1024))  # fmt: skip
+    for bits in (3, 4):
+        compiled.append(compile_one(f"pack {bits}-bit", pack._pack_kernel,
+                                  dict(codes_ptr="*u8", out_ptr="*u8", n_codes="i32"),
+                                  dict(G=128, BITS=bits), 1024))  # fmt: skip
+        compiled.append(compile_one(f"unpack {bits}-bit", pack._unpack_kernel,
+                                  dict(packed_ptr="*u8", out_ptr="*u8", n_codes="i32",
+                                       n_bytes="i32"), dict(G=128, BITS=bits), 1024))  # fmt: skip
     compiled.append(compile_one("dequantize", dequant._dequant_kernel,
                               dict(codes_ptr="*u8", step_ptr="*fp32", out_ptr="*bf16", rows="i32",
                                    n="i32", half=F32), dict(R=2, W=2048), 4096))  # fmt: skip
@@ -157,6 +160,9 @@ def main() -> int:
         compiled.append(compile_one(name, chunked_kernel, at, c, r * width, regs))
     spilled = [k for k in compiled if "STACK:0 " not in k["usage"]]
     print(f"{len(compiled)} kernels compiled for sm_90a, {len(spilled)} with a stack frame")
+    byte_wise = [k["name"] for k in compiled if "4-bit" in k["name"]
+                 and {"LDG.E.U8", "STG.E.U8"} & set(k["global"])]  # fmt: skip
+    print("4-bit pack / unpack with byte-wise global accesses:", ", ".join(byte_wise) or "none")
     print("duplicated float ops in:", ", ".join(k["name"] for k in compiled if k["dup"]) or "none")
     return 0
 
