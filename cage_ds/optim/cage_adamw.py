@@ -93,6 +93,12 @@ class CageAdamW(torch.optim.Optimizer):
     With cage_lambda = 0 this is torch.optim.AdamW (single-tensor path), op for op.
     ``last_lambda``: the largest lambda_k applied to a quantized parameter by the last step()
     that updated one (a ZeRO-3 sub-group without quantized weights leaves it unchanged).
+
+    next_lr_ratio: the official code's order, where the scheduler steps between the Adam
+    step and the decoupled correction, so the correction uses the next step's lr:
+    W <- W' - lr_{k+1} lambda_k e. Given as k -> lr_{k+1} / lr_k of the lr schedule, it scales
+    lambda_k (what ``last_lambda`` reports too); None (default) = this step's lr, as
+    cage-method.md section 2. Refused with cage_variant "coupled" (no lr in its correction).
     """
 
     def __init__(
@@ -107,6 +113,7 @@ class CageAdamW(torch.optim.Optimizer):
         cage_schedule: str = "linear_ramp",
         cage_variant: str = "decoupled",
         total_steps: int | None = None,
+        next_lr_ratio: Callable[[int], float] | None = None,
     ):
         defaults = {
             "lr": lr,
@@ -121,6 +128,7 @@ class CageAdamW(torch.optim.Optimizer):
             "quant": None,
         }
         check_adamw_group(defaults, "CageAdamW")
+        self.next_lr_ratio = next_lr_ratio
         self._labels: dict[int, str] = {}
         self._provider: QuantOpsFn | None = None
         self._ops: dict[int, tuple[tuple | None, TensorQuantOps | None]] = {}
@@ -130,7 +138,13 @@ class CageAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, after validating the group's settings (defaults filled in)."""
         merged = {**self.defaults, **param_group}
-        check_adamw_group(merged, f"CageAdamW param group {len(self.param_groups)}")
+        where = f"CageAdamW param group {len(self.param_groups)}"
+        check_adamw_group(merged, where)
+        if self.next_lr_ratio is not None and merged["cage_variant"] == "coupled":
+            raise ValueError(
+                f"{where}: next_lr_ratio (the correction at the next step's lr) applies to the "
+                "decoupled correction only, not to cage_variant='coupled'"
+            )
         super().add_param_group(param_group)
         self._labels = {}
 
@@ -196,6 +210,8 @@ class CageAdamW(torch.optim.Optimizer):
                 lam = 0.0
                 if ops is not None:
                     lam = group_lambda(group, k)
+                    if lam and self.next_lr_ratio is not None:
+                        lam *= self.next_lr_ratio(k)
                     applied.append(lam)
                 hyper = dict(
                     step=k,

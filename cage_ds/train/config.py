@@ -204,6 +204,10 @@ class OptimConfig(_Model):
     """linear_ramp or constant (after the silence)."""
     cage_variant: Literal["decoupled", "coupled"] = "decoupled"
     """decoupled (official: added after the Adam step) or coupled (added to the gradient)."""
+    cage_lr_order: Literal["step", "next"] = "step"
+    """The lr of the decoupled correction W <- W - lr lambda (W - Q(W)): "step" = this step's
+    (cage-method.md section 2), "next" = the one the scheduler sets for the next step (the
+    official code's order: the scheduler steps before the correction). Decoupled only."""
     cage_targets: Names | None = None
     """Which of quant.targets get the correction (e.g. [q_proj, k_proj, v_proj, o_proj] for
     attention only); null = all quantized layers, as in the official code. The others train
@@ -219,6 +223,11 @@ class OptimConfig(_Model):
             check_schedule(self.cage_lambda, self.cage_silence, self.cage_schedule, 1)
         except ValueError as err:
             raise ConfigError(f"optim: {err}") from None
+        if self.cage_lr_order == "next" and self.cage_variant == "coupled":
+            raise ConfigError(
+                "optim.cage_lr_order='next' applies to the decoupled correction only (the "
+                "coupled form has no lr in its correction); set optim.cage_lr_order=step"
+            )
         if self.cage_strength is not None and self.cage_lambda > 0:
             raise ConfigError(
                 f"optim.cage_lambda={self.cage_lambda} and optim.cage_strength="

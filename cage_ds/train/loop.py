@@ -24,6 +24,7 @@ in for the DeepSpeed engine.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -40,7 +41,13 @@ from .diskio import append_line, disk_full_guard, repair_torn_tail
 from .evaluate import evaluate
 from .model import build_model, parameter_counts, zero_stage
 from .preflight import deepspeed_json, derived_deepspeed_keys, validate
-from .recipe import cage_off_reason, resolve_cage_lambda, total_steps, warmup_cosine
+from .recipe import (
+    cage_off_reason,
+    next_lr_ratio,
+    resolve_cage_lambda,
+    total_steps,
+    warmup_cosine,
+)
 from .rendezvous import init_loopback_process_group
 from .result import RunResult
 from .resume_guard import CONFIG_META_KEY, check_config, checkpoint_root
@@ -131,7 +138,11 @@ def build_optimizer(
     groups = cage_param_groups(model, o.weight_decay, o.cage_targets, **cage)
     if stage > 0 and not uses_cage_zero(cfg, stage):
         groups = [{**g, "quant": None} for g in groups]
-    return CageAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **cage)
+    next_lr = None
+    if o.cage_lr_order == "next":
+        next_lr = functools.partial(next_lr_ratio, steps, o.warmup_fraction, o.min_lr_ratio)
+    return CageAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                     next_lr_ratio=next_lr, **cage)  # fmt: skip
 
 
 def initialize_engine(cfg: Config, model, optimizer, scheduler, ds_config: dict[str, Any]):

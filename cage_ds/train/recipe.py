@@ -3,7 +3,7 @@
 lr_t = lr * t / W for t <= W, else lr * (m + (1 - m) (1 + cos(pi (t - W) / (T - W))) / 2),
 t = 1-based step, T = total steps, W = ceil(warmup_fraction T), m = min_lr_ratio.
 The CAGE lambda is optim.cage_lambda, or, with optim.cage_strength = S, the lambda whose
-schedule on these lr_t gives sum_t lr_t lambda_t = S (cage_ds.optim.schedule); it is 0 when the
+schedule on these lr_t (lr_{t+1} with optim.cage_lr_order = "next") gives sum_t lr_t lambda_t = S (cage_ds.optim.schedule); it is 0 when the
 run trains fewer tokens per non-embedding parameter than optim.cage_min_tokens_per_param.
 max_t lr_t lambda_t must stay well below 1: at 1 the decoupled step W - lr lambda (W - Q(W))
 would overshoot the grid point.
@@ -33,6 +33,13 @@ def warmup_cosine(step: int, total: int, warmup_fraction: float, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def next_lr_ratio(total: int, warmup_fraction: float, min_ratio: float, step: int) -> float:
+    """lr_{k+1} / lr_k of warmup_cosine at the 1-based step k (0 where lr_k is 0: the end of
+    a schedule decaying to 0, where lr_{k+1} is 0 too)."""
+    now = warmup_cosine(step, total, warmup_fraction, min_ratio)
+    return warmup_cosine(step + 1, total, warmup_fraction, min_ratio) / now if now > 0 else 0.0
+
+
 def total_steps(cfg: Config) -> int:
     """train.steps, or the steps that give tokens_per_param tokens per non-embedding parameter."""
     if cfg.train.tokens_per_param is None:
@@ -44,9 +51,11 @@ def total_steps(cfg: Config) -> int:
 
 
 def learning_rates(cfg: Config, steps: int) -> list[float]:
-    """lr_t for t = 1..steps."""
+    """The lr of each step's decoupled correction, t = 1..steps: lr_t, or lr_{t+1} with
+    optim.cage_lr_order = "next"."""
     o = cfg.optim
-    return [o.lr * warmup_cosine(t, steps, o.warmup_fraction, o.min_lr_ratio)
+    shift = int(o.cage_lr_order == "next")
+    return [o.lr * warmup_cosine(t + shift, steps, o.warmup_fraction, o.min_lr_ratio)
             for t in range(1, steps + 1)]  # fmt: skip
 
 

@@ -151,13 +151,17 @@ def test_zero_lambda_fp32_is_bit_identical_to_torch_adamw(gen):
         assert torch.equal(p, q)
 
 
-def reference_cage_adamw(w, grads, *, lr, betas, eps, wd, lambdas, variant, ops):
-    """cage-method.md section 2 for one tensor over len(grads) steps, float64."""
+def reference_cage_adamw(w, grads, *, lr, betas, eps, wd, lambdas, variant, ops,
+                         correction_lrs=None):  # fmt: skip
+    """cage-method.md section 2 for one tensor over len(grads) steps, float64; ``lr`` a
+    number or the per-step lrs; the decoupled correction at ``correction_lrs`` if given."""
     w = w.double().clone()
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)
     b1, b2 = betas
+    lrs = lr if isinstance(lr, list) else [lr] * len(grads)
     for t, (g, lam) in enumerate(zip(grads, lambdas, strict=True), start=1):
+        lr = lrs[t - 1]
         g = ops.ste_grad(w, g.double())
         if variant == "coupled":
             g = g + lam * (w - ops.q(w))
@@ -168,8 +172,47 @@ def reference_cage_adamw(w, grads, *, lr, betas, eps, wd, lambdas, variant, ops)
         v_hat = v / (1 - b2**t)
         w = w - lr * m_hat / (torch.sqrt(v_hat) + eps)
         if variant == "decoupled":
-            w = w - lr * lam * (w - ops.q(w))
+            w = w - (lr if correction_lrs is None else correction_lrs[t - 1]) * lam * (w - ops.q(w))
     return w, m, v
+
+
+def test_next_lr_ratio_corrects_at_the_lr_after_the_scheduler_step(gen):
+    """The official code's order: Adam step at lr_k, scheduler step, correction at lr_{k+1}."""
+    steps, lam = 8, 3.0
+    f = [1.0, 0.9, 0.7, 0.4, 0.3, 0.25, 0.2, 0.1, 0.05]  # lr multipliers of steps 1..9
+    params = make_params(gen, torch.float64)
+    start = [p.clone() for p in params]
+    opt = OpsAdamW(make_groups(params), FixedGridOps(), lr=2e-2, cage_lambda=lam,
+                   cage_silence=0.5, total_steps=steps,
+                   next_lr_ratio=lambda k: f[k] / f[k - 1])  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: f[i])
+    history = []
+    for step in range(steps):
+        history.append(random_grads(gen, params, step))
+        set_grads(params, history[-1])
+        opt.step()
+        sched.step()
+    lambdas = [ref_lambda(k, lam, 0.5, "linear_ramp", steps) for k in range(1, steps + 1)]
+    assert opt.last_lambda == pytest.approx(lam * f[steps] / f[steps - 1])
+    lrs = [2e-2 * x for x in f]
+    for i in (0, 1):  # the quantized params (group lr 2e-2)
+        ours = params[i].double()
+        want = reference_cage_adamw(start[i], [h[i] for h in history], lr=lrs[:steps],
+                                    betas=(0.9, 0.95), eps=1e-8, wd=0.1, lambdas=lambdas,
+                                    variant="decoupled", ops=FixedGridOps(),
+                                    correction_lrs=lrs[1:])[0]  # fmt: skip
+        assert (ours - want).abs().max().item() <= 1e-12 * max(1.0, want.abs().max().item())
+        this_step = reference_cage_adamw(start[i], [h[i] for h in history], lr=lrs[:steps],
+                                         betas=(0.9, 0.95), eps=1e-8, wd=0.1, lambdas=lambdas,
+                                         variant="decoupled", ops=FixedGridOps())[0]  # fmt: skip
+        assert (ours - this_step).abs().max().item() > 1e-9  # the order is visible
+
+
+def test_next_lr_ratio_is_refused_for_the_coupled_variant(gen):
+    params = make_params(gen, torch.float64)
+    with pytest.raises(ValueError, match=r"param group 0: next_lr_ratio .* cage_variant=.coupled."):
+        CageAdamW(make_groups(params), cage_variant="coupled", total_steps=4,
+                  next_lr_ratio=lambda k: 1.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", ["decoupled", "coupled"])

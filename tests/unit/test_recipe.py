@@ -42,6 +42,37 @@ def test_a_strength_resolves_to_the_lambda_that_reaches_it(steps):
     assert cfg.method == "cage"
 
 
+def test_the_next_lr_order_corrects_at_the_lr_after_the_scheduler_step():
+    """optim.cage_lr_order=next: the correction of step t uses lr_{t+1}; the optimizer gets
+    lr_{t+1} / lr_t as next_lr_ratio, and a strength resolves on the shifted lrs."""
+    import torch
+
+    from cage_ds.train.loop import build_optimizer
+    from cage_ds.train.recipe import warmup_cosine
+
+    steps = 80
+    step_cfg = load_config(CAGE, [*ON, f"train.steps={steps}"])
+    cfg = load_config(CAGE, [*ON, f"train.steps={steps}", "optim.cage_lr_order=next"])
+    lr, w, m = cfg.optim.lr, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio
+    want = [lr * warmup_cosine(t + 1, steps, w, m) for t in range(1, steps + 1)]
+    assert learning_rates(cfg, steps) == want
+    assert learning_rates(step_cfg, steps) == [lr * warmup_cosine(t, steps, w, m)
+                                               for t in range(1, steps + 1)]  # fmt: skip
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(cfg, model, steps, 0, 10.0)
+    assert build_optimizer(step_cfg, model, steps, 0, 10.0).next_lr_ratio is None
+    for t in (1, 8, 9, 40, 79, 80):
+        assert opt.next_lr_ratio(t) == pytest.approx(
+            want[t - 1] / (lr * warmup_cosine(t, steps, w, m))
+        )
+    strong = load_config(CAGE, [*ON, "optim.cage_lambda=0", "optim.cage_strength=0.7",
+                                f"train.steps={steps}", "optim.cage_lr_order=next"])  # fmt: skip
+    lam = resolve_cage_lambda(strong, steps)
+    assert strength(want, lam, 0.8, "linear_ramp") == pytest.approx(0.7, rel=1e-9)
+    with pytest.raises(ConfigError, match="cage_lr_order='next' applies to the decoupled"):
+        load_config(CAGE, [*ON, "optim.cage_lr_order=next", "optim.cage_variant=coupled"])
+
+
 def test_a_raw_lambda_resolves_to_itself_and_quest_to_zero():
     cfg = load_config(CAGE, [*ON, "train.steps=300"])
     assert resolve_cage_lambda(cfg, 300) == 10.0
