@@ -3,8 +3,9 @@
 lr_t = lr * t / W for t <= W, else lr * (m + (1 - m) (1 + cos(pi (t - W) / (T - W))) / 2),
 t = 1-based step, T = total steps, W = ceil(warmup_fraction T), m = min_lr_ratio.
 The CAGE lambda is optim.cage_lambda, or, with optim.cage_strength = S, the lambda whose
-schedule on these lr_t (lr_{t+1} with optim.cage_lr_order = "next") gives sum_t lr_t lambda_t = S (cage_ds.optim.schedule); it is 0 when the
-run trains fewer tokens per non-embedding parameter than optim.cage_min_tokens_per_param.
+schedule on these lr_t (lr_{t+1} with optim.cage_lr_order = "next") gives
+sum_t lr_t lambda_t = S (cage_ds.optim.schedule); it is 0 when the run trains fewer tokens
+per non-embedding parameter than optim.cage_min_tokens_per_param.
 max_t lr_t lambda_t must stay well below 1: at 1 the decoupled step W - lr lambda (W - Q(W))
 would overshoot the grid point.
 """
