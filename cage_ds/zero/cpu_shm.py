@@ -46,7 +46,8 @@ def unlink_allreduce_buffer() -> Path | None:
         return None
     dist.barrier()
     path = allreduce_buffer(dist.get_rank())
-    if not path.exists():
+    try:
+        path.unlink()
+    except FileNotFoundError:
         return None
-    path.unlink(missing_ok=True)
     return path
