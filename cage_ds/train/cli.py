@@ -16,6 +16,7 @@ before any distributed set-up.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from collections.abc import Sequence
@@ -114,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .recipe import resolve_cage_lambda, total_steps
     from .resume_guard import check_before_resume
 
+    if not faulthandler.is_enabled():  # a native abort (gloo, a kernel) prints every thread's stack
+        faulthandler.enable(all_threads=True)
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     paths = args.config or [None]

@@ -26,12 +26,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from testkit import cage_train, cli_env, free_port
+from testkit import cage_train, cli_env, free_port, torchrun
 
 from cage_ds.train.config import CONFIGS_DIR
 
@@ -60,13 +59,10 @@ def _train(out: Path, cache: Path, world: int, *extra: str) -> dict:
     result.json."""
     if world == 1:
         proc = cage_train(*_args(out, *extra), cache=cache, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     else:
-        torchrun = str(Path(sys.executable).parent / "torchrun")
-        cmd = [torchrun, f"--nproc_per_node={world}", f"--master_port={free_port()}",
-               "-m", "cage_ds.train", *_args(out, *extra)]  # fmt: skip
-        proc = subprocess.run(cmd, env=cli_env(cache), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        torchrun(world, "-m", "cage_ds.train", *_args(out, *extra), env=cli_env(cache), cwd=ROOT,
+                 timeout=600)  # fmt: skip
     return json.loads((out / "r" / "result.json").read_text())
 
 
