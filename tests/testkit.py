@@ -237,7 +237,7 @@ def torchrun(world: int, *args: str, env: dict | None = None, cwd=None,
 
     One relaunch, with a warning carrying the first output, when a rank died of SIGABRT in
     native code: a 2-rank gloo job aborted that way once in CI (2026-12-07, "terminate called
-    without an active exception", no Python frame) and never in 25 local repeats. A failure
+    without an active exception", no Python frame) and never in 18 local repeats. A failure
     that repeats, or any other failure, still fails. cage-train enables faulthandler, so the
     warning shows where the rank was."""
     import os
