@@ -4,7 +4,8 @@
 # QuEST W4A4 and CAGE W4A4 (the recommended recipe, configs/experiments/cage_w4a4.yaml) on
 # the same seed, tracked in a local MLflow store. It ends with the validation table (val loss,
 # ||W - Q(W)|| / ||W||) and the paired CAGE - QuEST comparison, judged against the seed spread
-# the accuracy study measured at this length (docs/accuracy_study.md).
+# the accuracy study measured at this length, with what it measured at longer lengths
+# (docs/accuracy_study.md).
 #   bash launch/demo.sh                      # set-up (idempotent) + the three runs
 #   bash launch/demo.sh train.steps=200      # extra overrides go to every run
 # Environment: CAGE_DEMO_RANKS (2), CAGE_DEMO_OUT (runs/demo), CAGE_DEMO_PORT (29517).

@@ -202,9 +202,34 @@ def find_reference(
     return None
 
 
+def longer_references(
+    summary: Sequence[Mapping[str, Any]], config: str, base_config: str, steps: int
+) -> list[Mapping[str, Any]]:
+    """The study's entries for the same arms at more than ``steps`` steps (>= 2 seeds), one per
+    length (the first listed), shortest first: where the correction was measured at lengths
+    this run did not reach."""
+    longer: dict[int, Mapping[str, Any]] = {}
+    for entry in summary:
+        if (entry["arm"], entry["vs"]) == (config, base_config) and entry["steps"] > steps:
+            if entry["n"] >= 2:
+                longer.setdefault(entry["steps"], entry)
+    return [longer[k] for k in sorted(longer)]
+
+
+def _reference_line(entry: Mapping[str, Any]) -> str:
+    """'800 steps (3.1 tokens/param): -0.0021, 9 % of the gap to FP recovered (better ...)'."""
+    tpp = entry.get("tokens_per_param")
+    line = f"{entry['steps']} steps" + (f" ({tpp:.1f} tokens/param)" if tpp else "")
+    line += f": {entry['mean']:+.4f}"
+    if entry.get("gap_recovered") is not None and entry["mean"] < 0:
+        line += f", {100 * entry['gap_recovered']:.0f} % of the gap to FP recovered"
+    return f"{line} ({entry['verdict']})"
+
+
 def paired_report(runs: Sequence[Mapping[str, Any]], reference: str | Path | None = None) -> str:
     """Text lines for every CAGE/QuEST pair in ``runs``: the measured difference and a verdict;
-    a single pair borrows the seed-to-seed sd of the matching entry of a study summary."""
+    a single pair borrows the seed-to-seed sd of the matching entry of a study summary, and
+    the study's results for the same arms at longer lengths are listed with it."""
     summary = json.loads(Path(reference).read_text()) if reference else []
     lines = []
     for cage, base in pair_runs(runs):
@@ -221,6 +246,8 @@ def paired_report(runs: Sequence[Mapping[str, Any]], reference: str | Path | Non
                 f"{ref['steps']} steps, mean {ref['mean']:+.4f}, sd {ref['sd']:.4f} "
                 f"({ref['verdict']})"
             )
+        for entry in longer_references(summary, cage["name"], base["name"], cage["steps"]):
+            lines.append(f"    study, longer: {_reference_line(entry)}")
         if cage.get("note"):
             lines.append(f"    {cage['note']}")
         if cage.get("note") and d.mean == 0:

@@ -64,7 +64,16 @@ def test_a_launch_pairs_cage_with_quest_of_the_same_bits_seed_and_length(tmp_pat
         {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": ["optim.cage_lambda=10"],
          "steps": 80, "n": 3, "mean": 0.0004, "sd": 0.002, "verdict": "no difference"},
         {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": [], "steps": 800, "n": 3,
-         "mean": -0.01, "sd": 0.0001, "verdict": "better"},
+         "mean": -0.01, "sd": 0.0001, "verdict": "better", "tokens_per_param": 3.12,
+         "gap_recovered": 0.0912},
+        {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": [], "steps": 800, "n": 3,
+         "mean": -0.02, "sd": 0.0001, "verdict": "a second block of the same length"},
+        {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": [], "steps": 300, "n": 3,
+         "mean": 0.002, "sd": 0.0001, "verdict": "worse", "gap_recovered": -0.1},
+        {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": [], "steps": 40, "n": 3,
+         "mean": 0.003, "sd": 0.0001, "verdict": "shorter"},
+        {"arm": "cage_w4a4", "vs": "quest_w4a4", "overrides": [], "steps": 1600, "n": 1,
+         "mean": -0.03, "sd": None, "verdict": "one seed"},
         {"arm": "cage_w4a4_x", "vs": "quest_w4a4", "overrides": [], "steps": 80, "n": 3,
          "mean": 0.5, "sd": 0.0001, "verdict": "worse"},
     ]))  # fmt: skip
@@ -72,6 +81,10 @@ def test_a_launch_pairs_cage_with_quest_of_the_same_bits_seed_and_length(tmp_pat
     assert "cage_w4a4 - quest_w4a4 (w4a4, seed 0, 80 steps): val loss -0.0010" in text
     assert "(cage_w4a4: optim.cage_lambda=10): 3 seeds at 80 steps, mean +0.0004, sd 0.0020" in text
     assert "this run: no difference beyond noise" in text and "quest_w3a3" not in text
+    longer = [line.strip() for line in text.splitlines() if "study, longer" in line]
+    assert longer == ["study, longer: 300 steps: +0.0020 (worse)",
+                      "study, longer: 800 steps (3.1 tokens/param): -0.0100, 9 % of the gap to FP "
+                      "recovered (better)"]  # fmt: skip
     runs[2]["note"] = "CAGE correction off: too short"
     assert "    CAGE correction off: too short\n    this run:" in paired_report(runs, summary)
     off = [run("quest_w4a4", "quest", 5.05), {**run("cage_w4a4", "cage", 5.05), "note": "off"}]
