@@ -125,7 +125,7 @@ class Study:
                 parent_arm, parent_steps = b.init_from
                 parent_steps = min(parent_steps, QUICK_STEPS) if quick else parent_steps
                 parent = f"{parent_arm}-{parent_steps}steps-seed{seed}"
-                start = [f"model.pretrained={runs_dir / parent / HF_EXPORT}"]
+                start = [f"model.pretrained={hf_export(self.output_dir(quick), parent)}"]
             for name in b.arms:
                 arm = self.arms[name]
                 key = RunSpec(b.name, name, seed, steps, arm.config, (), parent).key
@@ -137,6 +137,17 @@ class Study:
 
     def output_dir(self, quick: bool) -> Path:
         return self.output.with_name(self.output.name + "-quick") if quick else self.output
+
+    def pending(self, quick: bool = False) -> list[RunSpec]:
+        """The runs still to train: those without a record, and fine-tuning parents recorded
+        without their HF export (trained before a block fine-tuned from them: they run again,
+        exporting, and their record is replaced)."""
+        out = self.output_dir(quick)
+        done = read_results(out)
+        plan = self.runs(quick)
+        parents = {s.parent for s in plan if s.parent is not None}
+        unexported = {k for k in parents if not hf_export(out, k).is_dir()}
+        return [s for s in plan if s.key not in done or s.key in unexported]
 
 
 def _fail(msg: str) -> None:
@@ -229,10 +240,17 @@ def _step_time(run_dir: Path) -> float:
     return sum(times) / len(times)
 
 
+def hf_export(out: Path, key: str) -> Path:
+    """Where run ``key`` saved its trained model for the runs that fine-tune it (whole once it
+    exists: run_one renames it into place)."""
+    return out / "runs" / key / HF_EXPORT
+
+
 def _wait_for_parent(spec: RunSpec, out: Path) -> None:
-    """Block until the run that ``spec`` fine-tunes is recorded (another worker may train it)."""
+    """Block until the run that ``spec`` fine-tunes is recorded with its HF export (another
+    worker may train it)."""
     deadline = time.time() + PARENT_WAIT_S
-    while spec.parent not in read_results(out):
+    while spec.parent not in read_results(out) or not hf_export(out, spec.parent).is_dir():
         if time.time() > deadline:
             _fail(f"{spec.key}: its parent run {spec.parent} did not finish in {PARENT_WAIT_S} s")
         time.sleep(10)
@@ -259,8 +277,10 @@ def run_one(spec: RunSpec, out: Path, tracking: list[str], export_hf: bool) -> d
     if export_hf and (cfg.quant.enabled or trainer.stage != 0):
         _fail(f"{spec.key}: a fine-tuning parent must be a full-precision run at deepspeed.stage=0")
     result = trainer.run()
-    if export_hf:
-        trainer.engine.module.save_pretrained(cfg.run_dir / HF_EXPORT)
+    if export_hf:  # renamed into place whole: a waiting child never reads half a model
+        partial = cfg.run_dir / f"{HF_EXPORT}.partial"
+        trainer.engine.module.save_pretrained(partial)
+        partial.rename(cfg.run_dir / HF_EXPORT)
     params = preset_parameter_counts(cfg.model)["non_embedding"]
     tokens = total_steps(cfg) * cfg.train.global_batch_size * cfg.data.seq_len
     return {
@@ -292,11 +312,8 @@ def worker(study: Study, quick: bool, index: int, jobs: int, tracking: list[str]
 
     warnings.filterwarnings("ignore")
     out = study.output_dir(quick)
-    done = read_results(out)
-    plan = study.runs(quick)
-    parents = {s.parent for s in plan if s.parent is not None}
-    pending = [s for s in plan if s.key not in done]
-    for spec in pending[index::jobs]:
+    parents = {s.parent for s in study.runs(quick) if s.parent is not None}
+    for spec in study.pending(quick)[index::jobs]:
         rec = run_one(spec, out, tracking, export_hf=spec.key in parents)
         with open(_results_path(out), "a") as fh:  # one short line per write: appends whole
             fh.write(json.dumps(rec) + "\n")
@@ -320,8 +337,11 @@ def run_study(study: Study, study_path: Path, quick: bool, jobs: int, uri: str |
     """Start ``jobs`` workers over the pending runs and wait for them; a failed worker fails."""
     out = study.output_dir(quick)
     out.mkdir(parents=True, exist_ok=True)
-    pending = [s for s in study.runs(quick) if s.key not in read_results(out)]
-    print(f"accuracy study {study.name}: {len(pending)} runs pending, {jobs} worker(s) -> {out}")
+    pending = study.pending(quick)
+    again = sum(s.key in read_results(out) for s in pending)
+    rerun = f" ({again} trained again for the HF export a fine-tuning block needs)" if again else ""
+    print(f"accuracy study {study.name}: {len(pending)} runs pending{rerun}, {jobs} worker(s) "
+          f"-> {out}")  # fmt: skip
     if not pending:
         return
     jobs = max(1, min(jobs, len(pending)))

@@ -5,6 +5,7 @@ their seed, every run lands in MLflow, and a second call resumes with nothing le
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -80,6 +81,21 @@ def test_quick_study_runs_pairs_tracks_and_resumes(tmp_path):
     runs = mlflow.search_runs(experiment_names=["accuracy-ci"])
     assert len(runs) == 11  # 10 training runs and the report
     assert "accuracy study ci: 0 runs pending" in study([str(path), "--quick"], tmp_path)
+
+    # a parent recorded without its HF export (trained before a block fine-tuned from it)
+    # trains again, exporting, before its fine-tuning runs start
+    shutil.rmtree(out / "runs" / "fp-4steps-seed0" / "hf")
+    kept = [line for line in (out / "results.jsonl").read_text().splitlines()
+            if not json.loads(line)["key"].endswith("from-fp-4steps-seed0")]  # fmt: skip
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n")
+    text = study([str(path), "--quick", "--jobs", "2"], tmp_path)
+    assert "3 runs pending (1 trained again for the HF export" in text
+    assert (out / "runs" / "fp-4steps-seed0" / "hf" / "config.json").is_file()
+    again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    fp0 = [r for r in again if r["key"] == "fp-4steps-seed0"]
+    assert len(fp0) == 2 and fp0[0]["val_loss"] == fp0[1]["val_loss"]  # deterministic rerun
+    ft0 = [r for r in again[len(kept):] if r["key"].endswith("from-fp-4steps-seed0")]
+    assert sorted(r["arm"] for r in ft0) == ["cage_ft", "quest_ft"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=str)
