@@ -144,10 +144,12 @@ class Study:
         exporting, and their record is replaced)."""
         out = self.output_dir(quick)
         done = read_results(out)
-        plan = self.runs(quick)
-        parents = {s.parent for s in plan if s.parent is not None}
-        unexported = {k for k in parents if not hf_export(out, k).is_dir()}
-        return [s for s in plan if s.key not in done or s.key in unexported]
+        unexported = {k for k in self.parents(quick) if not hf_export(out, k).is_dir()}
+        return [s for s in self.runs(quick) if s.key not in done or s.key in unexported]
+
+    def parents(self, quick: bool = False) -> set[str]:
+        """Keys of the runs that fine-tuning runs start from (they export their model)."""
+        return {s.parent for s in self.runs(quick) if s.parent is not None}
 
 
 def _fail(msg: str) -> None:
@@ -312,7 +314,7 @@ def worker(study: Study, quick: bool, index: int, jobs: int, tracking: list[str]
 
     warnings.filterwarnings("ignore")
     out = study.output_dir(quick)
-    parents = {s.parent for s in study.runs(quick) if s.parent is not None}
+    parents = study.parents(quick)
     for spec in study.pending(quick)[index::jobs]:
         rec = run_one(spec, out, tracking, export_hf=spec.key in parents)
         with open(_results_path(out), "a") as fh:  # one short line per write: appends whole
@@ -338,7 +340,8 @@ def run_study(study: Study, study_path: Path, quick: bool, jobs: int, uri: str |
     out = study.output_dir(quick)
     out.mkdir(parents=True, exist_ok=True)
     pending = study.pending(quick)
-    again = sum(s.key in read_results(out) for s in pending)
+    done = read_results(out)
+    again = sum(s.key in done for s in pending)
     rerun = f" ({again} trained again for the HF export a fine-tuning block needs)" if again else ""
     print(f"accuracy study {study.name}: {len(pending)} runs pending{rerun}, {jobs} worker(s) "
           f"-> {out}")  # fmt: skip

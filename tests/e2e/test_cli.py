@@ -28,13 +28,16 @@ def test_check_prints_the_resolved_config(capsys):
 def test_a_native_abort_prints_the_python_stack_of_every_thread():
     """A rank that dies in native code (an intermittent gloo abort once killed a CI run with no
     trace) leaves the Python stack of every thread on stderr: cage-train enables faulthandler."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}  # cage-train's own
     code = ("import os, cage_ds.train.cli as cli\n"
             "def _abort():\n    os.abort()\n"
             "cli._parser = _abort\ncli.main([])\n")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert proc.returncode == -6, proc.stderr[-2000:]
     assert "Fatal Python error: Aborted" in proc.stderr, proc.stderr[-2000:]
     assert "line 3 in _abort" in proc.stderr and "in main" in proc.stderr, proc.stderr[-2000:]
